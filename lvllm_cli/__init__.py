@@ -1,0 +1,1 @@
+"""lvllm command line: presentation only (Typer commands, Rich rendering, exit codes)."""

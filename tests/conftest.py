@@ -1,0 +1,1 @@
+"""Shared fixtures: zoo checkpoints are built once per session into a temp dir."""
