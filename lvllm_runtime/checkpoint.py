@@ -1,0 +1,357 @@
+"""Lazy reader of a Hugging Face MoE checkpoint's routed experts: one expert at a time, from a private mmap of each
+safetensors file, dequantized from BF16/FP16/FP32, FP8 block (`weight_scale_inv`), FP8 compressed-tensors
+(`weight_scale`, per tensor / channel / block), or kept packed for compressed-tensors INT4 `pack-quantized`.
+
+Everything a later step would trip over (missing index and file, a corrupt header, a tensor the index promises but
+the file lacks, an unsupported architecture) is found by `Checkpoint.open`, before any output is written.
+Pages of the source are dropped from this process (MADV_DONTNEED) once an expert has been copied out, so the
+resident set stays a few experts whatever the checkpoint size; the kernel's page cache keeps them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import arch
+from .errors import BadInput, CorruptCheckpoint
+from .quant import dequantize_int4
+
+DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool,
+    "U8": torch.uint8,
+    "I8": torch.int8,
+    "I16": torch.int16,
+    "I32": torch.int32,
+    "I64": torch.int64,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F32": torch.float32,
+    "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "F8_E8M0": torch.float8_e8m0fnu,
+}
+MAX_HEADER = 100_000_000
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+_PAGE = mmap.PAGESIZE
+
+
+class SafetensorsFile:
+    """One safetensors file, header checked at open; tensors are zero-copy views of a private (copy-on-write) mmap."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.entries, self.metadata, self._data_start = _read_header(self.path)
+        size = self.path.stat().st_size
+        self._mm = None
+        if size > self._data_start:
+            with open(self.path, "rb") as f:
+                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def dtype(self, name: str) -> torch.dtype:
+        return DTYPES[self.entries[name]["dtype"]]
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.entries[name]["shape"])
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """A view of `name` in the mapping (no copy; it stays valid after `release`, which only drops pages)."""
+        e = self.entries[name]
+        dtype, shape = DTYPES[e["dtype"]], e["shape"]
+        begin, end = e["data_offsets"]
+        if end == begin:
+            return torch.empty(shape, dtype=dtype)
+        flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
+        return flat.view(dtype).reshape(shape)
+
+    def release(self, name: str) -> None:
+        """Drop the pages of `name` from this process's resident set (they stay in the page cache)."""
+        begin, end = self.entries[name]["data_offsets"]
+        if self._mm is None or end == begin:
+            return
+        start = (self._data_start + begin) // _PAGE * _PAGE
+        stop = min(-(-(self._data_start + end) // _PAGE) * _PAGE, len(self._mm))
+        self._mm.madvise(mmap.MADV_DONTNEED, start, stop - start)
+
+
+def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
+    """Parse and check a safetensors header: sizes, offsets without holes, file length. CorruptCheckpoint otherwise."""
+    fix = "re-download this file; its header is damaged or the file is truncated"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise CorruptCheckpoint(f"{path} is {size} bytes, too short for a safetensors header", fix)
+            (n,) = struct.unpack("<Q", raw)
+            if n > MAX_HEADER or 8 + n > size:
+                raise CorruptCheckpoint(f"{path}: safetensors header length {n} does not fit the {size}-byte file", fix)
+            header = json.loads(f.read(n))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{path}: safetensors header is not valid JSON ({e})", fix) from None
+    except OSError as e:
+        raise CorruptCheckpoint(f"cannot read {path}: {e.strerror}", "check the path and its permissions") from None
+    if not isinstance(header, dict):
+        raise CorruptCheckpoint(f"{path}: safetensors header is not a JSON object", fix)
+    metadata = header.pop("__metadata__", None) or {}
+    spans = []
+    for name, e in header.items():
+        try:
+            dtype = DTYPES[e["dtype"]]
+            begin, end = (int(x) for x in e["data_offsets"])
+            numel = math.prod(int(d) for d in e["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise CorruptCheckpoint(f"{path}: header entry {name!r} is malformed or has an unknown dtype", fix) from None
+        if end - begin != numel * dtype.itemsize:
+            raise CorruptCheckpoint(f"{path}: tensor {name!r} spans {end - begin} bytes, its shape needs {numel * dtype.itemsize}", fix)
+        spans.append((begin, end))
+    spans.sort()
+    pos = 0
+    for begin, end in spans:
+        if begin != pos:
+            raise CorruptCheckpoint(f"{path}: tensor data has a hole or overlap at byte {pos}", fix)
+        pos = end
+    if 8 + n + pos != size:
+        raise CorruptCheckpoint(f"{path}: header promises {8 + n + pos} bytes, the file has {size} (truncated?)", fix)
+    return header, metadata, 8 + n
+
+
+class Checkpoint:
+    """The routed experts of one checkpoint directory (config.json + index or single model.safetensors).
+
+    `source_format` is "bf16" | "fp16" | "fp32" | "fp8_block" | "fp8_ct" | "int4_ct"; `group_size` is the INT4 group
+    of an "int4_ct" source (else None).
+    """
+
+    def __init__(self, path: Path, config: dict, model: arch.MoEModel, files: dict[str, SafetensorsFile],
+                 weight_map: dict[str, str]):
+        self.path = path
+        self.config = config
+        self.model = model
+        self._files = files
+        self._where = {name: files[fname] for name, fname in weight_map.items()}
+        self._block = _fp8_block(config)
+        self.source_format, self.group_size = self._detect()
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Checkpoint":
+        path = Path(path).resolve()
+        if not path.is_dir():
+            raise BadInput(f"{path} is not a directory", "pass the checkpoint directory (the one holding config.json)")
+        config = _read_json(path / "config.json", "config.json")
+        model = arch.resolve(config)
+        if (path / INDEX).is_file():
+            index = _read_json(path / INDEX, INDEX)
+            weight_map = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CorruptCheckpoint(f"{path / INDEX} has no weight_map", "re-download the index file")
+        elif (path / SINGLE).is_file():
+            weight_map = None
+        else:
+            raise CorruptCheckpoint(
+                f"{path} has neither {INDEX} nor {SINGLE}", "pass a Hugging Face checkpoint directory with safetensors weights"
+            )
+        files: dict[str, SafetensorsFile] = {}
+        for fname in sorted(set(weight_map.values()) if weight_map else {SINGLE}):
+            if not (path / fname).is_file():
+                raise CorruptCheckpoint(f"{INDEX} names {fname}, which is not in {path}", "re-download the missing shard")
+            files[fname] = SafetensorsFile(path / fname)
+        if weight_map is None:
+            weight_map = {name: SINGLE for name in files[SINGLE].entries}
+        for name, fname in weight_map.items():
+            if name not in files[fname]:
+                raise CorruptCheckpoint(f"tensor {name} is in {INDEX} but missing from {fname}", "re-download that shard")
+        ckpt = cls(path, config, model, files, weight_map)
+        ckpt._check_all_experts()
+        return ckpt
+
+    # --- tensor names per layer and expert --------------------------------------------------------------------
+
+    def _bases(self, layer: int, expert: int) -> dict[str, str]:
+        return self.model.expert_names(layer, expert)
+
+    def _detect(self) -> tuple[str, int | None]:
+        """Source format from the first MoE layer's first expert (a checkpoint converts its experts one way)."""
+        layer = self.model.moe_layers[0]
+        if self.model.expert_bias:
+            raise BadInput(
+                f"{self.model.model_type} experts carry biases, which the expert store does not hold yet",
+                "serve this model without lvllm's CPU experts",
+            )
+        if self.model.layout == "fused":
+            name = self.model.fused_names(layer)["gate_up"]
+            self._need(name)
+            return _plain_format(self._where[name].dtype(name), name), None
+        base = self._bases(layer, 0)["up"]
+        if f"{base}.weight_packed" in self._where:
+            for extra, why in (("weight_zero_point", "asymmetric"), ("weight_g_idx", "act-order")):
+                if f"{base}.{extra}" in self._where:
+                    raise BadInput(
+                        f"{base} is {why} INT4 ({extra}); only symmetric group INT4 passes through",
+                        "quantize from the BF16/FP8 checkpoint instead",
+                    )
+            self._need(f"{base}.weight_scale")
+            cols = self._shape(f"{base}.weight_packed")[1] * 8
+            groups = self._shape(f"{base}.weight_scale")[1]
+            return "int4_ct", cols // groups
+        self._need(f"{base}.weight")
+        dtype = self._where[f"{base}.weight"].dtype(f"{base}.weight")
+        if dtype == torch.float8_e4m3fn:
+            if f"{base}.weight_scale_inv" in self._where:
+                return "fp8_block", None
+            if f"{base}.weight_scale" in self._where:
+                return "fp8_ct", None
+            raise CorruptCheckpoint(f"{base}.weight is FP8 with no weight_scale_inv or weight_scale", "re-download the checkpoint")
+        return _plain_format(dtype, f"{base}.weight"), None
+
+    def _tensor_names(self, layer: int, expert: int) -> list[str]:
+        """Every on-disk tensor one expert is read from."""
+        if self.model.layout == "fused":
+            return list(self.model.fused_names(layer).values())
+        suffix = {
+            "int4_ct": ("weight_packed", "weight_scale"),
+            "fp8_block": ("weight", "weight_scale_inv"),
+            "fp8_ct": ("weight", "weight_scale"),
+        }.get(self.source_format, ("weight",))
+        return [f"{b}.{s}" for b in self._bases(layer, expert).values() for s in suffix]
+
+    def _check_all_experts(self) -> None:
+        for layer in self.model.moe_layers:
+            experts = [0] if self.model.layout == "fused" else range(self.model.num_experts)
+            for e in experts:
+                for name in self._tensor_names(layer, e):
+                    self._need(name)
+
+    def _need(self, name: str) -> None:
+        if name not in self._where:
+            raise CorruptCheckpoint(
+                f"{self.model.model_type} expert tensor {name} is not in {self.path}",
+                "check that the checkpoint is complete and matches its config.json",
+            )
+
+    def _shape(self, name: str) -> list[int]:
+        return self._where[name].shape(name)
+
+    def expert_source_bytes(self, layer: int, expert: int) -> int:
+        """Bytes of the source tensors one expert is read from (a fused layer counts 1/E of its tensors)."""
+        total = sum(self._where[n].nbytes(n) for n in self._tensor_names(layer, expert))
+        return total // self.model.num_experts if self.model.layout == "fused" else total
+
+    # --- reading ------------------------------------------------------------------------------------------------
+
+    def read_expert(self, layer: int, expert: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """{"gate"?: [I, H], "up": [I, H], "down": [H, I]} dequantized, as fresh tensors of `dtype`."""
+        if self.source_format == "int4_ct":
+            packed = self.read_expert_int4(layer, expert)
+            return {k: dequantize_int4(p, s, self.group_size).to(dtype) for k, (p, s) in packed.items()}
+        if self.model.layout == "fused":
+            return self._read_fused(layer, expert, dtype)
+        out = {}
+        for key, base in self._bases(layer, expert).items():
+            w = self._get(f"{base}.weight")
+            if self.source_format == "fp8_block":
+                w = _dequant_fp8(w, self._get(f"{base}.weight_scale_inv"), self._block)
+            elif self.source_format == "fp8_ct":
+                w = _dequant_fp8(w, self._get(f"{base}.weight_scale"), self._block)
+            out[key] = w.to(dtype, copy=True)
+        self._release(layer, expert)
+        return out
+
+    def read_expert_int4(self, layer: int, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{"gate"?: (packed int32 [I, H/8], scale bf16 [I, H/g]), "up": ..., "down": ([H, I/8], [H, I/g])} as stored
+        in an "int4_ct" source, copied out bit for bit."""
+        if self.source_format != "int4_ct":
+            raise BadInput(f"{self.path} is {self.source_format}, not compressed-tensors INT4", "use read_expert")
+        out = {
+            key: (self._get(f"{base}.weight_packed").clone(), self._get(f"{base}.weight_scale").to(torch.bfloat16, copy=True))
+            for key, base in self._bases(layer, expert).items()
+        }
+        self._release(layer, expert)
+        return out
+
+    def _read_fused(self, layer: int, expert: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        names = self.model.fused_names(layer)
+        i = self.model.intermediate_size
+        gate_up = self._get(names["gate_up"])[expert]
+        down = self._get(names["down"])[expert]
+        if self.model.fused_transposed:
+            gate_up, down = gate_up.t(), down.t()
+        if self.model.gate_up_interleaved:
+            gate, up = gate_up[0::2], gate_up[1::2]
+        else:
+            gate, up = gate_up[:i], gate_up[i:]
+        out = {"gate": gate, "up": up, "down": down} if self.model.gated else {"up": gate_up, "down": down}
+        out = {k: v.to(dtype, memory_format=torch.contiguous_format, copy=True) for k, v in out.items()}
+        self._release(layer, expert)
+        return out
+
+    def _get(self, name: str) -> torch.Tensor:
+        return self._where[name].tensor(name)
+
+    def _release(self, layer: int, expert: int) -> None:
+        for name in self._tensor_names(layer, expert):
+            self._where[name].release(name)
+
+
+def _read_json(path: Path, what: str) -> Any:
+    if not path.is_file():
+        raise BadInput(f"{path.parent} has no {what}", "pass a Hugging Face checkpoint directory")
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(f"{path} is not valid JSON ({e})", f"re-download {what}") from None
+
+
+def _plain_format(dtype: torch.dtype, name: str) -> str:
+    formats = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+    if dtype not in formats:
+        raise BadInput(f"{name} has dtype {dtype}, which lvllm cannot read as expert weights",
+                       "use a BF16, FP8 or compressed-tensors INT4 checkpoint")
+    return formats[dtype]
+
+
+def _fp8_block(config: dict) -> tuple[int, int] | None:
+    """The FP8 block shape the config declares (DeepSeek `weight_block_size` or compressed-tensors `block_structure`)."""
+    q = config.get("quantization_config") or {}
+    if q.get("weight_block_size"):
+        return tuple(q["weight_block_size"])
+    for group in (q.get("config_groups") or {}).values():
+        block = (group.get("weights") or {}).get("block_structure")
+        if block:
+            return tuple(block)
+    return None
+
+
+def _dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
+    """q float8_e4m3fn [N, K] times its scale: per tensor ([1] or []), per channel ([N, 1]), or per block
+    ([ceil(N/bn), ceil(K/bk)], edge blocks partial) -> float32 [N, K]."""
+    n, k = q.shape
+    s = scale.float()
+    if s.numel() == 1:
+        return q.float() * s.reshape(())
+    if s.numel() == n and (s.dim() == 1 or s.shape[-1] == 1):
+        return q.float() * s.reshape(n, 1)
+    sn, sk = s.shape
+    bn, bk = block or (-(-n // sn), -(-k // sk))
+    if -(-n // bn) != sn or -(-k // bk) != sk:
+        raise CorruptCheckpoint(f"FP8 scale of shape {[sn, sk]} does not tile a [{n}, {k}] weight in {bn}x{bk} blocks",
+                                "check quantization_config against the weights")
+    if n % bn == 0 and k % bk == 0:
+        return (q.float().view(sn, bn, sk, bk) * s[:, None, :, None]).view(n, k)
+    return q.float() * s.repeat_interleave(bn, 0)[:n].repeat_interleave(bk, 1)[:, :k]

@@ -1,0 +1,62 @@
+"""Symmetric INT4 group quantization (round to nearest) and its packing, compatible with compressed-tensors
+`pack-quantized`, so AWQ/GPTQ symmetric checkpoints pass into the store unchanged.
+
+Per output row, groups of `g` input columns: scale = max|w| / 7.5 (BF16), q = clamp(round_half_even(w / scale), -8, 7),
+stored as u = q + 8, eight per int32, column 8j+k in bits 4k..4k+3. The arithmetic is done in BF16, as
+compressed-tensors does it, so an RTN store matches `model_free_ptq` bit for bit.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+
+from .errors import BadInput
+
+GROUP_SIZES = (128, 64, 32)
+
+
+def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float [..., N, K] -> (packed int32 [..., N, K//8], scale bf16 [..., N, K//group]); K % group == 0."""
+    *lead, n, k = w.shape
+    if group % 8 or k % group:
+        raise BadInput(f"cannot quantize {k} columns in groups of {group}", "pick a group size that divides the columns")
+    wb = w.to(torch.bfloat16).reshape(*lead, n, k // group, group)
+    scale = wb.abs().amax(dim=-1, keepdim=True) / 7.5
+    # An all-zero group gets the dtype's eps (as compressed-tensors does) so the division stays finite.
+    scale = torch.where(scale == 0, torch.finfo(torch.bfloat16).eps, scale)
+    # |w / scale| <= 7.5 up to BF16 rounding, so the rounded codes fit int8 before the clamp.
+    q = torch.round(wb / scale).to(torch.int8).clamp_(-8, 7).add_(8).view(torch.uint8).reshape(*lead, n, k)
+    # Two nibbles per byte, the even column low: on a little-endian machine four such bytes are the int32 word.
+    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous().view(torch.int32)
+    return packed, scale.reshape(*lead, n, k // group)
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, group: int) -> torch.Tensor:
+    """packed int32 [..., N, K//8], scale bf16 [..., N, K//group] -> float32 [..., N, K]."""
+    *lead, n, words = packed.shape
+    k = words * 8
+    b = packed.contiguous().view(torch.uint8)
+    q = torch.stack((b & 15, b >> 4), dim=-1).reshape(*lead, n, k // group, group).to(torch.float32) - 8.0
+    return (q * scale.to(torch.float32).reshape(*lead, n, k // group, 1)).reshape(*lead, n, k)
+
+
+def pick_group_size(dims: Iterable[int], requested: int | str = "auto") -> int:
+    """The group size for matrices whose quantized (column) dimensions are `dims`: 128, else 64, else 32."""
+    dims = list(dims)
+    if requested == "auto":
+        for g in GROUP_SIZES:
+            if all(d % g == 0 for d in dims):
+                return g
+        raise BadInput(
+            f"no INT4 group size in {list(GROUP_SIZES)} divides the expert dimensions {dims}",
+            "use --format bf16, or --numa-nodes so that intermediate_size / nodes is a multiple of 32",
+        )
+    g = int(requested)
+    if g not in GROUP_SIZES:
+        raise BadInput(f"group size {g} is not supported", f"use one of {list(GROUP_SIZES)} or auto")
+    bad = [d for d in dims if d % g]
+    if bad:
+        raise BadInput(f"group size {g} does not divide the expert dimensions {bad}", "use --group-size auto")
+    return g

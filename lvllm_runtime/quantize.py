@@ -1,0 +1,485 @@
+"""`lvllm quantize` as a library call: stream a checkpoint's routed experts into the expert store.
+
+    Checkpoint.open -> checks (arch, group, nodes, output dir, disk) -> for each MoE layer: one LayerFileWriter per
+    node, experts converted by a thread pool (read -> dequantize -> INT4 RTN or BF16 -> split per node -> pwrite)
+    -> finish (fsync, sha256, rename) -> manifest in progress -> ... -> manifest complete -> verification
+
+Memory: at most `2 * workers` experts are in flight; each holds its source copy in BF16 and its quantized slices,
+about 3x the expert's BF16 size (Qwen3-30B-A3B: ~30 MB; Kimi-K2: ~270 MB), plus torch's temporaries of one
+quantize call (~6x the BF16 expert). Source pages are dropped after each expert (checkpoint.py), output is written
+with pwrite, so neither grows the resident set with the model. Nothing is written before every check has passed;
+an interrupted run leaves only temp files (removed on `--resume`) and finished layer files listed in an
+incomplete manifest, so `--resume` redoes exactly the unfinished layers and the result is byte-identical.
+
+Test hook: LVLLM_QUANTIZE_TEST_DELAY_S=<seconds> sleeps after each expert write, so a kill test lands mid-layer.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import shutil
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .checkpoint import Checkpoint
+from .errors import BadInput, DoesNotFit, StoreError
+from .quant import GROUP_SIZES, pick_group_size, quantize_int4
+from .store import (
+    FORMAT_VERSION,
+    ExpertStore,
+    LayerFileWriter,
+    StoreManifest,
+    config_sha256,
+    file_sha256,
+    layer_file,
+    read_manifest,
+    write_manifest,
+)
+
+TEST_DELAY_ENV = "LVLLM_QUANTIZE_TEST_DELAY_S"
+DEFAULT_THRESHOLD = {"int4": 0.2, "bf16": 0.01}  # relative Frobenius error per expert matrix
+DISK_MARGIN = 64 << 20
+
+
+@dataclass(frozen=True)
+class QuantizeOptions:
+    weight_format: str = "int4"
+    group_size: int | str = "auto"
+    numa_nodes: int | str = 1
+    workers: int | None = None  # None: physical cores
+    layers: tuple[int, int] | None = None  # inclusive range of layer indices
+    resume: bool = False
+    verify: bool = False  # every expert of every layer, instead of a sample
+    verify_threshold: float | None = None  # None: DEFAULT_THRESHOLD[weight_format]
+    sample_experts: int = 3
+
+
+@dataclass
+class Progress:
+    """Counters handed to the progress callback after each expert (from the calling thread)."""
+
+    layers_done: int = 0
+    layers_total: int = 0
+    experts_done: int = 0
+    experts_total: int = 0
+    bytes_read: int = 0
+    bytes_read_total: int = 0
+    bytes_written: int = 0
+    bytes_written_total: int = 0
+    layer: int | None = None
+    stage: str = "convert"  # "convert" | "verify"
+
+
+@dataclass(frozen=True)
+class LayerError:
+    layer: int
+    experts: int
+    max_rel: float
+    mean_rel: float
+
+
+@dataclass(frozen=True)
+class QuantizeResult:
+    store: str
+    manifest: StoreManifest
+    input_bytes: int
+    output_bytes: int
+    seconds: float
+    peak_rss_bytes: int
+    peak_anon_rss_bytes: int
+    layers_written: tuple[int, ...]
+    layers_skipped: tuple[int, ...]
+    verify_mode: str
+    errors: tuple[LayerError, ...]
+    threshold: float
+    workers: int
+
+    @property
+    def max_rel_error(self) -> float:
+        return max((e.max_rel for e in self.errors), default=0.0)
+
+    @property
+    def passed(self) -> bool:
+        return self.max_rel_error <= self.threshold
+
+    def to_dict(self) -> dict:
+        return {
+            "store": self.store,
+            "model_type": self.manifest.model_type,
+            "source_format": self.manifest.source_format,
+            "weight_format": self.manifest.weight_format,
+            "group_size": self.manifest.group_size,
+            "numa_nodes": self.manifest.numa_nodes,
+            "workers": self.workers,
+            "layers_written": list(self.layers_written),
+            "layers_skipped": list(self.layers_skipped),
+            "input_bytes": self.input_bytes,
+            "output_bytes": self.output_bytes,
+            "seconds": round(self.seconds, 3),
+            "source_gb_per_s": round(self.input_bytes / self.seconds / 1e9, 3) if self.seconds else None,
+            "peak_rss_bytes": self.peak_rss_bytes,
+            "peak_anon_rss_bytes": self.peak_anon_rss_bytes,
+            "verify": {
+                "mode": self.verify_mode,
+                "threshold": self.threshold,
+                "max_rel_error": self.max_rel_error,
+                "passed": self.passed,
+                "layers": [vars(e) for e in self.errors],
+            },
+        }
+
+
+def parse_layer_range(text: str) -> tuple[int, int]:
+    """"A-B" (inclusive) or "A" -> (A, B)."""
+    try:
+        a, _, b = text.partition("-")
+        lo, hi = int(a), int(b or a)
+    except ValueError:
+        raise BadInput(f"--layers {text!r} is not a range", "write it as A-B, e.g. --layers 0-11") from None
+    if lo < 0 or hi < lo:
+        raise BadInput(f"--layers {text!r} is empty or negative", "write it as A-B with 0 <= A <= B")
+    return lo, hi
+
+
+def resolve_numa_nodes(value: int | str) -> int:
+    """'auto' -> the topology's node count (1 when the probe is unavailable); else the number itself."""
+    if value == "auto":
+        try:
+            from .topology import probe
+        except ImportError:
+            return 1
+        return max(1, len(probe().nodes))
+    n = int(value)
+    if n < 1:
+        raise BadInput(f"--numa-nodes {n} must be at least 1", "pass a node count or auto")
+    return n
+
+
+def free_disk_bytes(path: Path) -> int:
+    """Free bytes on the filesystem that will hold `path` (tests replace this to simulate a full disk)."""
+    while not path.exists():
+        path = path.parent
+    return shutil.disk_usage(path).free
+
+
+def _rss_anon() -> int:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+# --- planning: every check before anything is written ---------------------------------------------------------
+
+
+def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
+    m = ckpt.model
+    if opts.weight_format not in ("int4", "bf16"):
+        raise BadInput(f"--format {opts.weight_format!r} is not a store format", "use int4 or bf16")
+    nodes = resolve_numa_nodes(opts.numa_nodes)
+    if m.intermediate_size % nodes:
+        raise BadInput(
+            f"expert intermediate size {m.intermediate_size} does not split over {nodes} NUMA nodes",
+            "choose --numa-nodes that divides it",
+        )
+    inter = m.intermediate_size // nodes
+    group = None
+    if opts.weight_format == "int4":
+        if ckpt.source_format == "int4_ct":
+            group = ckpt.group_size
+            if opts.group_size not in ("auto", group, str(group)):
+                raise BadInput(
+                    f"the checkpoint is INT4 with group {group}; passing it through cannot change the group to {opts.group_size}",
+                    f"use --group-size auto (or {group})",
+                )
+            bad = [d for d in (m.hidden_size, inter) if d % group or d % 8]
+            if bad or group not in GROUP_SIZES:
+                raise BadInput(
+                    f"INT4 group {group} cannot be split over {nodes} nodes: dimensions {bad or [group]} do not divide",
+                    "choose --numa-nodes so that intermediate_size / nodes is a multiple of the group size",
+                )
+        else:
+            group = pick_group_size([m.hidden_size, inter], opts.group_size)
+    layers = m.moe_layers
+    if opts.layers is not None:
+        lo, hi = opts.layers
+        layers = tuple(L for L in layers if lo <= L <= hi)
+        if not layers:
+            raise BadInput(f"--layers {lo}-{hi} holds no MoE layer", f"MoE layers of this model: {list(m.moe_layers)}")
+    return StoreManifest(
+        format_version=FORMAT_VERSION,
+        model_type=m.model_type,
+        config_sha256=config_sha256(ckpt.path / "config.json"),
+        source_path=str(ckpt.path),
+        weight_format=opts.weight_format,
+        group_size=group,
+        numa_nodes=nodes,
+        num_experts=m.num_experts,
+        hidden_size=m.hidden_size,
+        intermediate_size=m.intermediate_size,
+        activation=m.activation,
+        gated=m.gated,
+        moe_layers=layers,
+        source_format=ckpt.source_format,
+    )
+
+
+def _settings(man: StoreManifest) -> dict:
+    d = man.to_dict()
+    d.pop("files")
+    d.pop("complete")
+    return d
+
+
+def _files_done(out: Path, target: StoreManifest, resume: bool) -> dict:
+    """Check the output directory against the store to be written; return the finished files that can be kept."""
+    existing = read_manifest(out)
+    if existing is None:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+            raise BadInput(f"{out} is not empty and holds no expert store", "choose an empty or new output directory")
+        return {}
+    if existing.config_sha256 != target.config_sha256 or existing.model_type != target.model_type:
+        raise StoreError(
+            f"{out} holds the expert store of a different model ({existing.model_type} from {existing.source_path})",
+            "choose another output directory, or remove that store",
+        )
+    if _settings(existing) != _settings(target):
+        diff = sorted(k for k, v in _settings(target).items() if _settings(existing).get(k) != v)
+        raise StoreError(
+            f"{out} holds a store of this model made with other settings ({', '.join(diff)})",
+            "re-run with the same options, or choose another output directory",
+        )
+    if not resume:
+        state = "complete" if existing.complete else "unfinished"
+        raise StoreError(f"{out} already holds an {state} store of this model", "pass --resume to check and finish it")
+    kept = {}
+    for name, entry in existing.files.items():
+        path = out / name
+        if path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]:
+            kept[name] = entry
+    return kept
+
+
+# --- conversion -----------------------------------------------------------------------------------------------
+
+
+def _node_slices(man: StoreManifest, parts: dict[str, torch.Tensor | tuple]) -> list[dict[str, torch.Tensor]]:
+    """Split one converted expert into its per-node tensors (shapes of a store file without the leading E)."""
+    n = man.node_intermediate_size
+    out = []
+    for node in range(man.numa_nodes):
+        rows = slice(node * n, (node + 1) * n)
+        if man.weight_format == "bf16":
+            w13 = torch.cat([parts["gate"][rows], parts["up"][rows]]) if man.gated else parts["up"][rows]
+            out.append({"w13": w13, "w2": parts["down"][:, rows].contiguous()})
+            continue
+        g = man.group_size
+        pieces = [parts["gate"], parts["up"]] if man.gated else [parts["up"]]
+        cols8, colsg = slice(node * n // 8, (node + 1) * n // 8), slice(node * n // g, (node + 1) * n // g)
+        dp, ds = parts["down"]
+        out.append(
+            {
+                "w13.packed": torch.cat([p[rows] for p, _ in pieces]),
+                "w2.packed": dp[:, cols8].contiguous(),
+                "w13.scale": torch.cat([s[rows] for _, s in pieces]),
+                "w2.scale": ds[:, colsg].contiguous(),
+            }
+        )
+    return out
+
+
+def _convert_expert(ckpt: Checkpoint, man: StoreManifest, layer: int, expert: int) -> list[dict[str, torch.Tensor]]:
+    """One expert -> its per-node store tensors. INT4 sources pass through bit for bit."""
+    if man.weight_format == "int4" and ckpt.source_format == "int4_ct":
+        return _node_slices(man, ckpt.read_expert_int4(layer, expert))
+    # BF16 is both the store's BF16 format and the dtype INT4 RTN divides in (as compressed-tensors does).
+    w = ckpt.read_expert(layer, expert, dtype=torch.bfloat16)
+    if man.weight_format == "int4":
+        keys = [k for k in ("gate", "up") if k in w]
+        packed, scale = quantize_int4(torch.cat([w[k] for k in keys]), man.group_size)
+        i = man.intermediate_size
+        parts: dict = {k: (packed[j * i : (j + 1) * i], scale[j * i : (j + 1) * i]) for j, k in enumerate(keys)}
+        parts["down"] = quantize_int4(w["down"], man.group_size)
+        return _node_slices(man, parts)
+    return _node_slices(man, w)
+
+
+class _Run:
+    """State of one conversion: the pool, the counters, the progress callback."""
+
+    def __init__(self, ckpt: Checkpoint, man: StoreManifest, out: Path, workers: int, progress: Callable | None):
+        self.ckpt, self.man, self.out, self.workers = ckpt, man, out, workers
+        self.progress = progress
+        self.state = Progress()
+        self.peak_anon = _rss_anon()
+        self.delay = float(os.environ.get(TEST_DELAY_ENV) or 0)
+
+    def report(self, **changes) -> None:
+        for k, v in changes.items():
+            setattr(self.state, k, v)
+        self.peak_anon = max(self.peak_anon, _rss_anon())
+        if self.progress is not None:
+            self.progress(replace(self.state))
+
+    def convert_layer(self, pool: ThreadPoolExecutor, layer: int) -> dict:
+        """Write every node file of `layer`; returns their manifest entries."""
+        specs = self.man.tensor_specs()
+        writers = []
+        try:
+            for node in range(self.man.numa_nodes):
+                meta = self.man.file_metadata(layer, node)
+                writers.append(LayerFileWriter(self.out / layer_file(layer, node), specs, meta))
+            self._run_experts(pool, layer, writers)
+            return {layer_file(layer, node): w.finish() for node, w in enumerate(writers)}
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+
+    def _one(self, layer: int, expert: int, writers: list[LayerFileWriter]) -> tuple[int, int]:
+        written = 0
+        for w, tensors in zip(writers, _convert_expert(self.ckpt, self.man, layer, expert)):
+            written += w.write_expert(expert, tensors)
+        if self.delay:
+            time.sleep(self.delay)
+        return self.ckpt.expert_source_bytes(layer, expert), written
+
+    def _run_experts(self, pool: ThreadPoolExecutor, layer: int, writers: list[LayerFileWriter]) -> None:
+        pending: set[Future] = set()
+        try:
+            for e in range(self.man.num_experts):
+                if len(pending) >= 2 * self.workers:
+                    done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                    self._collect(done)
+                pending.add(pool.submit(self._one, layer, e, writers))
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                self._collect(done)
+        except BaseException:
+            # No writer may be closed while a worker still writes into it.
+            for f in pending:
+                f.cancel()
+            wait(pending)
+            raise
+
+    def _collect(self, done: set[Future]) -> None:
+        for f in done:
+            read, written = f.result()
+            s = self.state
+            self.report(experts_done=s.experts_done + 1, bytes_read=s.bytes_read + read, bytes_written=s.bytes_written + written)
+
+
+def quantize(
+    model_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    options: QuantizeOptions = QuantizeOptions(),
+    progress: Callable[[Progress], None] | None = None,
+) -> QuantizeResult:
+    """Convert the routed experts of `model_dir` into the store `out_dir` (see the module docstring)."""
+    t0 = time.monotonic()
+    ckpt = Checkpoint.open(model_dir)
+    target = _target_manifest(ckpt, options)
+    out = Path(out_dir).resolve()
+    kept = _files_done(out, target, options.resume)
+    todo = [L for L in target.moe_layers if not all(layer_file(L, n) in kept for n in range(target.numa_nodes))]
+    needed = sum(target.file_bytes(L, n) for L in todo for n in range(target.numa_nodes))
+    free = free_disk_bytes(out)
+    if needed + DISK_MARGIN > free:
+        raise DoesNotFit(
+            f"not enough disk space in {out}: the store needs {needed / 1e9:.2f} GB more, {free / 1e9:.2f} GB are free",
+            "free some space or choose another output directory",
+        )
+
+    (out / "layers").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "layers").glob(".*.partial-*"):
+        stale.unlink()
+    manifest = replace(target, files=dict(kept), complete=False)
+    write_manifest(out, manifest)
+
+    workers = options.workers or _physical_cores()
+    run = _Run(ckpt, manifest, out, workers, progress)
+    experts = target.num_experts
+    run.state = Progress(
+        layers_total=len(todo),
+        experts_total=len(todo) * experts,
+        bytes_read_total=sum(ckpt.expert_source_bytes(L, e) for L in todo for e in range(experts)),
+        bytes_written_total=needed,
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // workers))  # workers, not intra-op threads, fill the cores
+    try:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lvllm-quantize") as pool:
+            for i, layer in enumerate(todo):
+                run.report(layer=layer)
+                manifest.files.update(run.convert_layer(pool, layer))
+                write_manifest(out, manifest)
+                run.report(layers_done=i + 1)
+    finally:
+        torch.set_num_threads(threads)
+    manifest = replace(manifest, complete=True)
+    write_manifest(out, manifest)
+    convert_seconds = time.monotonic() - t0
+
+    threshold = options.verify_threshold if options.verify_threshold is not None else DEFAULT_THRESHOLD[options.weight_format]
+    errors = verify_store(ExpertStore.open(out), ckpt, None if options.verify else options.sample_experts, run)
+    return QuantizeResult(
+        store=str(out),
+        manifest=manifest,
+        input_bytes=run.state.bytes_read,
+        output_bytes=sum(manifest.files[layer_file(L, n)]["bytes"] for L in todo for n in range(manifest.numa_nodes)),
+        seconds=convert_seconds,
+        peak_rss_bytes=_peak_rss(),
+        peak_anon_rss_bytes=run.peak_anon,
+        layers_written=tuple(todo),
+        layers_skipped=tuple(L for L in target.moe_layers if L not in todo),
+        verify_mode="full" if options.verify else "sample",
+        errors=tuple(errors),
+        threshold=threshold,
+        workers=workers,
+    )
+
+
+def verify_store(store: ExpertStore, ckpt: Checkpoint, sample: int | None = None, run: _Run | None = None) -> list[LayerError]:
+    """Relative error ||stored - source|| / ||source|| per expert matrix (gate+up, down), per layer: every expert, or
+    `sample` experts spread evenly over each layer."""
+    man = store.manifest
+    e = man.num_experts
+    experts = range(e) if sample is None or sample >= e else sorted({round(i * (e - 1) / max(1, sample - 1)) for i in range(sample)})
+    if run is not None:
+        run.report(stage="verify", experts_done=0, experts_total=len(man.moe_layers) * len(experts))
+    out = []
+    for layer in man.moe_layers:
+        rels = []
+        for x in experts:
+            src = ckpt.read_expert(layer, x)
+            w13, w2 = store.expert(layer, x)
+            ref13 = torch.cat([src["gate"], src["up"]]) if man.gated else src["up"]
+            for got, ref in ((w13, ref13), (w2, src["down"])):
+                rels.append(((got - ref).norm() / ref.norm().clamp_min(1e-30)).item())
+            if run is not None:
+                run.report(experts_done=run.state.experts_done + 1)
+        out.append(LayerError(layer, len(experts), max(rels), sum(rels) / len(rels)))
+    return out
+
+
+def _physical_cores() -> int:
+    try:
+        import psutil
+
+        return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    except ImportError:
+        return os.cpu_count() or 1
