@@ -1,10 +1,74 @@
-"""`lvllm demo`."""
+"""`lvllm demo`: the whole flow on a tiny model in one command; exits 0 only when the chat answer came back."""
 
 from __future__ import annotations
 
-from .output import not_implemented
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from lvllm_runtime.demo import run_demo
+from lvllm_runtime.errors import LvllmError
+
+from .output import emit_json, stderr, stdout
+from .serve import Stages, fail_with_log, follow, stop_on_sigterm
+
+STAGES = ["model", "quantize", "plan", "vLLM start", "request", "shutdown"]
 
 
-def demo() -> None:
-    """Not implemented yet."""
-    not_implemented("demo", "issue 7")
+def demo(
+    keep: Annotated[bool, typer.Option("--keep", help="Keep serving after the answer until Ctrl-C.")] = False,
+    port: Annotated[Optional[int], typer.Option(help="Port for the server (default: a free one).")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Build a tiny MoE model, quantize it, plan, serve it with vLLM and ask it one question over HTTP."""
+    stop_on_sigterm()
+    stages = Stages(STAGES)
+
+    def on_stage(name: str, detail: str) -> None:
+        stages.start("plan" if name == "store" else name, detail)
+
+    def hold(server) -> None:
+        stages.done("request")
+        stages.live.stop()
+        stdout.print(f"serving at {server.command.url} (model: {server.command.served_model_name}); Ctrl-C stops it")
+        try:
+            follow(server)
+        except KeyboardInterrupt:
+            stderr.print("stopping vLLM ...")
+
+    try:
+        with stages:
+            result = run_demo(port=port, on_stage=on_stage, hold=hold if keep else None)
+            stages.done("shutdown")
+    except LvllmError as e:
+        fail_with_log(e)
+    except KeyboardInterrupt:
+        stderr.print("interrupted; vLLM stopped")
+        raise typer.Exit(130)
+
+    if json_out:
+        emit_json(result.to_dict())
+        return
+    stdout.print(f"[bold]Q:[/] {result.question}")
+    stdout.print(f"[bold]A:[/] {result.answer!r}  [dim]({result.completion_tokens} tokens; random tiny model)[/]")
+    timings = Table("stage", "seconds", title="timings", title_justify="left")
+    for name, seconds in result.timings.items():
+        timings.add_row(name, f"{seconds:.1f}")
+    stdout.print(timings)
+    stdout.print(plan_view(result.plan))
+    stdout.print(f"[dim]served with: {result.command}[/]", highlight=False, soft_wrap=True)
+
+
+def plan_view(plan: dict) -> Table:
+    """The few plan values that explain the run: where experts live, threads, context and batch."""
+    rt, v, store = plan.get("runtime", {}), plan.get("vllm", {}), plan.get("store", {})
+    table = Table("plan", "value", title="plan", title_justify="left")
+    table.add_row("expert store", f"{store.get('weight_format')} (group {store.get('group_size')}), "
+                                  f"{store.get('numa_nodes')} NUMA slice(s)")
+    for n in rt.get("nodes", []):
+        table.add_row(f"node {n['node']}", f"{n['threads']} engine thread(s) on cpus {n['cpus']}")
+    table.add_row("hot experts on GPU", str(sum(len(e) for e in rt.get("hot_experts", {}).values())))
+    table.add_row("context / sequences", f"{v.get('max_model_len')} / {v.get('max_num_seqs')}")
+    table.add_row("tokens per step", str(rt.get("max_batch_tokens")))
+    return table

@@ -1,10 +1,194 @@
-"""`lvllm serve`."""
+"""`lvllm serve`: store -> plan -> vLLM command -> running OpenAI server, with a live view of the stages."""
 
 from __future__ import annotations
 
-from .output import not_implemented
+import signal
+import time
+from pathlib import Path
+from typing import Annotated, Callable, Optional
+
+import typer
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from lvllm_runtime import launcher
+from lvllm_runtime.errors import LvllmError
+
+from .errors import report
+from .output import stderr, stdout
+
+STATE_STYLE = {"wait": ("·", "dim"), "run": ("…", "yellow"), "done": ("✓", "green"), "fail": ("✗", "red")}
 
 
-def serve() -> None:
-    """Not implemented yet."""
-    not_implemented("serve", "issue 7")
+class Stages:
+    """A Rich live table of named stages on stderr: state, seconds taken, one line of detail."""
+
+    def __init__(self, names: list[str]):
+        self.rows = {n: {"state": "wait", "t0": None, "t": None, "detail": ""} for n in names}
+        self.live = Live(self._render(), console=stderr, refresh_per_second=4, transient=False)
+
+    def __enter__(self) -> "Stages":
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for row in self.rows.values():
+            if row["state"] == "run" and exc[0] is not None:
+                row["state"] = "fail"
+        self.live.update(self._render())
+        self.live.__exit__(*exc)
+
+    def start(self, name: str, detail: str = "") -> None:
+        for other, row in self.rows.items():  # starting a stage finishes the one before it
+            if row["state"] == "run" and other != name:
+                self.done(other)
+        row = self.rows[name]
+        if row["state"] != "run":
+            row["state"], row["t0"] = "run", time.monotonic()
+        row["detail"] = detail
+        self.live.update(self._render())
+
+    def done(self, name: str, detail: str | None = None) -> None:
+        row = self.rows[name]
+        row["t"] = time.monotonic() - row["t0"] if row["t0"] else None
+        row["state"] = "done"
+        if detail is not None:
+            row["detail"] = detail
+        self.live.update(self._render())
+
+    def seconds(self, name: str) -> float | None:
+        return self.rows[name]["t"]
+
+    def _render(self) -> Table:
+        table = Table.grid(padding=(0, 1))
+        for name, row in self.rows.items():
+            mark, style = STATE_STYLE[row["state"]]
+            t = row["t"] if row["t"] is not None else (time.monotonic() - row["t0"] if row["t0"] else None)
+            table.add_row(
+                Text(mark, style=style),
+                Text(name, style="bold" if row["state"] == "run" else ""),
+                Text(f"{t:6.1f}s" if t is not None else "", style="dim"),
+                Text(row["detail"][-110:], style="dim", overflow="ellipsis", no_wrap=True),
+            )
+        return table
+
+
+def fail_with_log(e: LvllmError) -> None:
+    """One line for the error, then vLLM's log tail when there is one; exit with the error's code."""
+    report(e)
+    tail = getattr(e, "log_tail", "")
+    if tail:
+        stderr.print("[dim]--- end of vLLM's log ---[/]")
+        stderr.out(tail.rstrip(), highlight=False)
+    raise typer.Exit(e.exit_code)
+
+
+def stop_on_sigterm() -> None:
+    """SIGTERM/SIGHUP stop the server like Ctrl-C does (vLLM is in its own session and never sees our signals)."""
+
+    def raise_interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, raise_interrupt)
+    signal.signal(signal.SIGHUP, raise_interrupt)
+
+
+def run_server(
+    server: launcher.VllmServer, stages: Stages, ready_timeout: float | None, on_line: Callable[[str], None] | None = None
+) -> float:
+    """Start vLLM and wait for /v1/models, showing the newest log line; returns the seconds to ready."""
+    stages.start("vLLM start", f"log: {server.log_path}")
+    server.start()
+    waited = server.wait_ready(ready_timeout, on_progress=lambda line: stages.start("vLLM start", line))
+    stages.done("vLLM start", f"pid {server.pid}, log {server.log_path}")
+    stages.start("ready", server.command.url)
+    stages.done("ready")
+    return waited
+
+
+def follow(server: launcher.VllmServer) -> int:
+    """Echo vLLM's log to stderr until it exits; returns its exit code."""
+    with open(server.log_path, errors="replace") as log:
+        log.seek(0, 2)
+        while True:
+            line = log.readline()
+            if line:
+                stderr.out(line.rstrip("\n"), highlight=False)
+                continue
+            rc = server.exited()
+            if rc is not None:
+                return rc
+            time.sleep(0.3)
+
+
+def serve(
+    ctx: typer.Context,
+    model: Annotated[Path, typer.Argument(help="Model directory (Hugging Face checkpoint).", show_default=False)],
+    recipe: Annotated[Optional[str], typer.Option(help="Recipe name (`lvllm recipes`).")] = None,
+    store: Annotated[Optional[Path], typer.Option(help="Expert store directory (from `lvllm quantize`).")] = None,
+    plan: Annotated[Optional[Path], typer.Option(help="Plan file (from `lvllm plan`); made here when not given.")] = None,
+    host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vLLM command and exit.")] = False,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Make the expert store first when it is missing.")] = False,
+    ready_timeout: Annotated[
+        Optional[float], typer.Option(help="Give up when vLLM is not ready after this many seconds.")
+    ] = None,
+) -> None:
+    """Serve MODEL through vLLM's OpenAI server with the lvllm plugin; vLLM options go after `--`.
+
+    Example: lvllm serve ./Qwen3-30B-A3B --store ./q30-store -- --max-model-len 8192 --api-key KEY
+    """
+    user_args = list(ctx.args)
+    if not dry_run:
+        launcher.require_vllm()
+    recipe_data = None
+    if recipe is not None:
+        from lvllm_runtime import recipes
+
+        recipe_data = recipes.get(recipe).data
+
+    names = ["store", "plan", "vLLM start", "ready"]
+    stages = Stages(names)
+    server: launcher.VllmServer | None = None
+    try:
+        with stages:
+            setup = launcher.prepare(
+                model, recipe=recipe_data, store=store, plan_path=plan, host=host, port=port,
+                user_args=user_args, quantize=quantize, on_stage=stages.start,
+            )
+            stages.done("store", str(setup.store))
+            stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")
+            show_overrides(setup.command)
+            if dry_run:
+                stages.live.transient = True
+            else:
+                stderr.print(f"[bold]vLLM command:[/] {setup.command.display()}", highlight=False, soft_wrap=True)
+                stop_on_sigterm()
+                server = launcher.VllmServer(setup.command, setup.log_path)
+                run_server(server, stages, ready_timeout)
+        if dry_run:
+            print(setup.command.display(), flush=True)  # plain print: Rich would wrap it at the terminal width
+            return
+        stdout.print(f"{setup.command.url}  (model: {setup.command.served_model_name})", highlight=False)
+        stderr.print("[dim]serving; Ctrl-C stops vLLM and all its processes[/]")
+        rc = follow(server)
+        raise launcher.VllmFailed(f"vLLM exited with code {rc}", f"see the vLLM log {server.log_path}",
+                                  launcher.read_tail(server.log_path))
+    except KeyboardInterrupt:
+        stderr.print("stopping vLLM ...")
+    except LvllmError as e:
+        if server is not None:
+            server.stop()
+        fail_with_log(e)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+def show_overrides(command: launcher.ServeCommand) -> None:
+    """Say which recipe or plan values the user's own vLLM arguments replaced (and note the others, dimmed)."""
+    for o in command.overrides:
+        if o.by == "yours":
+            stderr.print(f"[yellow]conflict:[/] {o}", highlight=False)
