@@ -36,7 +36,11 @@ class Check:
 
 
 def _gib(n: int) -> str:
-    return f"{n / GiB:.1f} GiB"
+    """Bytes in binary units: GiB from 1 GiB up so large numbers compare at a glance, smaller units below."""
+    for unit, size in (("GiB", GiB), ("MiB", 1 << 20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 1024:.1f} KiB"
 
 
 def kernel_isa(topo: Topology) -> str:
@@ -260,10 +264,13 @@ def check_model(topo: Topology, fp: Footprint) -> Check:
             "nothing for lvllm to keep in RAM",
             "lvllm serves Mixture-of-Experts checkpoints; see `lvllm recipes`",
         )
+    total = fp.total_bytes or 0
     if topo.gpus:
-        need, what = fp.routed_expert_bytes, f"routed experts take {_gib(fp.routed_expert_bytes)}"
+        need = fp.routed_expert_bytes
+        what = f"routed experts take {_gib(need)} of the {_gib(total)} checkpoint"
     else:
-        need, what = fp.total_bytes or 0, f"CPU-only: the whole checkpoint takes {_gib(fp.total_bytes or 0)}"
+        need = total
+        what = f"CPU-only: the whole checkpoint takes {_gib(total)} (routed experts {_gib(fp.routed_expert_bytes)})"
     if need > avail:
         return Check(
             "model_fits_ram",
@@ -271,11 +278,7 @@ def check_model(topo: Topology, fp: Footprint) -> Check:
             f"{fp.path}: {what} in its files but only {_gib(avail)} RAM is available",
             f"free RAM, or {shrink}; `lvllm plan {fp.path}` gives the exact split",
         )
-    return Check(
-        "model_fits_ram",
-        Status.PASS,
-        f"{fp.path}: {what} of {_gib(fp.total_bytes or 0)}; {_gib(avail)} RAM available",
-    )
+    return Check("model_fits_ram", Status.PASS, f"{fp.path}: {what}; {_gib(avail)} RAM available")
 
 
 def run_checks(topo: Topology, model_dir: str | Path | None = None) -> list[Check]:
