@@ -1,0 +1,374 @@
+// Engine core: kernel dispatch, node-local weight load/repack, routing, and the phased forward job (engine.h).
+#include "engine.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <stdexcept>
+
+#include "cpu_features.h"
+
+namespace lvllm {
+namespace {
+
+constexpr int kRowsA = 32;     // In rows (of gate and of up) per phase-A work item
+constexpr int kRowsB = 32;     // H rows per phase-B work item
+constexpr int kTokBlock = 64;  // tokens per kernel call; bounds the per-thread scratch
+constexpr int kColsC = 512;    // columns per phase-C work item
+constexpr size_t kHuge = size_t(2) << 20;
+
+std::string str(int64_t v) { return std::to_string(v); }
+
+const KernelTable* table_for(const std::string& name) {
+    const CpuFeatures& f = cpu_features();
+    if (name == "ref") return &kernels_ref();
+    if (name == "avx2") return (f.avx2 && f.fma) ? kernels_avx2() : nullptr;
+    if (name == "avx512") return (f.avx512f && f.avx512bw && f.avx512vl && f.fma) ? kernels_avx512() : nullptr;
+    if (name == "amx") return (f.os_amx && f.amx_bf16 && f.avx512bw) ? kernels_amx() : nullptr;
+    return nullptr;
+}
+
+}  // namespace
+
+Engine::Buf::Buf(size_t n) : bytes(n) {
+    const size_t align = n >= kHuge ? kHuge : 64;
+    if (posix_memalign(&p, align, std::max<size_t>(n, 64)) != 0) throw std::bad_alloc();
+    if (n >= kHuge) madvise(p, n, MADV_HUGEPAGE);  // fewer TLB misses while streaming; advisory only
+}
+
+Engine::Buf& Engine::Buf::operator=(Buf&& o) noexcept {
+    if (this != &o) {
+        free(p);
+        p = o.p;
+        bytes = o.bytes;
+        o.p = nullptr;
+        o.bytes = 0;
+    }
+    return *this;
+}
+
+Engine::Buf::~Buf() { free(p); }
+
+std::vector<std::string> Engine::available_isas() {
+    std::vector<std::string> out;
+    for (const char* n : {"amx", "avx512", "avx2", "ref"})
+        if (table_for(n)) out.emplace_back(n);
+    return out;
+}
+
+Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
+    auto bad = [](const std::string& m) { throw std::invalid_argument(m); };
+    const int64_t H = cfg.hidden, In = cfg.intermediate;
+    if (H <= 0 || H % 32) bad("hidden_size=" + str(H) + " must be a positive multiple of 32");
+    if (In <= 0 || In % 32) bad("intermediate_size (per node) =" + str(In) + " must be a positive multiple of 32");
+    if (H > (1 << 24) || In > (1 << 24)) bad("hidden/intermediate size over 2^24 is not supported");
+    if (cfg.experts <= 0) bad("num_experts=" + str(cfg.experts) + " must be positive");
+    if (cfg.max_tokens <= 0) bad("max_tokens=" + str(cfg.max_tokens) + " must be positive");
+    if ((cfg.act == Act::Relu2) == cfg.gated)
+        bad(cfg.gated ? "activation relu2 has no gate: pass gated=False" : "this activation needs a gate: pass gated=True");
+    if (cfg.int4) {
+        if (cfg.group != 32 && cfg.group != 64 && cfg.group != 128)
+            bad("group_size=" + str(cfg.group) + " is not one of 32, 64, 128");
+        if (H % cfg.group || In % cfg.group)
+            bad("hidden_size=" + str(H) + " and per-node intermediate_size=" + str(In) +
+                " must both be divisible by group_size=" + str(cfg.group));
+    }
+    if (cfg.nodes.empty()) bad("nodes is empty: give at least one node with at least one cpu");
+    for (size_t n = 0; n < cfg.nodes.size(); ++n) {
+        if (cfg.nodes[n].empty()) bad("node " + str(n) + " has no cpus");
+        for (int c : cfg.nodes[n])
+            if (c < 0) bad("cpu id " + str(c) + " in node " + str(n) + " is negative");
+    }
+    if (cfg.isa.empty()) {
+        const CpuFeatures& f = cpu_features();
+        if (!(f.avx2 && f.fma))
+            bad("this CPU (or OS) lacks AVX2+FMA, which the engine needs; use a newer x86-64 CPU (Haswell/Zen or later)");
+        kt_ = table_for(available_isas().front());
+    } else {
+        kt_ = table_for(cfg.isa);
+        if (!kt_) {
+            std::string names;
+            for (const auto& n : available_isas()) names += (names.empty() ? "" : ", ") + n;
+            bad("kernel table '" + cfg.isa + "' is not available on this CPU/build; available: " + names);
+        }
+    }
+    const int nn = static_cast<int>(cfg.nodes.size());
+    pool_ = std::make_unique<ThreadPool>(cfg.nodes);
+    cur_a_ = std::vector<Cursor>(nn);
+    cur_b_ = std::vector<Cursor>(nn);
+    hptr_.resize(nn);
+    hbuf_.resize(nn);
+    ybuf_.resize(nn);
+    scratch_.resize(pool_->total_threads());
+    for (auto& s : scratch_) s.resize(size_t(2) * kTokBlock * kRowsA + size_t(kTokBlock) * kRowsB);
+}
+
+Engine::~Engine() { pool_->wait(); }
+
+// ---- load -------------------------------------------------------------------------------------------------------
+
+void Engine::repack_expert(const ShardIn& in, NodeWeights& w, int e) const {
+    const int64_t H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
+    if (!cfg_.int4) {
+        std::memcpy(w.w13.as<uint16_t>() + e * R13 * H, in.w13 + e * R13 * H, R13 * H * 2);
+        std::memcpy(w.w2.as<uint16_t>() + e * H * In, in.w2 + e * H * In, H * In * 2);
+        return;
+    }
+    auto pack = [](const int32_t* src, const uint16_t* ssrc, uint8_t* dst, float* sdst, int64_t rows, int64_t K, int g) {
+        for (int64_t r = 0; r < rows; ++r) {
+            const int32_t* s = src + r * (K / 8);
+            uint8_t* d = dst + r * (K / 2);
+            for (int64_t b = 0; b < K / kInt4Block; ++b) {
+                uint32_t out[4] = {0, 0, 0, 0};
+                for (int c = 0; c < kInt4Block; ++c) {
+                    const uint32_t u = (static_cast<uint32_t>(s[b * 4 + c / 8]) >> (4 * (c % 8))) & 0xF;
+                    out[c % 4] |= u << (4 * (c / 4));
+                }
+                std::memcpy(d + b * kInt4BlockBytes, out, sizeof out);
+            }
+            for (int64_t j = 0; j < K / g; ++j) sdst[r * (K / g) + j] = bf16_to_float(ssrc[r * (K / g) + j]);
+        }
+    };
+    const int g = cfg_.group;
+    pack(in.w13_packed + e * R13 * (H / 8), in.w13_scale + e * R13 * (H / g), w.w13q.as<uint8_t>() + e * R13 * (H / 2),
+         w.w13s.as<float>() + e * R13 * (H / g), R13, H, g);
+    pack(in.w2_packed + e * H * (In / 8), in.w2_scale + e * H * (In / g), w.w2q.as<uint8_t>() + e * H * (In / 2),
+         w.w2s.as<float>() + e * H * (In / g), H, In, g);
+}
+
+void Engine::load_job(void* ctx, int node, int tid, int) {
+    Engine* self = static_cast<Engine*>(ctx);
+    const int nt = self->pool_->node_threads(node);
+    for (int e = tid; e < self->cfg_.experts; e += nt)
+        self->repack_expert((*self->load_in_)[node], self->load_out_->nodes[node], e);
+}
+
+void Engine::load_layer(int layer, const std::vector<ShardIn>& shards) {
+    if (shards.size() != cfg_.nodes.size())
+        throw std::invalid_argument("load_layer got " + str(shards.size()) + " shards for " + str(cfg_.nodes.size()) +
+                                    " nodes: pass one dict per node, in node order");
+    pool_->wait();
+    const size_t E = cfg_.experts, H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
+    Layer fresh;
+    fresh.nodes.resize(shards.size());
+    for (auto& w : fresh.nodes) {  // allocation only; pages are first touched by the node's own threads below
+        if (cfg_.int4) {
+            w.w13q = Buf(E * R13 * H / 2);
+            w.w13s = Buf(E * R13 * (H / cfg_.group) * 4);
+            w.w2q = Buf(E * H * In / 2);
+            w.w2s = Buf(E * H * (In / cfg_.group) * 4);
+        } else {
+            w.w13 = Buf(E * R13 * H * 2);
+            w.w2 = Buf(E * H * In * 2);
+        }
+    }
+    load_in_ = &shards;
+    load_out_ = &fresh;
+    pool_->launch(&Engine::load_job, this);
+    pool_->wait();
+    load_in_ = nullptr;
+    load_out_ = nullptr;
+    layers_[layer] = std::move(fresh);
+}
+
+// ---- forward ----------------------------------------------------------------------------------------------------
+
+Int4Mat Engine::mat13(const NodeWeights& w, int e) const {
+    const int64_t H = cfg_.hidden, R13 = rows13();
+    return {w.w13q.as<uint8_t>() + e * R13 * (H / 2), w.w13s.as<float>() + e * R13 * (H / cfg_.group), H, cfg_.group};
+}
+Int4Mat Engine::mat2(const NodeWeights& w, int e) const {
+    const int64_t H = cfg_.hidden, In = cfg_.intermediate;
+    return {w.w2q.as<uint8_t>() + e * H * (In / 2), w.w2s.as<float>() + e * H * (In / cfg_.group), In, cfg_.group};
+}
+Bf16Mat Engine::bmat13(const NodeWeights& w, int e) const {
+    return {w.w13.as<uint16_t>() + int64_t(e) * rows13() * cfg_.hidden, cfg_.hidden};
+}
+Bf16Mat Engine::bmat2(const NodeWeights& w, int e) const {
+    return {w.w2.as<uint16_t>() + int64_t(e) * cfg_.hidden * cfg_.intermediate, cfg_.intermediate};
+}
+
+std::string Engine::submit(const ForwardArgs& a) {
+    if (pool_->busy()) return "a forward is still in flight: call wait() before the next submit()";
+    auto it = layers_.find(a.layer);
+    if (it == layers_.end()) return "layer " + str(a.layer) + " is not loaded: call load_layer(" + str(a.layer) + ", shards) first";
+    if (a.tokens < 0 || a.tokens > cfg_.max_tokens)
+        return "T=" + str(a.tokens) + " tokens is over max_tokens=" + str(cfg_.max_tokens) +
+               ": split the batch or build the Engine with a larger max_tokens";
+    if (a.k <= 0 || a.k > cfg_.experts) return "top-k=" + str(a.k) + " must be in [1, num_experts=" + str(cfg_.experts) + "]";
+    if (a.tokens == 0) return "";
+    if (!a.hidden || !a.topk_ids || !a.topk_weights || !a.out) return "null pointer among hidden/topk_ids/topk_weights/out";
+    const int64_t T = a.tokens, K = a.k, H = cfg_.hidden, In = cfg_.intermediate, E = cfg_.experts;
+
+    // Route: slots grouped by expert, tokens in order within an expert.
+    std::vector<int>& cnt = eslot_;
+    cnt.assign(E, 0);
+    auto id_at = [&](int64_t i) -> int64_t {
+        return a.ids_dtype == Dtype::I64 ? static_cast<const int64_t*>(a.topk_ids)[i] : static_cast<const int32_t*>(a.topk_ids)[i];
+    };
+    int64_t S = 0;
+    for (int64_t i = 0; i < T * K; ++i) {
+        const int64_t id = id_at(i);
+        if (id == -1) continue;
+        if (id < -1 || id >= E)
+            return "topk_ids[" + str(i / K) + ", " + str(i % K) + "] = " + str(id) + " is outside [-1, " + str(E) +
+                   "): expert ids must be < num_experts (-1 skips)";
+        ++cnt[id];
+        ++S;
+    }
+    active_.clear();
+    offset_.clear();
+    count_.clear();
+    int off = 0;
+    for (int e = 0; e < E; ++e) {
+        if (!cnt[e]) continue;
+        active_.push_back(e);
+        offset_.push_back(off);
+        count_.push_back(cnt[e]);
+        const int c = cnt[e];
+        cnt[e] = off;  // becomes the fill cursor
+        off += c;
+    }
+    slot_tok_.resize(S);
+    slot_w_.resize(S);
+    for (int64_t i = 0; i < T * K; ++i) {
+        const int64_t id = id_at(i);
+        if (id == -1) continue;
+        const int s = cnt[id]++;
+        slot_tok_[s] = static_cast<int>(i / K);
+        slot_w_[s] = a.topk_weights[i];
+    }
+    if (a.hidden_dtype == Dtype::BF16) {
+        grow(xbuf_, T * H);
+        x_ = xbuf_.data();
+    } else {
+        x_ = static_cast<const float*>(a.hidden);
+    }
+    xptr_.resize(S);
+    for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
+    for (size_t n = 0; n < cfg_.nodes.size(); ++n) {
+        grow(hbuf_[n], std::max<int64_t>(S, 1) * In);
+        grow(ybuf_[n], T * H);
+        hptr_[n].resize(S);
+        for (int64_t s = 0; s < S; ++s) hptr_[n][s] = hbuf_[n].data() + s * In;
+        cur_a_[n].v.store(0, std::memory_order_relaxed);
+        cur_b_[n].v.store(0, std::memory_order_relaxed);
+    }
+    cur_0_.v.store(0, std::memory_order_relaxed);
+    cur_c_.v.store(0, std::memory_order_relaxed);
+    cur_ = a;
+    cur_layer_ = &it->second;
+    pool_->launch(&Engine::forward_job, this);
+    return "";
+}
+
+void Engine::phase_a(int node, int gtid) {
+    const NodeWeights& W = cur_layer_->nodes[node];
+    const int In = static_cast<int>(cfg_.intermediate);
+    const int cpe = (In + kRowsA - 1) / kRowsA;
+    const int items = static_cast<int>(active_.size()) * cpe;
+    float* gt = scratch_[gtid].data();
+    float* ut = gt + kTokBlock * kRowsA;
+    float* hb = hbuf_[node].data();
+    auto rows = [&](int e, int r0, int r1, const float* const* xs, int n, float* y) {
+        if (cfg_.int4) kt_->int4_rows(mat13(W, e), r0, r1, xs, n, y, kRowsA);
+        else kt_->bf16_rows(bmat13(W, e), r0, r1, xs, n, y, kRowsA);
+    };
+    for (int it; (it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        const int a = it / cpe, i0 = (it % cpe) * kRowsA, i1 = std::min(In, i0 + kRowsA), nr = i1 - i0;
+        const int e = active_[a], off = offset_[a], cnt = count_[a];
+        for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
+            const int n = std::min(kTokBlock, cnt - t0);
+            const float* const* xs = xptr_.data() + off + t0;
+            if (cfg_.gated) {
+                rows(e, i0, i1, xs, n, gt);
+                rows(e, In + i0, In + i1, xs, n, ut);
+            } else {
+                rows(e, i0, i1, xs, n, ut);
+            }
+            for (int t = 0; t < n; ++t)
+                kt_->act(cfg_.act, cfg_.gated ? gt + t * kRowsA : nullptr, ut + t * kRowsA,
+                         hb + int64_t(off + t0 + t) * In + i0, nr);
+        }
+    }
+}
+
+void Engine::phase_b(int node, int gtid) {
+    const NodeWeights& W = cur_layer_->nodes[node];
+    const int H = static_cast<int>(cfg_.hidden);
+    const int64_t T = cur_.tokens;
+    const int items = (H + kRowsB - 1) / kRowsB;
+    float* tmp = scratch_[gtid].data() + 2 * kTokBlock * kRowsA;
+    float* y = ybuf_[node].data();
+    for (int it; (it = cur_b_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        const int h0 = it * kRowsB, h1 = std::min(H, h0 + kRowsB), nr = h1 - h0;
+        for (int64_t t = 0; t < T; ++t) std::memset(y + t * H + h0, 0, sizeof(float) * nr);
+        for (size_t a = 0; a < active_.size(); ++a) {
+            const int e = active_[a], off = offset_[a], cnt = count_[a];
+            for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
+                const int n = std::min(kTokBlock, cnt - t0);
+                const float* const* hs = hptr_[node].data() + off + t0;
+                if (cfg_.int4) kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB);
+                else kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB);
+                for (int t = 0; t < n; ++t) {
+                    const int s = off + t0 + t;
+                    const float w = slot_w_[s];
+                    float* yy = y + int64_t(slot_tok_[s]) * H + h0;
+                    const float* src = tmp + t * kRowsB;
+                    for (int r = 0; r < nr; ++r) yy[r] += w * src[r];
+                }
+            }
+        }
+    }
+}
+
+void Engine::forward_job(void* ctx, int node, int, int gtid) {
+    Engine* self = static_cast<Engine*>(ctx);
+    ThreadPool& pool = *self->pool_;
+    const ForwardArgs& a = self->cur_;
+    const int64_t T = a.tokens, H = self->cfg_.hidden;
+    if (a.hidden_dtype == Dtype::BF16) {
+        const uint16_t* src = static_cast<const uint16_t*>(a.hidden);
+        float* dst = self->xbuf_.data();
+        for (int64_t t; (t = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < T;)
+            for (int64_t c = 0; c < H; ++c) dst[t * H + c] = bf16_to_float(src[t * H + c]);
+        pool.global_barrier().arrive_and_wait();
+    }
+    self->phase_a(node, gtid);
+    pool.node_barrier(node).arrive_and_wait();
+    self->phase_b(node, gtid);
+    pool.global_barrier().arrive_and_wait();
+    const int cb = static_cast<int>((H + kColsC - 1) / kColsC);
+    const int64_t items = T * cb;
+    const int nn = pool.num_nodes();
+    for (int64_t it; (it = self->cur_c_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+        const int64_t t = it / cb, c0 = (it % cb) * kColsC, c1 = std::min<int64_t>(H, c0 + kColsC);
+        for (int64_t c = c0; c < c1; ++c) {
+            float s = 0.f;
+            for (int n = 0; n < nn; ++n) s += self->ybuf_[n][t * H + c];
+            if (a.hidden_dtype == Dtype::BF16) static_cast<uint16_t*>(a.out)[t * H + c] = float_to_bf16(s);
+            else static_cast<float*>(a.out)[t * H + c] = s;
+        }
+    }
+}
+
+// ---- host-callback face -------------------------------------------------------------------------------------------
+
+void Engine::callback_submit(void* engine) {
+    Engine* self = static_cast<Engine*>(engine);
+    std::string err = self->submit(self->armed_);
+    if (!err.empty()) self->error_ = std::move(err);
+}
+
+void Engine::callback_wait(void* engine) { static_cast<Engine*>(engine)->wait(); }
+
+std::string Engine::take_error() {
+    std::string e;
+    e.swap(error_);
+    return e;
+}
+
+}  // namespace lvllm

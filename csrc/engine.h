@@ -1,0 +1,147 @@
+// The engine core: plain C++ over pointers and shapes, no Python, no torch. bindings.cpp checks arrays and calls it.
+//
+// One MoE layer's forward, per node n (its intermediate slice In of every expert):
+//   phase 0  hidden bf16 -> fp32 X [T, H]                     (all threads, skipped for fp32 input)
+//   phase A  for each routed expert e, rows chunk of In:      h[slot, i] = act(W13_gate[e] x, W13_up[e] x)
+//   phase B  for each chunk of H output rows, every expert:   Y_n[t, r] += w_tj * (W2[e] h[slot])[r]
+//   phase C  out[t] = sum_n Y_n[t]                            (all threads; the one cross-node reduction)
+// Slots are the (token, k) pairs with expert id != -1, grouped by expert so one pass over a weight chunk serves every
+// token routed to that expert (decode: weights stream once; prefill: each chunk is reused across the group).
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels.h"
+#include "thread_pool.h"
+
+namespace lvllm {
+
+enum class Dtype : int { F32 = 0, BF16 = 1, I32 = 2, I64 = 3 };
+
+struct EngineConfig {
+    int64_t hidden = 0;        // H
+    int64_t intermediate = 0;  // In: this engine's per-node slice of the expert intermediate size
+    int experts = 0;           // E
+    Act act = Act::SiluGlu;
+    bool gated = true;
+    bool int4 = true;
+    int group = 0;                         // INT4 group size (32, 64, 128); unused for BF16
+    std::vector<std::vector<int>> nodes;   // cpu ids per node, one thread each
+    int max_tokens = 0;
+    std::string isa;                       // "" = best available; else a name from available_isas()
+};
+
+// One node's slice of one layer as the store holds it (see DESIGN.md); pointers stay owned by the caller.
+struct ShardIn {
+    const int32_t* w13_packed = nullptr;  // [E, R13, H/8]   R13 = 2 In gated, else In
+    const uint16_t* w13_scale = nullptr;  // [E, R13, H/g]   bf16 bits
+    const int32_t* w2_packed = nullptr;   // [E, H, In/8]
+    const uint16_t* w2_scale = nullptr;   // [E, H, In/g]
+    const uint16_t* w13 = nullptr;        // BF16 format: [E, R13, H]
+    const uint16_t* w2 = nullptr;         //              [E, H, In]
+};
+
+struct ForwardArgs {
+    int layer = 0;
+    const void* hidden = nullptr;  // [T, H] F32 or BF16
+    Dtype hidden_dtype = Dtype::F32;
+    const void* topk_ids = nullptr;  // [T, k] I32 or I64, -1 = skip
+    Dtype ids_dtype = Dtype::I32;
+    const float* topk_weights = nullptr;  // [T, k]
+    void* out = nullptr;                  // [T, H], dtype = hidden_dtype
+    int64_t tokens = 0;
+    int64_t k = 0;
+};
+
+class Engine {
+public:
+    explicit Engine(const EngineConfig& cfg);  // throws std::invalid_argument with the reason
+    ~Engine();
+
+    const EngineConfig& config() const { return cfg_; }
+    const char* isa() const { return kt_->name; }
+    int rows13() const { return cfg_.gated ? 2 * static_cast<int>(cfg_.intermediate) : static_cast<int>(cfg_.intermediate); }
+    int pin_failures() const { return pool_->pin_failures(); }
+
+    // Copies (BF16) or repacks (INT4) every node's shard into memory first touched by that node's threads.
+    void load_layer(int layer, const std::vector<ShardIn>& shards);
+    bool has_layer(int layer) const { return layers_.count(layer) != 0; }
+
+    // Validates, routes and launches; returns at once. Returns "" or the error (nothing launched then).
+    std::string submit(const ForwardArgs& a);
+    void wait() { pool_->wait(); }
+    bool busy() const { return pool_->busy(); }
+
+    // For a CUDA host callback (no Python, no exceptions): arm() stores the arguments, callback_submit(engine)
+    // submits them, callback_wait(engine) waits; the last error, if any, is kept for last_error().
+    void arm(const ForwardArgs& a) { armed_ = a; }
+    static void callback_submit(void* engine);
+    static void callback_wait(void* engine);
+    std::string take_error();
+
+    static std::vector<std::string> available_isas();
+
+private:
+    struct Buf {
+        void* p = nullptr;
+        size_t bytes = 0;
+        Buf() = default;
+        explicit Buf(size_t n);
+        Buf(Buf&& o) noexcept : p(o.p), bytes(o.bytes) { o.p = nullptr; o.bytes = 0; }
+        Buf& operator=(Buf&& o) noexcept;
+        ~Buf();
+        template <class T> T* as() const { return static_cast<T*>(p); }
+    };
+    struct NodeWeights {
+        Buf w13q, w13s, w2q, w2s;  // INT4 kernel layout / fp32 scales
+        Buf w13, w2;               // BF16
+    };
+    struct Layer { std::vector<NodeWeights> nodes; };
+    struct alignas(64) Cursor { std::atomic<int> v{0}; };
+
+    static void load_job(void* ctx, int node, int tid, int gtid);
+    static void forward_job(void* ctx, int node, int tid, int gtid);
+    void repack_expert(const ShardIn& in, NodeWeights& w, int e) const;
+    void phase_a(int node, int tid);
+    void phase_b(int node, int tid);
+    void grow(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
+    Int4Mat mat13(const NodeWeights& w, int e) const;
+    Int4Mat mat2(const NodeWeights& w, int e) const;
+    Bf16Mat bmat13(const NodeWeights& w, int e) const;
+    Bf16Mat bmat2(const NodeWeights& w, int e) const;
+
+    EngineConfig cfg_;
+    const KernelTable* kt_;
+    std::unique_ptr<ThreadPool> pool_;
+    std::map<int, Layer> layers_;
+
+    // Load job state.
+    const std::vector<ShardIn>* load_in_ = nullptr;
+    Layer* load_out_ = nullptr;
+
+    // Forward state, valid between submit() and the end of the job.
+    ForwardArgs cur_;
+    const Layer* cur_layer_ = nullptr;
+    const float* x_ = nullptr;              // [T, H] fp32 (the input itself or xbuf_)
+    std::vector<float> xbuf_;
+    std::vector<int> active_, offset_, count_;  // per active expert
+    std::vector<int> slot_tok_;
+    std::vector<float> slot_w_;
+    std::vector<const float*> xptr_;             // [S] rows of X per slot
+    std::vector<std::vector<const float*>> hptr_;  // per node [S] rows of h per slot
+    std::vector<std::vector<float>> hbuf_;       // per node [S, In]
+    std::vector<std::vector<float>> ybuf_;       // per node [T, H]
+    std::vector<std::vector<float>> scratch_;    // per thread
+    std::vector<Cursor> cur_a_, cur_b_;
+    Cursor cur_0_, cur_c_;
+    std::vector<int> eslot_;  // routing scratch
+
+    ForwardArgs armed_;
+    std::string error_;
+};
+
+}  // namespace lvllm

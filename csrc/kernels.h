@@ -1,0 +1,74 @@
+// Kernel tables: one per ISA, same signatures, chosen once at engine construction (see dispatch in engine.cpp).
+//
+// Every kernel computes dot products of weight rows with fp32 activation rows:
+//     y[t * ldy + (r - r0)] = sum_k W[r, k] * x[t][k]      for r in [r0, r1), t in [0, nt)
+// The engine calls them per (expert, row chunk) so a chunk of weight rows stays in L1/L2 while every token routed to
+// that expert passes over it (decode: one token, weights streamed once; prefill: tokens grouped by expert).
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace lvllm {
+
+enum class Act : int { SiluGlu = 0, Relu2 = 1, GptossGlu = 2, GeluTanhGlu = 3 };
+
+// INT4 kernel layout (the store's `pack-quantized` int32 words are repacked into it at load): per row K/2 bytes in
+// blocks of 32 columns = 16 bytes = four little-endian 32-bit words; in block b, word l (0..3), nibble m (0..7) holds
+// column 32*b + 4*m + l as u = q + 8. One 128-bit load broadcast to every lane, one variable shift and a mask give
+// 8 (AVX2) or 16 (AVX-512) consecutive columns. Scales: fp32, row-major [rows, K/g].
+constexpr int kInt4Block = 32;
+constexpr int kInt4BlockBytes = 16;
+static_assert(kInt4Block / 2 == kInt4BlockBytes, "two columns per byte");
+static_assert(kInt4BlockBytes == 4 * sizeof(uint32_t), "four words per block");
+
+struct Int4Mat {
+    const uint8_t* q;  // [rows, K/2] kernel layout above
+    const float* s;    // [rows, K/g]
+    int64_t K;         // columns, multiple of g
+    int g;             // group size: 32, 64 or 128
+};
+
+struct Bf16Mat {
+    const uint16_t* w;  // [rows, K] raw bf16 bits, row-major
+    int64_t K;          // columns, multiple of 32
+};
+
+struct KernelTable {
+    const char* name;
+    void (*int4_rows)(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy);
+    void (*bf16_rows)(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy);
+    // out[i] = act(gate[i], up[i]) for i < n; gate is unused (may be null) for Relu2.
+    void (*act)(Act a, const float* gate, const float* up, float* out, int n);
+};
+
+const KernelTable& kernels_ref();
+// Each returns nullptr when the file was built without its ISA (the CPU check is the caller's).
+const KernelTable* kernels_avx2();
+const KernelTable* kernels_avx512();
+const KernelTable* kernels_amx();
+
+// Column c of row `row` (kernel layout) as the stored unsigned nibble u = q + 8; used by the reference kernel.
+inline int int4_nibble(const uint8_t* row, int64_t c) {
+    const uint8_t* blk = row + (c / kInt4Block) * kInt4BlockBytes;
+    const int w = static_cast<int>(c % kInt4Block);
+    const int l = w % 4, m = w / 4;
+    const uint8_t byte = blk[4 * l + m / 2];  // little-endian word l, nibble m
+    return (m % 2) ? (byte >> 4) : (byte & 0xF);
+}
+
+inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = static_cast<uint32_t>(v) << 16;
+    float f;
+    __builtin_memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+inline uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
+    uint32_t bits;
+    __builtin_memcpy(&bits, &f, sizeof bits);
+    if ((bits & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((bits >> 16) | 0x40);
+    bits += 0x7fffu + ((bits >> 16) & 1u);
+    return static_cast<uint16_t>(bits >> 16);
+}
+
+}  // namespace lvllm

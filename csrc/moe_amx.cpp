@@ -1,0 +1,2 @@
+#include "kernels.h"
+namespace lvllm { const KernelTable* kernels_amx() { return nullptr; } }

@@ -1,0 +1,52 @@
+// AVX-512F kernels (16 fp32 lanes) for Skylake-SP and later, Zen4 and later. Built with -mavx512f -mavx512bw
+// -mavx512vl -mfma. Same tile shapes as AVX2 (kernels_simd.h); twice the lanes per instruction.
+#include <immintrin.h>
+
+#include "kernels_simd.h"
+
+namespace lvllm {
+namespace {
+
+struct Avx512 {
+    using V = __m512;
+    using R = __m512i;  // one INT4 block in all four 128-bit lanes, pre-shifted so part j is (R >> 16j) & 0xF
+    static constexpr int W = 16;
+    static V zero() { return _mm512_setzero_ps(); }
+    static V set1(float f) { return _mm512_set1_ps(f); }
+    static V loadu(const float* p) { return _mm512_loadu_ps(p); }
+    static void storeu(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static float hsum(V v) { return _mm512_reduce_add_ps(v); }
+    // Lane 4*mm + l reads nibble 4j + mm of word l: columns 16j..16j+15 for part j.
+    static R int4_load(const uint8_t* p) {
+        const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+        return _mm512_srlv_epi32(b, _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+    }
+    static V int4_part(R raw, int j) {
+        const __m512i u = _mm512_and_si512(_mm512_srl_epi32(raw, _mm_cvtsi32_si128(16 * j)), _mm512_set1_epi32(0xF));
+        return _mm512_cvtepi32_ps(u);
+    }
+    static V bf16_load(const uint16_t* p) {
+        const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+        return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+    }
+    static V floor(V v) { return _mm512_roundscale_ps(v, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+    static V pow2(V n) {  // 2^n for integral n in [-127, 128]
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(n), _mm512_set1_epi32(127)), 23));
+    }
+};
+
+}  // namespace
+
+const KernelTable* kernels_avx512() {
+    static const KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>};
+    return &t;
+}
+
+}  // namespace lvllm

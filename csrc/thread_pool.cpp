@@ -1,0 +1,131 @@
+// Pinned worker pool with spin-then-sleep hand-off (see thread_pool.h).
+#include "thread_pool.h"
+
+#include <linux/futex.h>
+#include <pthread.h>
+#include <sched.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <climits>
+#include <memory>
+
+namespace lvllm {
+namespace {
+
+// ~2000 pauses is a few tens of microseconds: longer than a layer's GPU gap in decode is not worth burning.
+constexpr int kSpins = 2000;
+constexpr int kYields = 64;
+
+inline void cpu_relax() {
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#endif
+}
+
+long futex(const std::atomic<uint32_t>* addr, int op, uint32_t val) {
+    static_assert(sizeof(std::atomic<uint32_t>) == sizeof(uint32_t), "futex word");
+    return syscall(SYS_futex, reinterpret_cast<const uint32_t*>(addr), op, val, nullptr, nullptr, 0);
+}
+
+}  // namespace
+
+void wait_change(const std::atomic<uint32_t>& word, uint32_t old, std::atomic<int>& sleepers) {
+    for (int i = 0; i < kSpins; ++i) {
+        if (word.load(std::memory_order_acquire) != old) return;
+        cpu_relax();
+    }
+    for (int i = 0; i < kYields; ++i) {
+        if (word.load(std::memory_order_acquire) != old) return;
+        sched_yield();
+    }
+    while (word.load(std::memory_order_acquire) == old) {
+        sleepers.fetch_add(1, std::memory_order_seq_cst);
+        if (word.load(std::memory_order_seq_cst) == old) futex(&word, FUTEX_WAIT_PRIVATE, old);
+        sleepers.fetch_sub(1, std::memory_order_seq_cst);
+    }
+}
+
+void wake_all(const std::atomic<uint32_t>& word, const std::atomic<int>& sleepers) {
+    if (sleepers.load(std::memory_order_seq_cst) > 0) futex(&word, FUTEX_WAKE_PRIVATE, INT_MAX);
+}
+
+void Barrier::arrive_and_wait() {
+    if (n_ <= 1) return;
+    const uint32_t g = gen_.load(std::memory_order_acquire);
+    if (count_.fetch_add(1, std::memory_order_acq_rel) == static_cast<uint32_t>(n_ - 1)) {
+        count_.store(0, std::memory_order_relaxed);
+        gen_.fetch_add(1, std::memory_order_seq_cst);
+        wake_all(gen_, sleepers_);
+    } else {
+        wait_change(gen_, g, sleepers_);
+    }
+}
+
+ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes) {
+    int total = 0;
+    for (const auto& cpus : nodes) {
+        node_threads_.push_back(static_cast<int>(cpus.size()));
+        node_barriers_.push_back(std::make_unique<Barrier>(static_cast<int>(cpus.size())));
+        total += static_cast<int>(cpus.size());
+    }
+    global_barrier_.reset(total);
+    int gtid = 0;
+    for (size_t n = 0; n < nodes.size(); ++n)
+        for (size_t t = 0; t < nodes[n].size(); ++t, ++gtid)
+            threads_.emplace_back(&ThreadPool::worker, this, static_cast<int>(n), static_cast<int>(t), gtid,
+                                  nodes[n][t]);
+    launch([](void*, int, int, int) {}, nullptr);  // returns once every worker runs (and has tried to pin)
+    wait();
+}
+
+ThreadPool::~ThreadPool() {
+    if (busy_) wait();
+    stop_ = true;
+    job_gen_.fetch_add(1, std::memory_order_seq_cst);
+    wake_all(job_gen_, job_sleepers_);
+    for (auto& t : threads_) t.join();
+}
+
+void ThreadPool::launch(JobFn fn, void* ctx) {
+    fn_ = fn;
+    ctx_ = ctx;
+    busy_ = true;
+    remaining_.store(total_threads(), std::memory_order_relaxed);
+    ++launched_;
+    job_gen_.fetch_add(1, std::memory_order_seq_cst);  // publishes fn_/ctx_ (release)
+    wake_all(job_gen_, job_sleepers_);
+}
+
+void ThreadPool::wait() {
+    if (!busy_) return;
+    while (done_gen_.load(std::memory_order_acquire) != launched_)
+        wait_change(done_gen_, done_gen_.load(std::memory_order_acquire), done_sleepers_);
+    busy_ = false;
+}
+
+void ThreadPool::worker(int node, int tid, int gtid, int cpu) {
+    bool pinned = false;
+    if (cpu >= 0 && cpu < CPU_SETSIZE) {
+        cpu_set_t set;
+        CPU_ZERO(&set);
+        CPU_SET(cpu, &set);
+        pinned = pthread_setaffinity_np(pthread_self(), sizeof set, &set) == 0;
+    }
+    if (!pinned) pin_failures_.fetch_add(1);
+    const std::string name = "lvllm-n" + std::to_string(node) + "t" + std::to_string(tid);
+    pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
+    uint32_t seen = 0;
+    for (;;) {
+        wait_change(job_gen_, seen, job_sleepers_);
+        seen = job_gen_.load(std::memory_order_acquire);
+        if (stop_) return;
+        fn_(ctx_, node, tid, gtid);
+        if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+            done_gen_.fetch_add(1, std::memory_order_seq_cst);
+            wake_all(done_gen_, done_sleepers_);
+        }
+    }
+}
+
+}  // namespace lvllm

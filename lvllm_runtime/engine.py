@@ -1,0 +1,137 @@
+"""Python face of the C++ CPU expert engine (`lvllm_runtime._cpu`); works with torch tensors or numpy arrays (DLPack).
+
+One `Engine` serves the routed experts of every MoE layer of a model on this host: each node in `nodes` holds its
+slice `In = I / len(nodes)` of every expert (the store's split, DESIGN.md) and computes it for every token with its
+own pinned threads; the partial outputs are summed once.
+
+Thread budget: the engine starts one thread per entry of `nodes` and pins it there. Give it the cores torch/OpenMP
+do not use (or set torch.set_num_threads low): both spinning on the same cores makes each several times slower.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .errors import BadInput, EngineError
+
+ACTIVATIONS = ("silu_glu", "relu2", "gptoss_glu", "gelu_tanh_glu")
+WEIGHT_FORMATS = ("int4", "bf16")
+
+
+def _module():
+    try:
+        from . import _cpu
+    except ImportError as e:  # pragma: no cover - only on a broken install
+        raise EngineError(f"the C++ engine lvllm_runtime._cpu is not built ({e})",
+                          "reinstall lvllm: pip install --no-build-isolation -e .") from None
+    return _cpu
+
+
+def _bad(e: Exception) -> BadInput:
+    return BadInput(str(e), "see the Engine docstring in lvllm_runtime/engine.py for shapes and dtypes")
+
+
+class Engine:
+    """Routed experts of a model's MoE layers on the CPU.
+
+    hidden_size H, intermediate_size In (this host's per-node slice: I / len(nodes)), num_experts E;
+    activation one of ACTIVATIONS (relu2 means gated=False: w13 holds only the up rows);
+    weight_format "int4" (group_size 32/64/128) or "bf16"; nodes: cpu ids per node, one pinned thread each;
+    max_tokens: the largest T a forward may get. isa: "" picks the best kernel table (see available_isas()).
+    """
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str, gated: bool,
+                 weight_format: str, group_size: int | None, nodes: Sequence[Sequence[int]], max_tokens: int,
+                 isa: str = ""):
+        if activation not in ACTIVATIONS:
+            raise BadInput(f"activation {activation!r} is unknown", f"use one of {', '.join(ACTIVATIONS)}")
+        if weight_format not in WEIGHT_FORMATS:
+            raise BadInput(f"weight_format {weight_format!r} is unknown", "use int4 or bf16")
+        if weight_format == "int4" and group_size is None:
+            raise BadInput("weight_format int4 needs a group_size", "pass the store's group_size (32, 64 or 128)")
+        try:
+            node_lists = [[int(c) for c in cpus] for cpus in nodes]
+        except TypeError:
+            raise BadInput("nodes must be a list of cpu-id lists", "e.g. nodes=[[0, 1], [2, 3]]") from None
+        self._inflight: tuple[Any, ...] | None = None
+        try:
+            self._e = _module().Engine(int(hidden_size), int(intermediate_size), int(num_experts), activation,
+                                       bool(gated), weight_format, int(group_size or 0), node_lists, int(max_tokens),
+                                       isa)
+        except ValueError as e:
+            msg = str(e)
+            if "AVX2" in msg or "not available" in msg:
+                raise EngineError(msg, "run on a CPU with AVX2+FMA, or pick one of Engine.available_isas()") from None
+            raise _bad(e) from None
+        self.hidden_size, self.intermediate_size, self.num_experts = int(hidden_size), int(intermediate_size), int(num_experts)
+        self.nodes = node_lists
+
+    @staticmethod
+    def available_isas() -> list[str]:
+        """Kernel tables this CPU and build can run, best first (e.g. ['avx512', 'avx2', 'ref'])."""
+        return list(_module().available_isas())
+
+    @property
+    def isa(self) -> str:
+        """The kernel table in use."""
+        return self._e.isa
+
+    @property
+    def pin_failures(self) -> int:
+        """Threads that could not be pinned to their cpu (pinning is best effort)."""
+        return self._e.pin_failures
+
+    def load_layer(self, layer: int, shards: Sequence[Mapping[str, Any]]) -> None:
+        """Copy (bf16) or repack (int4) one layer's per-node store shards into node-local memory.
+
+        shards[n]: int4 {"w13.packed": int32 [E, R, H/8], "w13.scale": bf16 [E, R, H/g], "w2.packed": int32
+        [E, H, In/8], "w2.scale": bf16 [E, H, In/g]} or bf16 {"w13": [E, R, H], "w2": [E, H, In]};
+        R = 2 In (gate rows then up rows), or In when not gated. numpy callers pass bf16 as uint16 bits.
+        """
+        self.wait()
+        try:
+            self._e.load_layer(int(layer), [dict(s) if isinstance(s, Mapping) else s for s in shards])
+        except (ValueError, TypeError) as e:
+            raise _bad(e) from None
+
+    def forward(self, layer: int, hidden, topk_ids, topk_weights, out) -> None:
+        """out [T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) over every node's slice.
+
+        hidden [T, H] f32|bf16, topk_ids [T, k] int32|int64 (-1 = skip), topk_weights [T, k] f32,
+        out [T, H] with hidden's dtype. Blocks until done.
+        """
+        self.wait()
+        try:
+            self._e.forward(int(layer), hidden, topk_ids, topk_weights, out)
+        except (ValueError, TypeError) as e:
+            raise _bad(e) from None
+
+    def submit(self, layer: int, hidden, topk_ids, topk_weights, out) -> None:
+        """Start forward() and return at once; `hidden` and `out` must not change until wait() returns."""
+        self.wait()
+        try:
+            self._e.submit(int(layer), hidden, topk_ids, topk_weights, out)
+        except (ValueError, TypeError) as e:
+            raise _bad(e) from None
+        self._inflight = (hidden, topk_ids, topk_weights, out)
+
+    def wait(self) -> None:
+        """Block until the submitted forward (if any) has written `out`."""
+        try:
+            self._e.wait()
+        except ValueError as e:
+            raise _bad(e) from None
+        finally:
+            self._inflight = None
+
+    def arm(self, layer: int, hidden, topk_ids, topk_weights, out) -> tuple[int, int, int]:
+        """Store arguments for a C-level driver (CUDA host callback) and return (submit_fn, wait_fn, user_data):
+        addresses of `void fn(void*)` functions to call with user_data. Arrays must stay alive until wait()."""
+        self.wait()
+        try:
+            self._e.arm(int(layer), hidden, topk_ids, topk_weights, out)
+        except (ValueError, TypeError) as e:
+            raise _bad(e) from None
+        self._inflight = (hidden, topk_ids, topk_weights, out)
+        return tuple(self._e.callback_pointers())

@@ -1,0 +1,324 @@
+"""The C++ engine against a float64 torch reference on random weights of many shapes (issue 3).
+
+INT4 weights are random packed nibbles + random bf16 scales, dequantized here with a few lines of torch (layout:
+DESIGN.md), so these tests check the engine and not the quantizer. Output is poisoned (NaN) before every run.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import itertools
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lvllm_runtime.engine import Engine
+from lvllm_runtime.errors import BadInput, EngineError
+
+TOKENS = (1, 2, 7, 64, 513)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The thread budget (engine.py): torch's OpenMP threads spinning on the engine's cores slow both ~50x here."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def dequant(packed: torch.Tensor, scale: torch.Tensor, g: int) -> torch.Tensor:
+    """packed int32 [..., N, K/8] (column 8j+k in bits 4k..4k+3, stored q+8), scale bf16 [..., N, K/g] -> f64 [..., N, K]."""
+    u = (packed.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF
+    q = u.reshape(*packed.shape[:-1], packed.shape[-1] * 8).double() - 8
+    return q * scale.double().repeat_interleave(g, dim=-1)
+
+
+def act_ref(name: str, g: torch.Tensor | None, u: torch.Tensor) -> torch.Tensor:
+    if name == "silu_glu":
+        return F.silu(g) * u
+    if name == "relu2":
+        return torch.relu(u) ** 2
+    if name == "gptoss_glu":
+        g = g.clamp(max=7.0)
+        return (u.clamp(-7.0, 7.0) + 1) * g * torch.sigmoid(1.702 * g)
+    return F.gelu(g, approximate="tanh") * u
+
+
+def make_shards(fmt, E, H, In, nodes, gated, g, gen):
+    """Random store shards (one dict per node) and their f64 weights [(w13 [E, R, H], w2 [E, H, In]) per node]."""
+    R = 2 * In if gated else In
+    shards, dense = [], []
+    for _ in range(nodes):
+        if fmt == "int4":
+            s13 = (torch.rand(E, R, H // g, generator=gen) + 0.5) / (4.6 * H**0.5)
+            s2 = (torch.rand(E, H, In // g, generator=gen) + 0.5) / (4.6 * In**0.5)
+            p13 = torch.randint(-2**31, 2**31 - 1, (E, R, H // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+            p2 = torch.randint(-2**31, 2**31 - 1, (E, H, In // 8), generator=gen, dtype=torch.int64).to(torch.int32)
+            sh = {"w13.packed": p13, "w13.scale": s13.bfloat16(), "w2.packed": p2, "w2.scale": s2.bfloat16()}
+            dense.append((dequant(p13, sh["w13.scale"], g), dequant(p2, sh["w2.scale"], g)))
+        else:
+            w13 = (torch.randn(E, R, H, generator=gen) / H**0.5).bfloat16()
+            w2 = (torch.randn(E, H, In, generator=gen) / In**0.5).bfloat16()
+            sh = {"w13": w13, "w2": w2}
+            dense.append((w13.double(), w2.double()))
+        shards.append(sh)
+    return shards, dense
+
+
+def reference(x, ids, w, dense, activation, gated):
+    """f64 [T, H]: sum over nodes and routed experts of w * down(act(gate x, up x))."""
+    x = x.double()
+    out = torch.zeros_like(x)
+    In = dense[0][1].shape[-1]
+    for t, j in itertools.product(range(ids.shape[0]), range(ids.shape[1])):
+        e = int(ids[t, j])
+        if e < 0:
+            continue
+        for w13, w2 in dense:
+            z = w13[e] @ x[t]
+            h = act_ref(activation, z[:In], z[In:]) if gated else act_ref(activation, None, z)
+            out[t] += float(w[t, j]) * (w2[e] @ h)
+    return out
+
+
+def reference_fast(x, ids, w, dense, activation, gated):
+    """Same as reference(), grouped by expert (the per-(t, j) loop is too slow for T=513)."""
+    x = x.double()
+    out = torch.zeros_like(x)
+    In = dense[0][1].shape[-1]
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        t, j = torch.nonzero(ids == e, as_tuple=True)
+        for w13, w2 in dense:
+            z = x[t] @ w13[e].T
+            h = act_ref(activation, z[:, :In], z[:, In:]) if gated else act_ref(activation, None, z)
+            out.index_add_(0, t, (h @ w2[e].T) * w[t, j].double().unsqueeze(1))
+    return out
+
+
+def route(T, k, E, gen, skip):
+    ids = torch.stack([torch.randperm(E, generator=gen)[:k] for _ in range(T)]).to(torch.int32)
+    if skip:
+        ids[torch.rand(T, k, generator=gen) < 0.3] = -1
+        ids[0] = -1  # a token with every expert computed elsewhere
+    w = torch.rand(T, k, generator=gen)
+    return ids, w
+
+
+def check_close(out, ref, ids, tol):
+    assert not torch.isnan(out.float()).any(), "NaN left in output: rows not written"
+    out = out.double()
+    empty = (ids < 0).all(dim=1)
+    assert (out[empty] == 0).all(), "a token with no expert got a non-zero output"
+    err = (out - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+    err[empty] = 0
+    worst = int(err.argmax())
+    assert err[worst] < tol, f"token {worst}: relative error {err[worst]:.3e} >= {tol}"
+
+
+NODE_SETS = {1: [[0]], 2: [[0], [1]], 3: [[0], [1], [0, 1]]}
+NODE_SETS_2T = {1: [[0, 1]], 2: [[0, 1], [0, 1]], 3: [[0, 1], [1, 0], [0, 1]]}
+
+# (fmt, group, activation, H, I (all nodes), E, k, nodes, threads per node)
+CASES = [
+    ("int4", 32, "silu_glu", 96, 192, 8, 2, 1, 1),
+    ("int4", 64, "silu_glu", 320, 384, 64, 8, 2, 1),
+    ("int4", 128, "silu_glu", 384, 768, 16, 8, 3, 2),
+    ("int4", 32, "relu2", 160, 192, 12, 1, 2, 2),
+    ("int4", 32, "gptoss_glu", 224, 96, 5, 2, 1, 2),
+    ("int4", 64, "gelu_tanh_glu", 192, 384, 32, 8, 3, 1),
+    ("bf16", None, "silu_glu", 160, 288, 64, 8, 3, 1),
+    ("bf16", None, "relu2", 96, 320, 10, 2, 1, 2),
+    ("bf16", None, "gptoss_glu", 288, 192, 8, 1, 2, 1),
+    ("bf16", None, "gelu_tanh_glu", 224, 96, 6, 2, 1, 1),
+    ("bf16", None, "silu_glu", 480, 64, 3, 2, 2, 2),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c))
+def test_forward_matches_reference(case):
+    fmt, g, activation, H, I, E, k, nn, threads = case
+    gated = activation != "relu2"
+    In = I // nn
+    gen = torch.Generator().manual_seed(hash(case) % 2**31)
+    shards, dense = make_shards(fmt, E, H, In, nn, gated, g, gen)
+    nodes = (NODE_SETS if threads == 1 else NODE_SETS_2T)[nn]
+    eng = Engine(H, In, E, activation, gated, fmt, g, nodes, max_tokens=max(TOKENS))
+    assert eng.isa in Engine.available_isas()
+    eng.load_layer(3, shards)
+    for i, T in enumerate(TOKENS):
+        ids, w = route(T, k, E, gen, skip=i % 2 == 1)
+        if i % 2:
+            ids = ids.long()
+        dtype = torch.bfloat16 if i % 3 == 2 else torch.float32
+        x = torch.randn(T, H, generator=gen).to(dtype)
+        out = torch.full((T, H), float("nan"), dtype=dtype)
+        eng.forward(3, x, ids, w, out)
+        ref = reference_fast(x, ids, w, dense, activation, gated)
+        check_close(out, ref, ids, 1e-2 if dtype == torch.bfloat16 else 2e-4)
+
+
+def test_grouped_reference_agrees_with_loop():
+    """The test's own grouped reference equals the literal per-(token, k) definition."""
+    gen = torch.Generator().manual_seed(1)
+    shards, dense = make_shards("int4", 6, 64, 64, 2, True, 32, gen)
+    ids, w = route(5, 2, 6, gen, skip=True)
+    x = torch.randn(5, 64, generator=gen)
+    a = reference(x, ids, w, dense, "silu_glu", True)
+    b = reference_fast(x, ids, w, dense, "silu_glu", True)
+    assert torch.allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("fmt", ["int4", "bf16"])
+def test_portable_reference_kernel_matches(fmt):
+    """The 'ref' kernel table (every ISA falls back to it) gives the same results as the default one."""
+    gen = torch.Generator().manual_seed(7)
+    H, In, E, k = 128, 96, 8, 2
+    shards, dense = make_shards(fmt, E, H, In, 1, True, 32, gen)
+    outs = []
+    ids, w = route(9, k, E, gen, skip=True)
+    x = torch.randn(9, H, generator=gen)
+    for isa in ("ref", ""):
+        eng = Engine(H, In, E, "silu_glu", True, fmt, 32, [[0]], 16, isa=isa)
+        eng.load_layer(0, shards)
+        out = torch.full((9, H), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+        outs.append(out)
+    assert torch.allclose(outs[0], outs[1], rtol=1e-4, atol=1e-5)
+
+
+def small_engine(fmt="int4", **kw):
+    gen = torch.Generator().manual_seed(3)
+    H, In, E = 64, 64, 4
+    shards, dense = make_shards(fmt, E, H, In, 1, True, 32, gen)
+    eng = Engine(H, In, E, "silu_glu", True, fmt, 32, kw.get("nodes", [[0, 1]]), max_tokens=8)
+    eng.load_layer(0, shards)
+    return eng, shards, dense
+
+
+def test_async_submit_wait_and_numpy():
+    eng, shards, dense = small_engine()
+    gen = torch.Generator().manual_seed(5)
+    ids, w = route(6, 2, 4, gen, skip=False)
+    x = torch.randn(6, 64, generator=gen)
+    ref = reference_fast(x, ids, w, dense, "silu_glu", True)
+    out = torch.full((6, 64), float("nan"))
+    eng.submit(0, x, ids, w, out)
+    eng.wait()
+    check_close(out, ref, ids, 2e-4)
+    out_np = np.full((6, 64), np.nan, dtype=np.float32)
+    eng.forward(0, x.numpy(), ids.numpy(), w.numpy(), out_np)
+    check_close(torch.from_numpy(out_np), ref, ids, 2e-4)
+    # numpy shards: bf16 as uint16 bits
+    np_shards = [{k: (v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy())
+                  for k, v in shards[0].items()}]
+    eng.load_layer(1, np_shards)
+    out2 = torch.full((6, 64), float("nan"))
+    eng.forward(1, x, ids, w, out2)
+    assert torch.equal(out, out2)
+
+
+def test_c_callback_pointers_drive_a_forward():
+    eng, _, dense = small_engine()
+    gen = torch.Generator().manual_seed(6)
+    ids, w = route(3, 2, 4, gen, skip=False)
+    x = torch.randn(3, 64, generator=gen)
+    out = torch.full((3, 64), float("nan"))
+    submit_fn, wait_fn, ctx = eng.arm(0, x, ids, w, out)
+    proto = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
+    proto(submit_fn)(ctx)
+    proto(wait_fn)(ctx)
+    eng.wait()
+    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+
+
+def test_unpinnable_cpu_is_not_an_error():
+    eng, _, dense = small_engine(nodes=[[0, 4095]])
+    assert eng.pin_failures == 1
+    ids = torch.tensor([[0, 3]], dtype=torch.int32)
+    w = torch.ones(1, 2)
+    x = torch.randn(1, 64)
+    out = torch.full((1, 64), float("nan"))
+    eng.forward(0, x, ids, w, out)
+    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+
+
+# ---- bad input: one clear exception, never a crash ------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(hidden_size=96, intermediate_size=96, group_size=64), "divisible by group_size"),
+    (dict(hidden_size=100), "multiple of 32"),
+    (dict(group_size=48), "not one of 32, 64, 128"),
+    (dict(activation="relu2"), "pass gated=False"),
+    (dict(activation="swish"), "unknown"),
+    (dict(weight_format="fp8"), "unknown"),
+    (dict(nodes=[]), "at least one node"),
+    (dict(nodes=[[0], []]), "has no cpus"),
+    (dict(nodes=[[-1]]), "negative"),
+    (dict(max_tokens=0), "max_tokens"),
+    (dict(num_experts=0), "num_experts"),
+])
+def test_bad_construction(kwargs, match):
+    args = dict(hidden_size=64, intermediate_size=64, num_experts=4, activation="silu_glu", gated=True,
+                weight_format="int4", group_size=32, nodes=[[0]], max_tokens=8)
+    args.update(kwargs)
+    with pytest.raises(BadInput, match=match):
+        Engine(**args)
+
+
+def test_unavailable_isa_is_engine_error():
+    missing = [i for i in ("amx", "avx512", "avx2") if i not in Engine.available_isas()]
+    if not missing:
+        pytest.skip("this CPU runs every kernel table")
+    with pytest.raises(EngineError, match="not available"):
+        Engine(64, 64, 4, "silu_glu", True, "int4", 32, [[0]], 8, isa=missing[0])
+
+
+def test_bad_shards():
+    eng, shards, _ = small_engine()
+    sh = shards[0]
+    bad = [
+        ([], "1 nodes"),
+        ([{k: v for k, v in sh.items() if k != "w2.scale"}], "missing key 'w2.scale'"),
+        ([dict(sh, **{"w13.packed": sh["w13.packed"][:, :, :4]})], r"w13.packed has shape \[4, 128, 4\], expected \[4, 128, 8\]"),
+        ([dict(sh, **{"w13.packed": sh["w13.packed"].float()})], "w13.packed has dtype float32, expected int32"),
+        ([dict(sh, **{"w2.packed": sh["w2.packed"].transpose(1, 2).contiguous().transpose(1, 2)})], "not C-contiguous"),
+        ([dict(sh, **{"w2.scale": [1, 2, 3]})], "not an array"),
+        (["nope"], "not a dict"),
+    ]
+    for shard_list, match in bad:
+        with pytest.raises(BadInput, match=match):
+            eng.load_layer(0, shard_list)
+
+
+def test_bad_forward_inputs():
+    eng, _, _ = small_engine()
+    x = torch.randn(2, 64)
+    ids = torch.tensor([[0, 1], [2, 3]], dtype=torch.int32)
+    w = torch.ones(2, 2)
+    out = torch.zeros(2, 64)
+    bad = [
+        (dict(layer=9), "layer 9 is not loaded"),
+        (dict(x=torch.randn(9, 64), ids=ids.repeat(5, 1)[:9], w=torch.ones(9, 2), out=torch.zeros(9, 64)), "over max_tokens=8"),
+        (dict(ids=torch.tensor([[0, 4], [2, 3]], dtype=torch.int32)), r"topk_ids\[0, 1\] = 4 is outside \[-1, 4\)"),
+        (dict(ids=torch.tensor([[0, 1], [-2, 3]])), r"topk_ids\[1, 0\] = -2"),
+        (dict(ids=ids.float()), "topk_ids has dtype float32"),
+        (dict(w=torch.ones(2, 3)), "topk_weights has shape"),
+        (dict(w=torch.ones(2, 2, dtype=torch.float64)), "unsupported dtype|expected float32"),
+        (dict(out=torch.zeros(2, 64, dtype=torch.bfloat16)), "give out the hidden dtype"),
+        (dict(x=torch.randn(2, 32)), r"hidden has shape \[2, 32\]"),
+        (dict(x=torch.randn(64, 2).T), "not C-contiguous"),
+        (dict(out=x), "must not alias"),
+        (dict(ids=[[0, 1], [2, 3]]), "torch tensor or numpy|incompatible|not an array|dlpack|DLPack"),
+    ]
+    for over, match in bad:
+        a = dict(layer=0, x=x, ids=ids, w=w, out=out)
+        a.update(over)
+        with pytest.raises(BadInput, match=match):
+            eng.forward(a["layer"], a["x"], a["ids"], a["w"], a["out"])
+    eng.forward(0, x, ids, w, out)  # the engine is still usable after every refusal
+    assert not torch.isnan(out).any()
