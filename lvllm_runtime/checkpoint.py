@@ -348,7 +348,9 @@ def _dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | 
     if s.numel() == n and (s.dim() == 1 or s.shape[-1] == 1):
         return q.float() * s.reshape(n, 1)
     sn, sk = s.shape
-    bn, bk = block or (-(-n // sn), -(-k // sk))
+    if block is None:  # undeclared: the usual 128x128 when it tiles the weight, else the ratio of the shapes
+        block = (128, 128) if (-(-n // 128), -(-k // 128)) == (sn, sk) else (-(-n // sn), -(-k // sk))
+    bn, bk = block
     if -(-n // bn) != sn or -(-k // bk) != sk:
         raise CorruptCheckpoint(f"FP8 scale of shape {[sn, sk]} does not tile a [{n}, {k}] weight in {bn}x{bk} blocks",
                                 "check quantization_config against the weights")

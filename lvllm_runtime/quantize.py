@@ -154,7 +154,7 @@ def resolve_numa_nodes(value: int | str) -> int:
             from .topology import probe
         except ImportError:
             return 1
-        return max(1, len(probe().nodes))
+        return max(1, len(probe(gpus=False).nodes))
     n = int(value)
     if n < 1:
         raise BadInput(f"--numa-nodes {n} must be at least 1", "pass a node count or auto")
@@ -264,8 +264,8 @@ def _files_done(out: Path, target: StoreManifest, resume: bool) -> dict:
             "re-run with the same options, or choose another output directory",
         )
     if not resume:
-        state = "complete" if existing.complete else "unfinished"
-        raise StoreError(f"{out} already holds an {state} store of this model", "pass --resume to check and finish it")
+        state = "a complete" if existing.complete else "an unfinished"
+        raise StoreError(f"{out} already holds {state} store of this model", "pass --resume to check and finish it")
     kept = {}
     for name, entry in existing.files.items():
         path = out / name
