@@ -1,0 +1,289 @@
+"""The hybrid MoE layer: routed experts split between the device (hot) and the CPU engine (cold), torch only.
+
+Nothing here knows vLLM: `vllm_plugin.py` hands this layer the hidden states and vLLM's routing, the standalone
+harness calls `route` itself. The same code runs on the CPU (CI) and on CUDA (the GPU box):
+
+    hidden [T,H] --route--> (topk_weights f32 [T,k], topk_ids int32 [T,k])
+        T >= gpu_prefill_min_tokens : whole layer on the device, experts streamed from host (ExpertStreamer)
+        otherwise                   : hot ids -> torch on the device      (HotExperts)
+                                      cold ids (hot ones masked to -1) -> engine.forward on the host
+                                      sum of both
+Shared experts are the caller's business (vLLM runs them itself), so they overlap with the engine's host work.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
+
+import torch
+import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    from .arch import Routing
+
+GPTOSS_ALPHA, GPTOSS_LIMIT = 1.702, 7.0
+
+
+class ColdEngine(Protocol):
+    """What HybridMoE needs from `engine.Engine`: one blocking call per layer step on host tensors."""
+
+    def forward(self, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                out: torch.Tensor) -> None: ...
+
+
+def route(router_logits: torch.Tensor, routing: "Routing", correction_bias: torch.Tensor | None = None
+          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pick each token's experts as the architecture does (HF reference semantics).
+
+    router_logits [T,E] any float dtype; correction_bias f32 [E] (DeepSeek-V3 style, only steers selection).
+    Returns topk_weights f32 [T,k] (renormalised and times routed_scaling_factor as configured), topk_ids int32 [T,k].
+    """
+    logits = router_logits.float()
+    k = routing.top_k
+    if routing.softmax_after_topk:
+        top_logits, ids = torch.topk(logits, k, dim=-1)
+        weights = torch.softmax(top_logits, dim=-1)
+    else:
+        scores = torch.softmax(logits, dim=-1) if routing.scoring == "softmax" else torch.sigmoid(logits)
+        choice = scores + correction_bias.float() if correction_bias is not None else scores
+        if routing.n_group > 1:
+            t, e = choice.shape
+            grouped = choice.view(t, routing.n_group, e // routing.n_group)
+            group_score = (grouped.topk(2, dim=-1)[0].sum(-1) if correction_bias is not None
+                           else grouped.max(dim=-1).values)
+            keep = torch.zeros_like(group_score).scatter_(1, group_score.topk(routing.topk_group, dim=-1)[1], 1.0)
+            mask = keep.unsqueeze(-1).expand_as(grouped).reshape(t, e)
+            choice = choice.masked_fill(mask == 0, float("-inf"))
+        ids = torch.topk(choice, k, dim=-1)[1]
+        weights = scores.gather(1, ids)
+        if routing.renormalize:
+            weights = weights / (weights.sum(dim=-1, keepdim=True) + (1e-20 if routing.scoring == "sigmoid" else 0.0))
+    weights = weights * routing.routed_scaling_factor
+    return weights.float(), ids.to(torch.int32)
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """Expert activation on the up-projection output h [T, 2I] (gated: gate half first) or [T, I]; same dtype back."""
+    x = h.float()
+    if not gated:
+        if activation != "relu2":
+            raise ValueError(f"activation {activation!r} needs gate rows; only relu2 runs without them")
+        return F.relu(x).square().to(h.dtype)
+    gate, up = x.chunk(2, dim=-1)
+    if activation == "silu_glu":
+        y = F.silu(gate) * up
+    elif activation == "gelu_tanh_glu":
+        y = F.gelu(gate, approximate="tanh") * up
+    elif activation == "gptoss_glu":
+        gate = gate.clamp(max=GPTOSS_LIMIT)
+        up = up.clamp(-GPTOSS_LIMIT, GPTOSS_LIMIT)
+        y = (up + 1) * gate * torch.sigmoid(gate * GPTOSS_ALPHA)
+    else:
+        raise ValueError(f"unknown activation {activation!r}")
+    return y.to(h.dtype)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    """One layer's routed experts for one rank, in store format (node slices already joined along I).
+
+    bf16: tensors {"w13": bf16 [E, (2)I, H], "w2": bf16 [E, H, I]};
+    int4: {"w13.packed": int32 [E, (2)I, H/8], "w13.scale": bf16 [E, (2)I, H/g], "w2.packed": int32 [E, H, I/8],
+           "w2.scale": bf16 [E, H, I/g]} with group size g.
+    """
+
+    tensors: Mapping[str, torch.Tensor]
+    weight_format: str
+    group_size: int | None = None
+
+    @property
+    def num_experts(self) -> int:
+        return next(iter(self.tensors.values())).shape[0]
+
+    def expert(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """Expert e as (w13 [(2)I, H], w2 [H, I]) in `dtype`, dequantized on the tensors' own device."""
+        t = self.tensors
+        if self.weight_format == "bf16":
+            return t["w13"][e].to(dtype), t["w2"][e].to(dtype)
+        from .quant import dequantize_int4
+
+        return (dequantize_int4(t["w13.packed"][e], t["w13.scale"][e], self.group_size).to(dtype),
+                dequantize_int4(t["w2.packed"][e], t["w2.scale"][e], self.group_size).to(dtype))
+
+    def select(self, experts: Sequence[int]) -> "LayerWeights":
+        idx = torch.tensor(list(experts), dtype=torch.long)
+        return LayerWeights({k: v.index_select(0, idx) for k, v in self.tensors.items()}, self.weight_format,
+                            self.group_size)
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> "LayerWeights":
+        return LayerWeights({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()},
+                            self.weight_format, self.group_size)
+
+    def pin(self) -> "LayerWeights":
+        return LayerWeights({k: v.pin_memory() for k, v in self.tensors.items()}, self.weight_format, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(v.numel() * v.element_size() for v in self.tensors.values())
+
+
+def join_node_slices(shards: Sequence[Mapping[str, torch.Tensor]], weight_format: str, gated: bool,
+                     group_size: int | None = None) -> LayerWeights:
+    """Join store node slices (each In wide, in node order) into one [.., sum In, ..] rank slice.
+
+    Gated w13 rows are [gate slice | up slice] per node, so gate halves and up halves are joined separately.
+    """
+    if len(shards) == 1:
+        return LayerWeights(dict(shards[0]), weight_format, group_size)
+
+    def rows(key: str) -> torch.Tensor:
+        if not gated:
+            return torch.cat([s[key] for s in shards], dim=1)
+        halves = [s[key].chunk(2, dim=1) for s in shards]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=1)
+
+    def cols(key: str) -> torch.Tensor:
+        return torch.cat([s[key] for s in shards], dim=2)
+
+    if weight_format == "bf16":
+        return LayerWeights({"w13": rows("w13"), "w2": cols("w2")}, weight_format, group_size)
+    return LayerWeights({"w13.packed": rows("w13.packed"), "w13.scale": rows("w13.scale"),
+                         "w2.packed": cols("w2.packed"), "w2.scale": cols("w2.scale")}, weight_format, group_size)
+
+
+def experts_torch(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: LayerWeights,
+                  activation: str, gated: bool, slot: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j w_j * down(act(w13 x)) over the ids present in `weights`, computed with torch where the tensors live.
+
+    hidden [T,H]; topk_weights f32 [T,k]; topk_ids int [T,k] (-1 = skip); slot int64 [E] maps a global expert id to
+    its row in `weights` (-1 = not here) or None when `weights` holds every expert. Returns f32 [T,H].
+    Matmuls run in bf16 when both hidden and weights are bf16 (as vLLM's CPU kernel does), else in f32.
+    """
+    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
+    ids = topk_ids.long()
+    if slot is not None:
+        ids = torch.where(ids >= 0, slot[ids.clamp(min=0)], -1)
+    dtype = torch.bfloat16 if weights.weight_format == "bf16" and hidden.dtype == torch.bfloat16 else torch.float32
+    x_all = hidden.to(dtype)
+    for e in torch.unique(ids[ids >= 0]).tolist():
+        tok, j = (ids == e).nonzero(as_tuple=True)
+        w13, w2 = weights.expert(e, dtype)
+        y = activate(x_all[tok] @ w13.T, activation, gated) @ w2.T
+        out.index_add_(0, tok, y.float() * topk_weights[tok, j].unsqueeze(-1))
+    return out
+
+
+class ExpertStreamer:
+    """Brings whole layers of store weights to the device for GPU prefill, `window` layers ahead on a side stream.
+
+    Host copies stay pinned (CUDA) so the copies run asynchronously; each fetched layer lands in its own staging
+    tensors, kept until the layer after it is fetched. On the CPU there is nothing to move: `get` returns the host
+    weights themselves and the layer is computed with torch from them.
+    """
+
+    def __init__(self, host: Mapping[int, LayerWeights], device: torch.device | str, window: int = 1):
+        self.device = torch.device(device)
+        self.order = sorted(host)
+        self.window = max(int(window), 0)
+        self._on_cuda = self.device.type == "cuda"
+        self.host = {k: (v.pin() if self._on_cuda else v) for k, v in host.items()}
+        self._stream = torch.cuda.Stream(self.device) if self._on_cuda else None
+        self._staged: dict[int, tuple[LayerWeights, object]] = {}
+
+    def add(self, layer: int, weights: LayerWeights) -> None:
+        """Register a layer's host weights (pinned here on CUDA) as layers finish loading."""
+        self.host[layer] = weights.pin() if self._on_cuda else weights
+        self.order = sorted(self.host)
+
+    def _issue(self, layer: int) -> None:
+        if layer in self._staged:
+            return
+        assert self._stream is not None
+        with torch.cuda.stream(self._stream):
+            w = self.host[layer].to(self.device, non_blocking=True)
+            done = torch.cuda.Event()
+            done.record(self._stream)
+        self._staged[layer] = (w, done)
+
+    def get(self, layer: int) -> LayerWeights:
+        """The layer's weights on the device; starts copying the next `window` layers."""
+        if not self._on_cuda:
+            return self.host[layer]
+        self._issue(layer)
+        pos = self.order.index(layer)
+        for nxt in self.order[pos + 1: pos + 1 + self.window]:
+            self._issue(nxt)
+        for old in [k for k in self._staged if self.order.index(k) < pos]:
+            del self._staged[old]
+        w, done = self._staged[layer]
+        torch.cuda.current_stream(self.device).wait_event(done)
+        for t in w.tensors.values():
+            t.record_stream(torch.cuda.current_stream(self.device))
+        return w
+
+
+@dataclass
+class HotExperts:
+    """Routed experts resident on the device: weights for the listed global ids and a global-id -> row table."""
+
+    weights: LayerWeights
+    slot: torch.Tensor  # int64 [E]: row in weights, -1 for cold experts
+
+    @classmethod
+    def build(cls, layer_weights: LayerWeights, experts: Sequence[int], num_experts: int,
+              device: torch.device | str) -> "HotExperts":
+        slot = torch.full((num_experts,), -1, dtype=torch.long)
+        slot[torch.tensor(list(experts), dtype=torch.long)] = torch.arange(len(experts))
+        return cls(layer_weights.select(experts).to(device), slot.to(device))
+
+
+class HybridMoE:
+    """Routed-expert computation for one MoE layer: engine (cold) + hot experts on the device + GPU prefill path.
+
+    `engine` is anything with `forward(layer, hidden, topk_ids, topk_weights, out)` on host tensors (the C++
+    `engine.Engine`); None is allowed only when every expert is hot. `streamer` serves the whole-layer path used at
+    or above `gpu_prefill_min_tokens` tokens (None disables it).
+    """
+
+    def __init__(self, layer: int, num_experts: int, activation: str, gated: bool, engine: ColdEngine | None,
+                 hot: HotExperts | None = None, streamer: ExpertStreamer | None = None,
+                 gpu_prefill_min_tokens: int | None = None):
+        self.layer, self.num_experts, self.activation, self.gated = layer, num_experts, activation, gated
+        self.engine, self.hot, self.streamer = engine, hot, streamer
+        self.gpu_prefill_min_tokens = gpu_prefill_min_tokens
+        self.all_hot = hot is not None and bool((hot.slot >= 0).all())
+        if engine is None and not self.all_hot:
+            raise ValueError(f"layer {layer}: cold experts need an engine")
+
+    def uses_whole_layer(self, num_tokens: int) -> bool:
+        return (self.streamer is not None and self.gpu_prefill_min_tokens is not None
+                and num_tokens >= self.gpu_prefill_min_tokens)
+
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T,H] bf16|f32 on the device, topk_weights f32 [T,k], topk_ids int [T,k] -> [T,H] hidden's dtype."""
+        if hidden.shape[0] == 0:
+            return torch.zeros_like(hidden)
+        if self.uses_whole_layer(hidden.shape[0]):
+            w = self.streamer.get(self.layer)
+            return experts_torch(hidden, topk_weights, topk_ids, w, self.activation, self.gated).to(hidden.dtype)
+        out = None
+        cold_ids = topk_ids
+        if self.hot is not None:
+            out = experts_torch(hidden, topk_weights, topk_ids, self.hot.weights, self.activation, self.gated,
+                                self.hot.slot)
+            cold_ids = torch.where(self.hot.slot[topk_ids.long().clamp(min=0)] >= 0, -1, topk_ids)
+        if not self.all_hot:
+            cold = self._engine_forward(hidden, topk_weights, cold_ids)
+            out = cold.float() if out is None else out + cold.float()
+        return out.to(hidden.dtype)
+
+    def _engine_forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
+                        ) -> torch.Tensor:
+        """The engine's part on host copies (none needed on the CPU); result back on hidden's device."""
+        host = torch.device("cpu")
+        h = hidden.to(host).contiguous()
+        out = torch.empty_like(h)
+        self.engine.forward(self.layer, h, topk_ids.to(host, torch.int32).contiguous(),
+                            topk_weights.to(host, torch.float32).contiguous(), out)
+        return out.to(hidden.device)

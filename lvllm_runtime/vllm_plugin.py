@@ -1,0 +1,280 @@
+"""The vLLM plugin: the only file that knows vLLM internals (read from and tested on vLLM 0.32).
+
+`register()` is the `vllm.general_plugins` entry point; vLLM runs it in every process before a model is built.
+It installs one out-of-tree replacement of vLLM's `RoutedExperts` (vLLM's own `PluggableLayer.register_oot` hook)
+that behaves exactly like the original unless the engine config carries a plan:
+
+    LLM(model, additional_config={"lvllm_plan": <plan dict or path>})   /   --additional-config '{"lvllm_plan": ...}'
+
+With a plan, each routed-expert layer gets `LvllmMoEMethod` as its quantization method: it allocates no memory for
+routed experts (empty placeholders), drops their checkpoint tensors, loads the layer from the expert store into the
+CPU engine (cold) and the device (hot), and runs `hybrid.HybridMoE` where vLLM would run its fused-MoE kernel.
+vLLM still does routing, shared experts, attention, TP all-reduce and everything else. Bad plans, stores or
+versions fail while the model is being built, before any weight is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
+from vllm.model_executor.utils import set_weight_attrs
+
+from .errors import StoreError, VllmUnsupported
+from .hybrid import ExpertStreamer, HotExperts, HybridMoE, LayerWeights, join_node_slices
+from .plan import RuntimePlan, load_plan
+
+log = logging.getLogger("lvllm")
+
+SUPPORTED_VLLM = ((0, 32), (0, 33))  # inclusive (major, minor) range the hooks below were read from and tested on
+PLAN_KEY = "lvllm_plan"
+
+_registered = False
+_LAYERS: dict[int, HybridMoE] = {}  # layer index -> its hybrid layer, looked up by the custom op
+
+
+def check_vllm_version(version: str) -> None:
+    """Raise VllmUnsupported unless `version` (vllm.__version__) is inside SUPPORTED_VLLM."""
+    m = re.match(r"(\d+)\.(\d+)", version)
+    lo, hi = SUPPORTED_VLLM
+    if not m or not lo <= (int(m.group(1)), int(m.group(2))) <= hi:
+        raise VllmUnsupported(
+            f"vLLM {version} is outside the range the lvllm plugin supports "
+            f"({lo[0]}.{lo[1]} to {hi[0]}.{hi[1]})",
+            f"install vllm{'-cpu' if not torch.cuda.is_available() else ''}=={hi[0]}.{hi[1]}.*",
+        )
+
+
+def register() -> None:
+    """Entry point: install the RoutedExperts replacement once per process. Inert without a plan."""
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    import vllm
+
+    try:
+        from vllm.model_executor.layers.fused_moe.routed_experts import RoutedExperts
+    except ImportError as e:  # vLLM moved its MoE layer again: a plan cannot be served, stock vLLM still can
+        log.warning("lvllm plugin inactive: this vLLM (%s) has no RoutedExperts layer (%s)", vllm.__version__, e)
+        return
+    try:
+        check_vllm_version(vllm.__version__)
+        unsupported = None
+    except VllmUnsupported as e:
+        unsupported = e  # raised only when a plan asks for lvllm; stock runs stay untouched
+    RoutedExperts.register_oot(_routed_experts_class(RoutedExperts, unsupported))
+
+
+def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> type:
+    class LvllmRoutedExperts(base):
+        """vLLM's RoutedExperts, with lvllm's expert method when a plan is present."""
+
+        def _get_quant_method(self, prefix, quant_config, moe_config):
+            runtime = _runtime()
+            if runtime is None:
+                return super()._get_quant_method(prefix, quant_config, moe_config)
+            if unsupported is not None:
+                raise unsupported
+            return runtime.method_for(prefix, moe_config)
+
+        def load_weights(self, weights):
+            if not isinstance(self.quant_method, LvllmMoEMethod):
+                yield from super().load_weights(weights)
+                return
+            for _name, _tensor in weights:  # routed experts come from the store
+                pass
+
+    return LvllmRoutedExperts
+
+
+@torch.library.custom_op("lvllm::hybrid_moe", mutates_args=())
+def hybrid_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
+    """Opaque to Dynamo: the engine call is host work torch.compile must not trace. [T,H] -> [T,H]."""
+    return _LAYERS[layer].forward(hidden, topk_weights, topk_ids)
+
+
+@hybrid_moe.register_fake
+def _hybrid_moe_fake(hidden, topk_weights, topk_ids, layer):
+    return torch.empty_like(hidden)
+
+
+def _skip_loader(param, loaded_weight, *args, return_success: bool = False, **kwargs):
+    """Weight loader for routed-expert placeholders: the checkpoint's copy is not needed."""
+    return True if return_success else None
+
+
+def _plan_from_config() -> dict[str, Any] | None:
+    from vllm.config import get_current_vllm_config
+
+    extra = get_current_vllm_config().additional_config or {}
+    raw = extra.get(PLAN_KEY) if isinstance(extra, dict) else None
+    if raw is None:
+        return None
+    if isinstance(raw, (str, Path)):
+        return load_plan(raw)
+    if isinstance(raw, dict):
+        return raw
+    raise StoreError(f"additional_config[{PLAN_KEY!r}] is a {type(raw).__name__}",
+                     "pass the plan as a path or a JSON object")
+
+
+_RUNTIME: "_Runtime | None" = None
+_RUNTIME_KEY: str | None = None
+
+
+def _runtime() -> "_Runtime | None":
+    """This process's lvllm runtime for the plan in the current vLLM config, or None when there is no plan."""
+    global _RUNTIME, _RUNTIME_KEY
+    plan = _plan_from_config()
+    if plan is None:
+        return None
+    key = json.dumps(plan, sort_keys=True)
+    if _RUNTIME is None or _RUNTIME_KEY != key:
+        _RUNTIME, _RUNTIME_KEY = _Runtime.start(plan), key
+        _LAYERS.clear()
+    return _RUNTIME
+
+
+@dataclass
+class _Runtime:
+    """Per-process state shared by every MoE layer: the plan, the open store, the engine, the streamer."""
+
+    plan: RuntimePlan
+    store: Any  # store.ExpertStore
+    model_dir: str
+    engine: Any = None
+    streamer: ExpertStreamer | None = None
+    host_layers: dict[int, LayerWeights] = field(default_factory=dict)
+
+    @classmethod
+    def start(cls, plan_dict: dict[str, Any]) -> "_Runtime":
+        """Validate plan, store and model against each other before any weight is loaded."""
+        from vllm.config import get_current_vllm_config
+
+        from .store import ExpertStore, config_sha256
+
+        plan = RuntimePlan.from_dict(plan_dict)
+        store = ExpertStore.open(plan.store_path)
+        m = store.manifest
+        model_dir = str(get_current_vllm_config().model_config.model)
+        config_path = Path(model_dir) / "config.json"
+        if config_path.is_file() and config_sha256(config_path) != m.config_sha256:
+            raise StoreError(f"expert store {plan.store_path} was made from another model than {model_dir}",
+                             f"run `lvllm quantize {model_dir} OUT` and plan again")
+        if plan.config_sha256 and plan.config_sha256 != m.config_sha256:
+            raise StoreError(f"plan and expert store {plan.store_path} belong to different models",
+                             "make a new plan for this store with `lvllm plan`")
+        if plan.weight_format != m.weight_format or plan.store_numa_nodes != m.numa_nodes:
+            raise StoreError(f"plan expects a {plan.weight_format} store split for {plan.store_numa_nodes} nodes, "
+                             f"{plan.store_path} is {m.weight_format} for {m.numa_nodes}",
+                             "make a new plan for this store with `lvllm plan`")
+        return cls(plan=plan, store=store, model_dir=model_dir)
+
+    def rank_nodes(self, tp_rank: int, tp_size: int, intermediate_per_partition: int) -> tuple[int, ...]:
+        """The store node slices rank `tp_rank` computes; they must be exactly vLLM's TP slice of I."""
+        m = self.store.manifest
+        if self.plan.tp_size != tp_size or len(self.plan.rank_nodes) != tp_size:
+            raise StoreError(f"plan was made for tensor-parallel size {self.plan.tp_size}, vLLM runs {tp_size}",
+                             f"plan again with --tensor-parallel-size {tp_size}")
+        nodes = self.plan.rank_nodes[tp_rank]
+        per_node = m.intermediate_size // m.numa_nodes
+        k = m.numa_nodes // tp_size if m.numa_nodes % tp_size == 0 else 0
+        if k == 0 or tuple(nodes) != tuple(range(tp_rank * k, (tp_rank + 1) * k)) \
+                or k * per_node != intermediate_per_partition:
+            raise StoreError(f"store split into {m.numa_nodes} node slices cannot serve tensor-parallel rank "
+                             f"{tp_rank} of {tp_size} (needs I/{tp_size} = {intermediate_per_partition} rows, "
+                             f"plan gives nodes {list(nodes)})",
+                             f"quantize with --numa-nodes a multiple of {tp_size} and plan again")
+        return tuple(nodes)
+
+    def method_for(self, prefix: str, moe_config) -> "LvllmMoEMethod":
+        m = self.store.manifest
+        found = re.search(r"layers\.(\d+)\.", prefix)
+        if found is None or int(found.group(1)) not in set(m.moe_layers):
+            raise StoreError(f"expert store {self.plan.store_path} has no experts for vLLM layer {prefix}",
+                             "quantize this model again with `lvllm quantize`")
+        if moe_config.moe_parallel_config.use_ep:
+            raise StoreError("expert parallelism is not supported with lvllm (rank r serves NUMA slice r instead)",
+                             "drop --enable-expert-parallel")
+        if (moe_config.num_experts != m.num_experts or moe_config.hidden_dim != m.hidden_size
+                or moe_config.intermediate_size != m.intermediate_size):
+            raise StoreError(
+                f"expert store shapes (E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size}) differ from "
+                f"the model's (E={moe_config.num_experts}, H={moe_config.hidden_dim}, "
+                f"I={moe_config.intermediate_size})", "quantize this model again with `lvllm quantize`")
+        nodes = self.rank_nodes(moe_config.tp_rank, moe_config.tp_size, moe_config.intermediate_size_per_partition)
+        return LvllmMoEMethod(moe_config, self, int(found.group(1)), nodes)
+
+    def cold_engine(self, nodes: tuple[int, ...]):
+        """The process's engine over this rank's node slices, created at the first layer that has cold experts."""
+        if self.engine is None:
+            from .engine import Engine
+
+            m = self.store.manifest
+            slots = {n.node: n for n in self.plan.nodes}
+            missing = [n for n in nodes if n not in slots]
+            if missing:
+                raise StoreError(f"plan's runtime.nodes has no entry for node(s) {missing}", "plan again")
+            cpus = [list(slots[n].cpus[: slots[n].threads or None]) for n in nodes]
+            self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
+                                 m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens)
+            log.info("lvllm: engine %s on nodes %s (cpus %s)", getattr(self.engine, "isa", "?"), list(nodes), cpus)
+        return self.engine
+
+    def whole_layer_streamer(self, device: torch.device) -> ExpertStreamer | None:
+        """One streamer per process for the GPU-prefill path; built after every layer registered its weights."""
+        if self.plan.gpu_prefill_min_tokens is None:
+            return None
+        if self.streamer is None:
+            self.streamer = ExpertStreamer({}, device, self.plan.prefetch_window)
+        return self.streamer
+
+
+class LvllmMoEMethod(FusedMoEMethodBase):
+    """Routed experts from the lvllm store: no parameters of their own, HybridMoE in `apply`."""
+
+    requires_device_loading = False
+    supports_pre_processed_weights = False
+
+    def __init__(self, moe, runtime: _Runtime, layer: int, nodes: tuple[int, ...]):
+        super().__init__(moe)
+        self.runtime, self.layer, self.nodes = runtime, layer, nodes
+
+    def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
+                       **extra_weight_attrs):
+        for name in ("w13_weight", "w2_weight"):
+            p = torch.nn.Parameter(torch.empty(num_experts, 0, hidden_size, dtype=params_dtype, device="cpu"),
+                                   requires_grad=False)
+            layer.register_parameter(name, p)
+            set_weight_attrs(p, {**extra_weight_attrs, "weight_loader": _skip_loader})
+
+    def get_fused_moe_quant_config(self, layer):
+        return None
+
+    def process_weights_after_loading(self, layer) -> None:
+        rt, m = self.runtime, self.runtime.store.manifest
+        shards = [rt.store.layer(self.layer, n) for n in self.nodes]
+        weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size)
+        device = torch.device(layer.moe_config.device) if str(layer.moe_config.device) != "meta" \
+            else torch.device("cpu")
+        hot_ids = rt.plan.hot_experts.get(self.layer, ())
+        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids else None
+        engine = None
+        if len(set(hot_ids)) < m.num_experts:
+            engine = rt.cold_engine(self.nodes)
+            engine.load_layer(self.layer, shards)
+        streamer = rt.whole_layer_streamer(device)
+        if streamer is not None:
+            streamer.add(self.layer, weights)
+        _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, engine, hot,
+                                        streamer, rt.plan.gpu_prefill_min_tokens)
+
+    def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
+        return torch.ops.lvllm.hybrid_moe(x, topk_weights, topk_ids, self.layer)
