@@ -19,7 +19,9 @@ STYLE = {"PASS": "green", "WARN": "yellow", "FAIL": "bold red"}
 
 
 def doctor(
-    json_out: Annotated[bool, typer.Option("--json", help="Print {topology, checks, bench} as JSON on stdout.")] = False,
+    json_out: Annotated[
+        bool, typer.Option("--json", help="Print {topology, checks, bench, status} as JSON on stdout.")
+    ] = False,
     bench: Annotated[
         bool, typer.Option("--bench", help="Measure memory read bandwidth per NUMA node (a few seconds).")
     ] = False,

@@ -15,7 +15,8 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Sequence
 
-from .topology import Topology
+from .errors import LvllmError
+from .topology import Topology, format_cpulist
 
 MiB = 1 << 20
 
@@ -56,25 +57,25 @@ def read_bandwidth(
     backend, alloc, read = _kernel()
     cpus = tuple(cpus)
     per_thread = max(MiB, total_bytes // len(cpus)) // 64 * 64
-    start, done = threading.Barrier(len(cpus) + 1), threading.Barrier(len(cpus) + 1)
-    stop = threading.Event()
-    errors: list[BaseException] = []
+    ready, start, done = (threading.Barrier(len(cpus) + 1) for _ in range(3))
+    errors: list[Exception] = []
 
     def worker(cpu: int) -> None:
+        buf = None
         try:
             if hasattr(os, "sched_setaffinity"):
                 os.sched_setaffinity(0, {cpu})  # pid 0 = this thread on Linux
             buf = alloc(per_thread)
-        except BaseException as e:  # reported by the caller after the barrier
+        except Exception as e:  # raised by the caller once every thread is ready
             errors.append(e)
-            buf = None
-        while True:
-            start.wait()
-            if stop.is_set():
-                return
-            if buf is not None:
+        try:
+            ready.wait()
+            while True:
+                start.wait()
                 read(buf)
-            done.wait()
+                done.wait()
+        except threading.BrokenBarrierError:  # the caller aborts the barriers to end the run
+            return
 
     restore = None
     if backend == "torch":
@@ -88,23 +89,25 @@ def read_bandwidth(
         t.start()
     times: list[float] = []
     try:
+        ready.wait()
+        if errors:
+            raise LvllmError(
+                f"memory bandwidth test could not start on cpus {format_cpulist(cpus)}: {errors[0]}",
+                "free memory, or check this process's cpu affinity (taskset / container cpuset)",
+            )
         began = time.perf_counter()
         while len(times) < max_passes and (len(times) < 4 or time.perf_counter() - began < min_seconds):
             start.wait()
             t0 = time.perf_counter()
             done.wait()
             times.append(time.perf_counter() - t0)
-            if errors:
-                break
     finally:
-        stop.set()
-        start.wait()
+        for barrier in (ready, start, done):
+            barrier.abort()
         for t in threads:
             t.join()
         if restore is not None:
             torch.set_num_threads(restore)
-    if errors:
-        raise errors[0]
     nbytes = per_thread * len(cpus)
     # The first pass is a warm-up (TLB and cache state); it stays out of the statistics.
     kept = times[1:]

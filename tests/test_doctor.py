@@ -132,7 +132,8 @@ def tiny_moe(path: Path, experts: int = 4, hidden: int = 64, inter: int = 32) ->
     t["model.layers.0.mlp.shared_expert.up_proj.weight"] = rng.standard_normal((inter, hidden), dtype=np.float32)
     routed = 0
     for e in range(experts):
-        for name, shape in (("gate_proj", (inter, hidden)), ("up_proj", (inter, hidden)), ("down_proj", (hidden, inter))):
+        shapes = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+        for name, shape in shapes.items():
             t[f"model.layers.0.mlp.experts.{e}.{name}.weight"] = rng.standard_normal(shape, dtype=np.float32)
             routed += inter * hidden * 4
     save_file(t, str(path / "model.safetensors"))
@@ -229,3 +230,12 @@ def test_bench_reports_gb_s_per_node():
     assert "Memory read bandwidth (GB/s" in human.stdout
     row = re.search(r"│\s+0 │\s+(\d+) │ [\d,-]+\s+│\s+([\d.]+) │", human.stdout)
     assert row and int(row.group(1)) == len(T.probe().nodes[0].cores) and float(row.group(2)) > 0.1
+
+
+def test_bench_on_a_cpu_outside_the_affinity_mask_is_a_clear_error():
+    from lvllm_runtime.errors import LvllmError
+    from lvllm_runtime.membench import read_bandwidth
+
+    bad = max(os.sched_getaffinity(0)) + 1000
+    with pytest.raises(LvllmError, match=f"could not start on cpus 0,{bad}"):
+        read_bandwidth([0, bad], 8 << 20, 0.05)
