@@ -11,9 +11,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from . import envs
 from .arch import MoEModel, resolve
@@ -23,7 +24,11 @@ from .errors import BadInput
 VARIANTS = ("bf16", "fp8", "int4")
 MARKER = ".lvllm-zoo.json"  # written last; its presence means the directory is complete
 VOCAB = 512
-SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+# ids 0..6; the vision ones let multimodal configs (qwen3_5_moe) point their token ids into the vocab
+SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>",
+    "<|video_pad|>",
+)
 CHAT_TEMPLATE = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>\\n' }}"
     "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
@@ -44,14 +49,58 @@ _COMMON = dict(
 )
 
 # model_type -> config keyword arguments of the tiny model (on top of _COMMON). Expert I = 128 everywhere.
+_EXPERTS = dict(num_experts_per_tok=2)  # 8 experts top-2 everywhere; each family names the count its own way
+_DEEPSEEK_ROUTING = dict(n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+
 ZOO: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
-        num_hidden_layers=2,
-        intermediate_size=256,
-        moe_intermediate_size=128,
-        num_experts=8,
-        num_experts_per_tok=2,
+        _EXPERTS, num_hidden_layers=2, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
         norm_topk_prob=True,
+    ),
+    "qwen2_moe": dict(
+        _EXPERTS, num_hidden_layers=3, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
+        shared_expert_intermediate_size=256, mlp_only_layers=[0], norm_topk_prob=False,
+    ),
+    "mixtral": dict(_EXPERTS, num_hidden_layers=2, intermediate_size=128, num_local_experts=8),
+    "deepseek_v3": dict(
+        **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=256,
+        moe_intermediate_size=128, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32, qk_nope_head_dim=32,
+        v_head_dim=64, num_key_value_heads=2, head_dim=32, norm_topk_prob=True,
+    ),
+    "glm4_moe": dict(
+        **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=256,
+        moe_intermediate_size=128, use_qk_norm=True, norm_topk_prob=True,
+    ),
+    "minimax_m2": dict(
+        _EXPERTS, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, scoring_func="sigmoid",
+        use_routing_bias=True, rotary_dim=32,
+    ),
+    "qwen3_next": dict(
+        _EXPERTS, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"], intermediate_size=256,
+        moe_intermediate_size=128, num_experts=8, shared_expert_intermediate_size=128, linear_num_key_heads=2,
+        linear_num_value_heads=2, linear_key_head_dim=64, linear_value_head_dim=64, norm_topk_prob=True,
+    ),
+    "gpt_oss": dict(
+        _EXPERTS, num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=128,
+        intermediate_size=128, num_local_experts=8,
+    ),
+    "nemotron_h": dict(
+        _EXPERTS, layers_block_type=["linear_attention", "moe", "full_attention", "moe"], intermediate_size=256,
+        n_routed_experts=8, n_group=2, topk_group=1, routed_scaling_factor=2.5, moe_intermediate_size=128,
+        moe_shared_expert_intermediate_size=128, mamba_num_heads=4, mamba_head_dim=64, ssm_state_size=16,
+        n_groups=2, chunk_size=64,
+    ),
+    # multimodal checkpoint with a one-block vision tower, as on the hub; the text model is the MoE
+    "qwen3_5_moe": dict(
+        text_config=dict(
+            **_EXPERTS, num_hidden_layers=2, layer_types=["linear_attention", "full_attention"],
+            moe_intermediate_size=128, num_experts=8, shared_expert_intermediate_size=128, linear_num_key_heads=2,
+            linear_num_value_heads=2, linear_key_head_dim=64, linear_value_head_dim=64,
+        ),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                           num_position_embeddings=64),
+        vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6,
+        tie_word_embeddings=False,
     ),
 }
 
@@ -61,13 +110,31 @@ def _config(model_type: str, overrides: dict) -> Any:
 
     if model_type not in ZOO:
         raise BadInput(f"the zoo has no {model_type!r} model", f"choose one of: {', '.join(sorted(ZOO))}")
-    kwargs = {**_COMMON, **ZOO[model_type], **overrides}
-    return AutoConfig.for_model(model_type, **kwargs)
+    spec = ZOO[model_type]
+    if "text_config" in spec:  # overrides go to the language model
+        return AutoConfig.for_model(model_type, **{**spec, "text_config": {**_COMMON, **spec["text_config"], **overrides}})
+    return AutoConfig.for_model(model_type, **{**_COMMON, **spec, **overrides})
+
+
+def auto_class(model_type: str) -> Any:
+    """The transformers Auto class that builds and loads `model_type` zoo checkpoints."""
+    import transformers
+
+    multimodal = "text_config" in ZOO.get(model_type, {})
+    return transformers.AutoModelForImageTextToText if multimodal else transformers.AutoModelForCausalLM
+
+
+def variants(model_type: str) -> tuple[str, ...]:
+    """The variants `build` writes for `model_type`: fused-expert families (hub layout unverified when quantized)
+    come in bf16 only."""
+    fused = resolve(_config(model_type, {}).to_dict()).layout == "fused"
+    return ("bf16",) if fused else VARIANTS
 
 
 def _randomize(model: Any, seed: int) -> None:
     """Non-degenerate random weights: transformers' own init for the rest, then std 0.05 for every matrix and
-    expert tensor, std 0.1 routers (so routing differs per token), norms 1 +- noise, random selection biases."""
+    expert tensor, std 0.1 routers (so routing differs per token), norms +- noise, small random biases and random
+    selection biases (so the correction bias visibly changes the choice)."""
     import torch
 
     gen = torch.Generator().manual_seed(seed)
@@ -82,6 +149,8 @@ def _randomize(model: Any, seed: int) -> None:
             leaf = name.rsplit(".", 2)
             if name.endswith("e_score_correction_bias"):
                 t.copy_(noise * 0.1)
+            elif name.endswith("bias"):
+                t.copy_(noise * 0.02)
             elif "norm" in name and t.dim() == 1:
                 t.add_(noise * 0.05)
             elif leaf[-2:] in (["gate", "weight"], ["router", "weight"]) or name.endswith("router.proj.weight"):
@@ -94,11 +163,10 @@ def make_model(model_type: str, seed: int = 0, **overrides: Any) -> Any:
     """The in-memory tiny model (bf16 weights, eval mode) that `build` saves; tests compare loaded checkpoints with
     it."""
     import torch
-    from transformers import AutoModelForCausalLM
 
     config = _config(model_type, overrides)
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)  # bf16 here keeps rope buffers fp32
+    model = auto_class(model_type).from_config(config, dtype=torch.bfloat16)  # bf16 here keeps rope buffers fp32
     _randomize(model, seed)
     return model.eval()
 
@@ -140,18 +208,29 @@ def _write_tokenizer(out: Path) -> None:
     write_json(out / "special_tokens_map.json", {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"})
 
 
-def _spec(model_type: str, variant: str, seed: int, overrides: dict) -> dict:
-    return {"model_type": model_type, "variant": variant, "seed": seed, "overrides": overrides, "zoo_version": 1}
-
-
-def build(model_type: str, out_dir: str | os.PathLike, variant: str = "bf16", seed: int = 0, **overrides: Any) -> Path:
+def build(
+    model_type: str,
+    out_dir: str | os.PathLike,
+    variant: str = "bf16",
+    seed: int = 0,
+    *,
+    group_size: int | None = None,
+    **overrides: Any,
+) -> Path:
     """Write the tiny `model_type` checkpoint in `variant` to `out_dir` and return it (a no-op when out_dir already
     holds this exact build). Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
-    tokenizer_config.json (with the chat template), special_tokens_map.json, and the completion marker."""
+    tokenizer_config.json (with the chat template), special_tokens_map.json, and the completion marker.
+
+    `overrides` are config keys of the (text) model. `group_size` (int4 only): the INT4 group; default the largest
+    of 128/64/32 dividing H and I/2, so that the checkpoint passes into a 2-node store unchanged (64 for the zoo).
+    """
     if variant not in VARIANTS:
         raise BadInput(f"unknown zoo variant {variant!r}", f"choose one of: {', '.join(VARIANTS)}")
+    if group_size is not None and variant != "int4":
+        raise BadInput(f"group_size applies to the int4 variant, not {variant}", "drop group_size")
     out = Path(out_dir)
-    spec = _spec(model_type, variant, seed, overrides)
+    spec = {"model_type": model_type, "variant": variant, "seed": seed, "group_size": group_size,
+            "overrides": overrides, "zoo_version": 1}
     if (out / MARKER).is_file():
         if json.loads((out / MARKER).read_text()) == spec:
             return out
@@ -162,7 +241,7 @@ def build(model_type: str, out_dir: str | os.PathLike, variant: str = "bf16", se
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        _write(model_type, tmp, variant, seed, overrides)
+        _write(model_type, tmp, variant, seed, group_size, overrides)
         write_json(tmp / MARKER, spec)
         if out.exists():
             out.rmdir()
@@ -173,22 +252,35 @@ def build(model_type: str, out_dir: str | os.PathLike, variant: str = "bf16", se
     return out
 
 
-def _write(model_type: str, out: Path, variant: str, seed: int, overrides: dict) -> None:
+def _write(model_type: str, out: Path, variant: str, seed: int, group_size: int | None, overrides: dict) -> None:
+    """config.json and generation_config.json as save_pretrained writes them; model.safetensors in hub layout."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
     model = make_model(model_type, seed, **overrides)
     model.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     moe = resolve(config)
-    if variant != "bf16":
-        from safetensors.torch import load_file, save_file
-
+    if moe.layout == "fused":
+        # hub checkpoints of these families keep experts fused, as in memory; save_pretrained may split them
+        if variant != "bf16":
+            raise BadInput(
+                f"the zoo writes {model_type} (fused experts) in bf16 only", "quantize it with `lvllm quantize`"
+            )
+        tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
+    else:
         tensors = load_file(out / "model.safetensors")
-        if variant == "fp8":
-            tensors, qconfig = quantize_fp8(tensors, moe)
-        else:
-            tensors, qconfig = quantize_int4(tensors, moe)
-        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
-        config["quantization_config"] = qconfig
+    for name in tensors:
+        if name.endswith("e_score_correction_bias"):  # F32 on disk in DeepSeek / GLM / MiniMax releases
+            tensors[name] = tensors[name].to(torch.float32)
+    if variant == "fp8":
+        tensors, config["quantization_config"] = quantize_fp8(tensors, moe)
+    elif variant == "int4":
+        tensors, config["quantization_config"] = quantize_int4(tensors, moe, int4_group(moe, group_size))
+    if variant != "bf16":
         write_json(out / "config.json", config)
+    (out / "model.safetensors").unlink()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
     write_json(
         out / "generation_config.json",
         {"bos_token_id": 1, "eos_token_id": [2, 0], "pad_token_id": 0, "max_new_tokens": 64},
@@ -208,19 +300,27 @@ FP8_BLOCK = 128
 FP8_MAX = 448.0
 
 
+# Linear layers outside what DeepSeek's FP8 release quantizes: linear attention (qwen3_next) and Mamba mixers.
+_FP8_SKIP = re.compile(r"\.linear_attn\.|\.mixer\.(in_proj|out_proj)$")
+
+
 def _linear_weights(tensors: dict, moe: MoEModel) -> list[str]:
     """2-D Linear weights DeepSeek's FP8 release quantizes: attention projections, dense/shared/routed MLPs; not
-    embeddings, lm_head, norms, routers or shared-expert gates."""
+    embeddings, lm_head, norms, routers, shared-expert gates, linear attention or Mamba."""
     routers = {moe.router_name(L) for L in moe.moe_layers}
     keep = []
     for name, t in tensors.items():
         if t.dim() != 2 or not name.endswith(".weight") or name in routers:
             continue
         module = name[: -len(".weight")]
-        if module.endswith(("embed_tokens", "lm_head", "shared_expert_gate")) or "norm" in module.rsplit(".", 1)[-1]:
+        if module.endswith(("embed_tokens", "embeddings", "lm_head", "shared_expert_gate")) or _FP8_SKIP.search(module):
             continue
         keep.append(name)
     return sorted(keep)
+
+
+def _modules(names: Iterable[str]) -> list[str]:
+    return sorted(n[: -len(".weight")] for n in names)
 
 
 def fp8_block_quantize(w: Any) -> tuple[Any, Any]:
@@ -250,24 +350,30 @@ def fp8_block_dequantize(q: Any, scale_inv: Any) -> Any:
 def quantize_fp8(tensors: dict, moe: MoEModel) -> tuple[dict, dict]:
     """DeepSeek-style block FP8: each targeted `X.weight` becomes float8_e4m3fn plus `X.weight_scale_inv`."""
     out = dict(tensors)
-    for name in _linear_weights(tensors, moe):
-        q, scale = fp8_block_quantize(tensors[name])
-        out[name] = q
-        out[name + "_scale_inv"] = scale
+    targets = _linear_weights(tensors, moe)
+    for name in targets:
+        out[name], out[name + "_scale_inv"] = fp8_block_quantize(tensors[name])
+    others = [n for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2 and n not in set(targets)]
     return out, {
         "quant_method": "fp8",
         "fmt": "e4m3",
         "activation_scheme": "dynamic",
         "weight_block_size": [FP8_BLOCK, FP8_BLOCK],
+        "modules_to_not_convert": _modules(others),  # as Qwen's FP8 releases list them; loaders skip these
     }
 
 
-def int4_group(moe: MoEModel) -> int:
-    """Largest compressed-tensors group (128, 64, 32) that divides both H and the expert I."""
+def int4_group(moe: MoEModel, requested: int | None = None) -> int:
+    """`requested` if it divides H and I, else the largest of 128/64/32 dividing H and I/2 (2-node splits)."""
+    h, i = moe.hidden_size, moe.intermediate_size
+    if requested is not None:
+        if requested not in (32, 64, 128) or h % requested or i % requested:
+            raise BadInput(f"INT4 group {requested} does not divide H={h} and I={i}", "use 32, 64 or 128")
+        return requested
     for g in (128, 64, 32):
-        if moe.hidden_size % g == 0 and moe.intermediate_size % g == 0:
+        if h % g == 0 and i % (2 * g) == 0:
             return g
-    raise BadInput(f"H={moe.hidden_size} / I={moe.intermediate_size} divide by no INT4 group", "use multiples of 32")
+    raise BadInput(f"H={h} / I={i} divide by no INT4 group", "use multiples of 64")
 
 
 def int4_pack(w: Any, group: int) -> tuple[Any, Any]:
@@ -304,12 +410,20 @@ def _expert_weights(moe: MoEModel) -> list[str]:
     return names
 
 
-def quantize_int4(tensors: dict, moe: MoEModel) -> tuple[dict, dict]:
+def _ignore_pattern(module: str) -> str:
+    """A compressed-tensors ignore entry for `module` that holds whatever prefix the loader uses (hub `backbone.`,
+    transformers `model.`): "model.layers.3.mlp.gate" -> r"re:.*mlp\.gate$"; "lm_head" stays."""
+    if module == "lm_head":
+        return module
+    inside = re.match(r"^.*?\blayers\.\d+\.(.+)$", module)
+    return "re:.*" + re.escape(inside.group(1) if inside else module.rsplit(".", 1)[-1]) + "$"
+
+
+def quantize_int4(tensors: dict, moe: MoEModel, group: int) -> tuple[dict, dict]:
     """compressed-tensors W4A16 pack-quantized routed experts (`X.weight_packed`, `X.weight_scale`,
     `X.weight_shape`); everything else stays BF16 and is listed in `ignore`."""
     import torch
 
-    group = int4_group(moe)
     experts = _expert_weights(moe)
     out = dict(tensors)
     for name in experts:
@@ -317,12 +431,9 @@ def quantize_int4(tensors: dict, moe: MoEModel) -> tuple[dict, dict]:
         base = name[: -len(".weight")]
         out[base + ".weight_packed"], out[base + ".weight_scale"] = int4_pack(w, group)
         out[base + ".weight_shape"] = torch.tensor(list(w.shape), dtype=torch.int64)
-    expert_modules = {n[: -len(".weight")] for n in experts}
-    ignore = sorted(
-        n[: -len(".weight")]
-        for n, t in tensors.items()
-        if n.endswith(".weight") and t.dim() == 2 and n[: -len(".weight")] not in expert_modules
-    )
+    expert_set = set(experts)
+    others = _modules(n for n, t in tensors.items() if n.endswith(".weight") and t.dim() == 2 and n not in expert_set)
+    ignore = sorted({_ignore_pattern(m) for m in others})
     return out, {
         "config_groups": {
             "W4A16": {
