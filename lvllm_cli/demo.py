@@ -22,7 +22,6 @@ def demo(
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Build a tiny MoE model, quantize it, plan, serve it with vLLM and ask it one question over HTTP."""
-    stop_on_sigterm()
     stages = Stages(STAGES)
 
     def on_stage(name: str, detail: str) -> None:
@@ -38,7 +37,7 @@ def demo(
             stderr.print("stopping vLLM ...")
 
     try:
-        with stages:
+        with stop_on_sigterm(), stages:
             result = run_demo(port=port, on_stage=on_stage, hold=hold if keep else None)
             stages.done("shutdown")
     except LvllmError as e:

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import sys
 import time
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import typer
 from rich.live import Live
+from rich.markup import escape
 from rich.table import Table
 from rich.text import Text
 
 from lvllm_runtime import launcher
 from lvllm_runtime.errors import LvllmError
 
-from .errors import report
 from .output import stderr, stdout
 
 STATE_STYLE = {"wait": ("·", "dim"), "run": ("…", "yellow"), "done": ("✓", "green"), "fail": ("✗", "red")}
@@ -38,6 +40,8 @@ class Stages:
                 row["state"] = "fail"
         self.live.update(self._render())
         self.live.__exit__(*exc)
+        if not stderr.is_terminal and not self.live.transient:
+            stderr.line()  # the last render of a non-terminal Live ends without a newline
 
     def start(self, name: str, detail: str = "") -> None:
         for other, row in self.rows.items():  # starting a stage finishes the one before it
@@ -76,7 +80,11 @@ class Stages:
 
 def fail_with_log(e: LvllmError) -> None:
     """One line for the error, then vLLM's log tail when there is one; exit with the error's code."""
-    report(e)
+    # Escaped: messages name extras such as lvllm[cpu], which Rich would read as markup.
+    line = f"[bold red]error:[/] {escape(e.message)}"
+    if e.fix:
+        line += f" [dim]->[/] {escape(e.fix)}"
+    stderr.print(line, highlight=False, soft_wrap=True)
     tail = getattr(e, "log_tail", "")
     if tail:
         stderr.print("[dim]--- end of vLLM's log ---[/]")
@@ -84,14 +92,31 @@ def fail_with_log(e: LvllmError) -> None:
     raise typer.Exit(e.exit_code)
 
 
-def stop_on_sigterm() -> None:
+@contextlib.contextmanager
+def stop_on_sigterm() -> Iterator[None]:
     """SIGTERM/SIGHUP stop the server like Ctrl-C does (vLLM is in its own session and never sees our signals)."""
 
     def raise_interrupt(signum, frame):
         raise KeyboardInterrupt
 
-    signal.signal(signal.SIGTERM, raise_interrupt)
-    signal.signal(signal.SIGHUP, raise_interrupt)
+    old = {sig: signal.signal(sig, raise_interrupt) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+
+
+def stop_quietly(server: launcher.VllmServer | None) -> None:
+    """Stop vLLM; a second Ctrl-C while it shuts down must not leave its processes behind."""
+    if server is None:
+        return
+    old = {sig: signal.signal(sig, signal.SIG_IGN) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        server.stop()
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
 
 
 def run_server(
@@ -141,50 +166,51 @@ def serve(
     Example: lvllm serve ./Qwen3-30B-A3B --store ./q30-store -- --max-model-len 8192 --api-key KEY
     """
     user_args = list(ctx.args)
-    if not dry_run:
-        launcher.require_vllm()
-    recipe_data = None
-    if recipe is not None:
-        from lvllm_runtime import recipes
-
-        recipe_data = recipes.get(recipe).data
-
-    names = ["store", "plan", "vLLM start", "ready"]
-    stages = Stages(names)
+    stages = Stages(["store", "plan", "vLLM start", "ready"])
     server: launcher.VllmServer | None = None
-    try:
-        with stages:
-            setup = launcher.prepare(
-                model, recipe=recipe_data, store=store, plan_path=plan, host=host, port=port,
-                user_args=user_args, quantize=quantize, on_stage=stages.start,
-            )
-            stages.done("store", str(setup.store))
-            stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")
-            show_overrides(setup.command)
+    with stop_on_sigterm():
+        try:
+            if not dry_run:
+                launcher.require_vllm()
+            recipe_data = load_recipe(recipe)
+            with stages:
+                setup = launcher.prepare(
+                    model, recipe=recipe_data, store=store, plan_path=plan, host=host, port=port,
+                    user_args=user_args, quantize=quantize, on_stage=stages.start,
+                )
+                stages.done("store", str(setup.store))
+                stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")
+                show_overrides(setup.command)
+                if dry_run:
+                    stages.live.transient = True
+                else:
+                    stderr.print(f"[bold]vLLM command:[/] {setup.command.display()}", highlight=False, soft_wrap=True)
+                    server = launcher.VllmServer(setup.command, setup.log_path)
+                    run_server(server, stages, ready_timeout)
             if dry_run:
-                stages.live.transient = True
-            else:
-                stderr.print(f"[bold]vLLM command:[/] {setup.command.display()}", highlight=False, soft_wrap=True)
-                stop_on_sigterm()
-                server = launcher.VllmServer(setup.command, setup.log_path)
-                run_server(server, stages, ready_timeout)
-        if dry_run:
-            print(setup.command.display(), flush=True)  # plain print: Rich would wrap it at the terminal width
-            return
-        stdout.print(f"{setup.command.url}  (model: {setup.command.served_model_name})", highlight=False)
-        stderr.print("[dim]serving; Ctrl-C stops vLLM and all its processes[/]")
-        rc = follow(server)
-        raise launcher.VllmFailed(f"vLLM exited with code {rc}", f"see the vLLM log {server.log_path}",
-                                  launcher.read_tail(server.log_path))
-    except KeyboardInterrupt:
-        stderr.print("stopping vLLM ...")
-    except LvllmError as e:
-        if server is not None:
-            server.stop()
-        fail_with_log(e)
-    finally:
-        if server is not None:
-            server.stop()
+                print(setup.command.display(), flush=True)  # plain print: Rich would wrap it at the terminal width
+                return
+            stdout.print(f"{setup.command.url}  (model: {setup.command.served_model_name})", highlight=False)
+            sys.stdout.flush()
+            stderr.print("[dim]serving; Ctrl-C stops vLLM and all its processes[/]")
+            rc = follow(server)
+            raise launcher.VllmFailed(f"vLLM exited with code {rc}", f"see the vLLM log {server.log_path}",
+                                      launcher.read_tail(server.log_path))
+        except KeyboardInterrupt:
+            stderr.print("stopping vLLM ...")
+        except LvllmError as e:
+            stop_quietly(server)
+            fail_with_log(e)
+        finally:
+            stop_quietly(server)
+
+
+def load_recipe(name: str | None) -> dict | None:
+    if name is None:
+        return None
+    from lvllm_runtime import recipes
+
+    return recipes.get(name).data
 
 
 def show_overrides(command: launcher.ServeCommand) -> None:

@@ -647,8 +647,19 @@ def make_serve_plan(model: Path, store: Path, recipe: Mapping[str, Any] | None) 
     options = planner.PlanOptions(store=str(store))
     if not has_gpu():
         options = dataclasses.replace(options, gpu_memory_utilization=CPU_MEMORY_UTILIZATION)
-    plan = planner.make_plan(source, topology.probe(), options)
+    topo = topology.probe()
+    plan = planner.make_plan(source, topo, options)
+    longest = max_position_embeddings(model)
+    if longest and plan["vllm"]["max_model_len"] > longest:  # vLLM refuses a context beyond the model's positions
+        plan = planner.make_plan(source, topo, dataclasses.replace(options, max_model_len=longest))
     path = run_dir(model) / "plan.json"
     if plan.get("fits", True):
         save_plan(plan, path)
     return plan, path
+
+
+def max_position_embeddings(model: Path) -> int | None:
+    """The longest context the checkpoint's config allows (text config of multimodal models), if it says."""
+    config = json.loads((model / "config.json").read_text())
+    value = config.get("max_position_embeddings") or (config.get("text_config") or {}).get("max_position_embeddings")
+    return int(value) if value else None
