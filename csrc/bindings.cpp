@@ -202,6 +202,12 @@ NB_MODULE(_cpu, m) {
         .def_prop_ro("isa", [](const Engine& e) { return std::string(e.isa()); })
         .def_prop_ro("pin_failures", &Engine::pin_failures)
         .def("has_layer", &Engine::has_layer)
+        .def("read_bandwidth",
+             [](Engine& e, size_t bytes_per_node, int reps) {
+                 nb::gil_scoped_release nogil;
+                 return e.read_bandwidth(bytes_per_node, reps);
+             },
+             nb::arg("bytes_per_node"), nb::arg("reps") = 3)
         .def("load_layer",
              [](Engine& e, int layer, nb::list shards) {
                  if (shards.size() != e.config().nodes.size())

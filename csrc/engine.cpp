@@ -4,6 +4,7 @@
 #include <sys/mman.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdlib>
 #include <cstring>
 #include <new>
@@ -353,6 +354,51 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
             else static_cast<float*>(a.out)[t * H + c] = s;
         }
     }
+}
+
+// ---- read bandwidth -----------------------------------------------------------------------------------------------
+
+void Engine::read_job(void* ctx, int node, int tid, int) {
+    Engine* self = static_cast<Engine*>(ctx);
+    const Buf& b = self->bw_bufs_[node];
+    const int nt = self->pool_->node_threads(node);
+    const size_t words = b.bytes / 8, per = (words + nt - 1) / nt;
+    const size_t w0 = std::min(words, per * tid), w1 = std::min(words, w0 + per);
+    uint64_t* p = b.as<uint64_t>();
+    if (self->bw_touch_) {
+        for (size_t i = w0; i < w1; ++i) p[i] = i;
+        return;
+    }
+    uint64_t a0 = 0, a1 = 0, a2 = 0, a3 = 0;  // four chains so the loads, not the adds, set the pace
+    size_t i = w0;
+    for (; i + 4 <= w1; i += 4) {
+        a0 ^= p[i];
+        a1 ^= p[i + 1];
+        a2 ^= p[i + 2];
+        a3 ^= p[i + 3];
+    }
+    for (; i < w1; ++i) a0 ^= p[i];
+    self->bw_sink_.fetch_xor(a0 ^ a1 ^ a2 ^ a3, std::memory_order_relaxed);
+}
+
+double Engine::read_bandwidth(size_t bytes_per_node, int reps) {
+    pool_->wait();
+    bw_bufs_.clear();
+    for (size_t n = 0; n < cfg_.nodes.size(); ++n) bw_bufs_.emplace_back(bytes_per_node);
+    bw_touch_ = true;
+    pool_->launch(&Engine::read_job, this);
+    pool_->wait();
+    bw_touch_ = false;
+    double best = 0;
+    for (int r = 0; r < std::max(reps, 1); ++r) {
+        const auto t0 = std::chrono::steady_clock::now();
+        pool_->launch(&Engine::read_job, this);
+        pool_->wait();
+        const double s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+        best = std::max(best, bytes_per_node * cfg_.nodes.size() / s / 1e9);
+    }
+    bw_bufs_.clear();
+    return best;
 }
 
 // ---- host-callback face -------------------------------------------------------------------------------------------

@@ -85,6 +85,10 @@ public:
 
     static std::vector<std::string> available_isas();
 
+    // Read bandwidth (GB/s) of this engine's own pinned threads over node-local buffers of `bytes_per_node`
+    // (first touched by each node's threads), best of `reps` passes: the roofline the forward is measured against.
+    double read_bandwidth(size_t bytes_per_node, int reps);
+
 private:
     struct Buf {
         void* p = nullptr;
@@ -104,6 +108,7 @@ private:
     struct alignas(64) Cursor { std::atomic<int> v{0}; };
 
     static void load_job(void* ctx, int node, int tid, int gtid);
+    static void read_job(void* ctx, int node, int tid, int gtid);
     static void forward_job(void* ctx, int node, int tid, int gtid);
     void repack_expert(const ShardIn& in, NodeWeights& w, int e) const;
     void phase_a(int node, int tid);
@@ -139,6 +144,10 @@ private:
     std::vector<Cursor> cur_a_, cur_b_;
     Cursor cur_0_, cur_c_;
     std::vector<int> eslot_;  // routing scratch
+
+    std::vector<Buf> bw_bufs_;  // read_bandwidth() buffers, one per node, alive during its jobs
+    bool bw_touch_ = false;
+    std::atomic<uint64_t> bw_sink_{0};
 
     ForwardArgs armed_;
     std::string error_;

@@ -82,6 +82,11 @@ class Engine:
         """Threads that could not be pinned to their cpu (pinning is best effort)."""
         return self._e.pin_failures
 
+    def read_bandwidth(self, bytes_per_node: int = 1 << 30, reps: int = 3) -> float:
+        """GB/s the engine's own pinned threads read from node-local buffers (best of reps): the decode roofline."""
+        self.wait()
+        return float(self._e.read_bandwidth(int(bytes_per_node), int(reps)))
+
     def load_layer(self, layer: int, shards: Sequence[Mapping[str, Any]]) -> None:
         """Copy (bf16) or repack (int4) one layer's per-node store shards into node-local memory.
 

@@ -1,0 +1,304 @@
+"""Benchmark one MoE layer on the CPU: lvllm's engine next to a plain torch implementation and kt-kernel.
+
+Prints a table and writes JSON: time per layer, effective GB/s of expert weights read, GFLOP/s, and the read
+bandwidth the engine's own pinned threads measure on this machine (the decode roofline). Layers are cycled and
+routing is random per step so weights never sit in cache (working set >= 8 x L3).
+
+    python bench/cpu_moe.py                      # full shapes (needs ~20 GB RAM for DeepSeek-V3 BF16)
+    python bench/cpu_moe.py --reduced            # fewer experts/layers, short runs: a few minutes on 2 cores
+    python bench/cpu_moe.py --kt-ext PATH.so     # add kt-kernel (its kt_kernel_ext extension, loaded by path)
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lvllm_runtime.engine import Engine  # noqa: E402
+
+SHAPES = {  # published layer shapes: experts, top-k, hidden, expert intermediate
+    "qwen3-30b-a3b": dict(E=128, k=8, H=2048, I=768),
+    "deepseek-v3": dict(E=256, k=8, H=7168, I=2048),
+}
+REDUCED_EXPERTS = {"qwen3-30b-a3b": 16, "deepseek-v3": 8}
+
+
+def l3_bytes() -> int:
+    best = 0
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (p / "level").read_text().strip() == "3":
+                txt = (p / "size").read_text().strip()
+                best = max(best, int(txt.rstrip("KMG")) * {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1], 1))
+        except OSError:
+            pass
+    return best or 32 << 20
+
+
+def expert_bytes(fmt: str, H: int, I: int, g: int) -> int:
+    """Bytes of one expert as stored (INT4: nibbles + bf16 scales; BF16: 2 per weight)."""
+    n = 3 * H * I
+    return n // 2 + 2 * n // g if fmt == "int4" else 2 * n
+
+
+def make_layer(fmt: str, E: int, H: int, I: int, g: int, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random weights in the store layout (DESIGN.md); scales chosen so outputs stay O(1)."""
+    if fmt == "int4":
+        def packed(*shape):
+            return torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+        return {"w13.packed": packed(E, 2 * I, H // 8), "w13.scale": torch.full((E, 2 * I, H // g), 0.2 / H**0.5).bfloat16(),
+                "w2.packed": packed(E, H, I // 8), "w2.scale": torch.full((E, H, I // g), 0.2 / I**0.5).bfloat16()}
+    return {"w13": (torch.randn(E, 2 * I, H, generator=gen) / H**0.5).bfloat16(),
+            "w2": (torch.randn(E, H, I, generator=gen) / I**0.5).bfloat16()}
+
+
+def dequant(packed: torch.Tensor, scale: torch.Tensor, g: int) -> torch.Tensor:
+    u = (packed.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF
+    q = u.reshape(*packed.shape[:-1], -1).to(torch.bfloat16) - 8
+    return q * scale.repeat_interleave(g, dim=-1)
+
+
+def torch_moe(x, ids, w, layer, fmt, g, out):
+    """Plain torch: per routed expert, gather its tokens, (dequantize), two matmuls in bf16, scatter-add."""
+    I = (layer["w2.packed"].shape[-1] * 8) if fmt == "int4" else layer["w2"].shape[-1]
+    acc = torch.zeros(out.shape, dtype=torch.float32)
+    for e in torch.unique(ids).tolist():
+        t, j = torch.nonzero(ids == e, as_tuple=True)
+        if fmt == "int4":
+            w13 = dequant(layer["w13.packed"][e], layer["w13.scale"][e], g)
+            w2 = dequant(layer["w2.packed"][e], layer["w2.scale"][e], g)
+        else:
+            w13, w2 = layer["w13"][e], layer["w2"][e]
+        z = x[t] @ w13.T
+        h = F.silu(z[:, :I]) * z[:, I:]
+        acc.index_add_(0, t, (h @ w2.T).float() * w[t, j].unsqueeze(1))
+    out.copy_(acc)
+
+
+class KtLayer:
+    """kt-kernel's standalone MoE (AMXBF16_MOE / AMXInt4_MOE), quantized by kt itself from the same BF16 weights."""
+
+    def __init__(self, ext, cpuinfer, fmt, E, k, H, I, layer, g, max_len):
+        if fmt == "int4":
+            w13 = dequant(layer["w13.packed"], layer["w13.scale"], g)
+            w2 = dequant(layer["w2.packed"], layer["w2.scale"], g)
+        else:
+            w13, w2 = layer["w13"], layer["w2"]
+        self.gate, self.up = w13[:, :I].contiguous(), w13[:, I:].contiguous()
+        self.down = w2.contiguous()
+        cfg = ext.moe.MOEConfig(E, k, H, I, 0)
+        cfg.max_len = max_len
+        cfg.gate_proj, cfg.up_proj, cfg.down_proj = self.gate.data_ptr(), self.up.data_ptr(), self.down.data_ptr()
+        cfg.pool = cpuinfer.backend_
+        self.moe = (ext.moe.AMXInt4_MOE if fmt == "int4" else ext.moe.AMXBF16_MOE)(cfg)
+        self.map = torch.arange(E, dtype=torch.int64)
+        try:
+            cpuinfer.submit(self.moe.load_weights_task(self.map.data_ptr()))
+        except TypeError:
+            cpuinfer.submit(self.moe.load_weights_task())
+        cpuinfer.sync()
+        if fmt == "int4":  # kt keeps its own repacked copy
+            self.gate = self.up = self.down = None
+
+    def forward(self, cpuinfer, x, ids, w, out, qlen):
+        cpuinfer.submit(self.moe.forward_task(qlen.data_ptr(), ids.shape[1], ids.data_ptr(), w.data_ptr(),
+                                              x.data_ptr(), out.data_ptr(), False))
+        cpuinfer.sync()
+
+
+def load_kt(path: str | None):
+    """kt_kernel_ext from an explicit .so (its vendored libs beside it), else from an installed kt_kernel; or None."""
+    try:
+        if path:
+            spec = importlib.util.spec_from_file_location("kt_kernel_ext", path)
+            mod = importlib.util.module_from_spec(spec)
+            spec.loader.exec_module(mod)
+            return mod, None
+        from kt_kernel import kt_kernel_ext  # type: ignore
+        return kt_kernel_ext, None
+    except Exception as e:  # noqa: BLE001 - any import failure just drops the column
+        return None, f"{type(e).__name__}: {e}"
+
+
+def time_steps(fn, steps, min_seconds):
+    fn(0)
+    t0 = time.perf_counter()
+    n = 0
+    while n < steps or (time.perf_counter() - t0 < min_seconds and n < 50 * steps):
+        fn(n + 1)
+        n += 1
+    return (time.perf_counter() - t0) / n, n
+
+
+def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
+    E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
+    if args.reduced:
+        E = REDUCED_EXPERTS[name]
+    g = args.group
+    ebytes = expert_bytes(fmt, H, I, g)
+    layer_bytes = E * ebytes
+    L = max(1, math.ceil(8 * l3_bytes() / layer_bytes))
+    L = max(1, min(L, int(args.max_gb * 2**30 // layer_bytes), args.max_layers))
+    if L * layer_bytes > args.max_gb * 2**30:
+        print(f"skip {name} {fmt}: one layer is {layer_bytes / 2**30:.1f} GiB > --max-gb {args.max_gb}", file=sys.stderr)
+        return
+    gen = torch.Generator().manual_seed(0)
+    nodes = [cpus[i::args.nodes] for i in range(args.nodes)]
+    In = I // args.nodes
+    eng = Engine(H, In, E, "silu_glu", True, fmt, g, nodes, max_tokens=max(args.tokens))
+    layers = []
+    for li in range(L):
+        lay = make_layer(fmt, E, H, I, g, gen)
+        shards = []
+        for n in range(args.nodes):  # the store's node split: rows [n In, (n+1) In) of gate/up, same columns of down
+            sl = slice(n * In, (n + 1) * In)
+            if fmt == "int4":
+                w13p, w13s = lay["w13.packed"], lay["w13.scale"]
+                shards.append({"w13.packed": torch.cat([w13p[:, :I][:, sl], w13p[:, I:][:, sl]], 1).contiguous(),
+                               "w13.scale": torch.cat([w13s[:, :I][:, sl], w13s[:, I:][:, sl]], 1).contiguous(),
+                               "w2.packed": lay["w2.packed"][:, :, n * In // 8:(n + 1) * In // 8].contiguous(),
+                               "w2.scale": lay["w2.scale"][:, :, n * In // g:(n + 1) * In // g].contiguous()})
+            else:
+                shards.append({"w13": torch.cat([lay["w13"][:, :I][:, sl], lay["w13"][:, I:][:, sl]], 1).contiguous(),
+                               "w2": lay["w2"][:, :, sl].contiguous()})
+        eng.load_layer(li, shards)
+        del shards
+        layers.append(lay)
+    kt_layers, kt_note = None, None
+    if kt_ext is not None:
+        try:
+            cpuinfer = kt_ext.CPUInfer(len(cpus))
+            kt_layers = [KtLayer(kt_ext, cpuinfer, fmt, E, k, H, I, lay, g, max(args.tokens)) for lay in layers]
+        except Exception as e:  # noqa: BLE001
+            kt_layers, kt_note = None, f"{type(e).__name__}: {e}"
+    for T in args.tokens:
+        steps = max(2, L) if T >= 256 else max(args.steps, L)
+        routes = [(torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k].contiguous(),
+                   torch.rand(T, k, generator=gen)) for _ in range(steps + 1)]
+        x = (torch.randn(T, H, generator=gen)).bfloat16()
+        out = torch.empty(T, H, dtype=torch.bfloat16)
+        touched = sum(len(torch.unique(r[0])) for r in routes) / len(routes)
+        row = {"shape": name, "format": fmt, "group": g if fmt == "int4" else None, "E": E, "k": k, "H": H, "I": I,
+               "T": T, "layers": L, "nodes": args.nodes, "threads": len(cpus), "experts_touched": touched,
+               "bytes_per_step": touched * ebytes, "flop_per_step": 6 * H * I * T * k, "isa": eng.isa}
+
+        def run_eng(i):
+            ids, w = routes[i % len(routes)]
+            eng.forward(i % L, x, ids, w, out)
+
+        row["lvllm_ms"], row["lvllm_steps"] = [v * 1e3 if j == 0 else v for j, v in enumerate(time_steps(run_eng, steps, args.min_seconds))]
+        if not args.no_torch:
+            def run_torch(i):
+                ids, w = routes[i % len(routes)]
+                torch_moe(x, ids, w, layers[i % L], fmt, g, out)
+            t, _ = time_steps(run_torch, max(2, min(steps, 4)), 0)
+            row["torch_ms"] = t * 1e3
+        if kt_layers is not None:
+            qlen = torch.tensor([T], dtype=torch.int32)
+
+            def run_kt(i):
+                ids, w = routes[i % len(routes)]
+                kt_layers[i % L].forward(cpuinfer, x, ids, w, out, qlen)
+            t, _ = time_steps(run_kt, steps, args.min_seconds)
+            row["kt_ms"] = t * 1e3
+        elif kt_note:
+            row["kt_error"] = kt_note
+        for who in ("lvllm", "torch", "kt"):
+            if f"{who}_ms" in row:
+                s = row[f"{who}_ms"] / 1e3
+                row[f"{who}_GBps"] = row["bytes_per_step"] / s / 1e9
+                row[f"{who}_GFLOPps"] = row["flop_per_step"] / s / 1e9
+        results.append(row)
+        print_row(row)
+    del eng, layers, kt_layers
+
+
+HEADER = (f"{'shape':<14} {'fmt':<5} {'T':>4} {'L':>2} {'lvllm ms':>9} {'GB/s':>6} {'GFLOP/s':>8} "
+          f"{'torch ms':>9} {'kt ms':>8} {'torch/lv':>8} {'kt/lv':>6}")
+
+
+def print_row(r):
+    kt = f"{r['kt_ms']:8.3f}" if "kt_ms" in r else f"{'-':>8}"
+    tr = f"{r['torch_ms']:9.3f}" if "torch_ms" in r else f"{'-':>9}"
+    rt = f"{r['torch_ms'] / r['lvllm_ms']:8.2f}" if "torch_ms" in r else f"{'-':>8}"
+    rk = f"{r['kt_ms'] / r['lvllm_ms']:6.2f}" if "kt_ms" in r else f"{'-':>6}"
+    print(f"{r['shape']:<14} {r['format']:<5} {r['T']:>4} {r['layers']:>2} {r['lvllm_ms']:9.3f} {r['lvllm_GBps']:6.2f} "
+          f"{r['lvllm_GFLOPps']:8.1f} {tr} {kt} {rt} {rk}", flush=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--formats", default="int4,bf16")
+    ap.add_argument("--tokens", default="1,4,32,512")
+    ap.add_argument("--group", type=int, default=128)
+    ap.add_argument("--cpus", default=None, help="cpu ids for the engine (default: every cpu this process may use)")
+    ap.add_argument("--nodes", type=int, default=1, help="split --cpus into this many (virtual) nodes")
+    ap.add_argument("--reduced", action="store_true", help=f"experts per layer {REDUCED_EXPERTS}, short runs")
+    ap.add_argument("--max-gb", type=float, default=24.0, help="cap on engine weight memory per shape/format")
+    ap.add_argument("--max-layers", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--min-seconds", type=float, default=2.0)
+    ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--kt-ext", default=None, help="path of kt-kernel's _kt_kernel_ext*.so (else: import kt_kernel)")
+    ap.add_argument("--bw-mib", type=int, default=1024, help="buffer per node for the read-bandwidth measurement")
+    ap.add_argument("--json", default="bench/results/cpu_moe.json")
+    args = ap.parse_args()
+    args.tokens = [int(t) for t in args.tokens.split(",")]
+    if args.reduced:
+        args.steps, args.min_seconds = min(args.steps, 6), min(args.min_seconds, 0.5)
+        args.max_gb = min(args.max_gb, 0.8)
+        args.bw_mib = min(args.bw_mib, 256)
+    cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else sorted(os.sched_getaffinity(0))
+    torch.set_num_threads(len(cpus))  # torch baseline gets the same cores (it runs alone, never beside the engine)
+    kt_ext, kt_err = load_kt(args.kt_ext)
+    probe = Engine(64, 64, 1, "silu_glu", True, "bf16", None, [cpus[i::args.nodes] for i in range(args.nodes)], 1)
+    bw = probe.read_bandwidth(args.bw_mib << 20, reps=3)
+    del probe
+    load = os.getloadavg()
+    print(f"machine: {platform.processor() or platform.machine()} {os.cpu_count()} cpus; engine cpus {cpus} in "
+          f"{args.nodes} node(s); ISAs {Engine.available_isas()}; L3 {l3_bytes() >> 20} MiB; load avg {load[0]:.1f}")
+    print(f"read bandwidth, engine threads: {bw:.2f} GB/s;  kt-kernel: {'yes' if kt_ext else 'no (' + str(kt_err) + ')'}")
+    print(HEADER)
+    results = []
+    for name in args.shapes.split(","):
+        for fmt in args.formats.split(","):
+            bench_shape(name, SHAPES[name], fmt, args, cpus, kt_ext, results)
+    for r in results:
+        r["read_bw_GBps"] = bw
+        r["lvllm_pct_of_read_bw"] = 100 * r["lvllm_GBps"] / bw
+    doc = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": _cpu_model(),
+           "cpus": cpus, "nodes": args.nodes, "isas": Engine.available_isas(), "read_bw_GBps": bw,
+           "load_avg_start": load, "load_avg_end": os.getloadavg(), "reduced": args.reduced,
+           "kt_kernel": bool(kt_ext), "kt_error": kt_err, "results": results}
+    out = Path(args.json)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(doc, indent=1))
+    tmp.replace(out)
+    print(f"wrote {out}")
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
+if __name__ == "__main__":
+    main()
