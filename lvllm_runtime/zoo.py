@@ -412,7 +412,7 @@ def _expert_weights(moe: MoEModel) -> list[str]:
 
 def _ignore_pattern(module: str) -> str:
     """A compressed-tensors ignore entry for `module` that holds whatever prefix the loader uses (hub `backbone.`,
-    transformers `model.`): "model.layers.3.mlp.gate" -> r"re:.*mlp\.gate$"; "lm_head" stays."""
+    transformers `model.`): "model.layers.3.mlp.gate" -> "re:.*mlp[backslash].gate$"; "lm_head" stays."""
     if module == "lm_head":
         return module
     inside = re.match(r"^.*?\blayers\.\d+\.(.+)$", module)
