@@ -357,7 +357,8 @@ def from_config(config: dict) -> ModelShape:
 
 
 def _from_text_config(mt: str, cfg: dict, outer: dict) -> ModelShape:
-    n = int(cfg["num_hidden_layers"])
+    blocks = cfg.get("layers_block_type") or cfg.get("hybrid_override_pattern")
+    n = int(cfg.get("num_hidden_layers") or len(blocks))
     c = _common(cfg)
     extra = int(outer.get("extra_params", 0) or 0)
     if mt in ("qwen3_moe", "qwen2_moe", "qwen3_vl_moe"):

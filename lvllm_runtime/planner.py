@@ -156,7 +156,19 @@ class ModelSource:
     expert_source_format: str  # bf16 | fp16 | fp32 | fp8 | int4
     source_group_size: int | None = None
     checkpoint_bytes: dict[str, int] | None = None  # role -> bytes, from safetensors headers
+    unquantized: frozenset[str] = frozenset()  # roles a quantized checkpoint keeps in 16 bits
     recipe: dict | None = None
+
+
+# Substrings of quantization_config's not-converted module names -> the role they keep in 16 bits.
+_SKIP_ROLES = {"linear_attn": "linear_attention", "self_attn": "attention", "shared_expert.": "shared_expert", "shared_experts.": "shared_expert",
+               "mixer.in_proj": "mamba", "mixer.out_proj": "mamba"}
+
+
+def _unquantized_roles(config: dict) -> frozenset[str]:
+    q = config.get("quantization_config") or {}
+    names = [str(x) for k in ("modules_to_not_convert", "ignore", "ignored_layers") for x in (q.get(k) or [])]
+    return frozenset(role for key, role in _SKIP_ROLES.items() if any(key in n for n in names))
 
 
 def _formats(config: dict) -> tuple[str, str, int | None]:
@@ -190,8 +202,10 @@ def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
     """Bytes of `t.count` tensors stored in `fmt`: fp8 = block-scaled (f32 scale per 128x128); int4 = compressed-
     tensors pack-quantized (packed int32 [N, K/8], bf16 scale [N, K/g], int64 shape [2]). Only 2-D projections
     are quantized; vectors stay 16-bit (f32 where the tensor is f32)."""
-    if t.f32:
+    if t.f32 or (fmt == "fp32"):
         return 4 * t.numel * t.count
+    if not t.linear:  # vectors, embeddings, routers: 16-bit in every checkpoint format
+        return 2 * t.numel * t.count
     if t.linear and fmt == "fp8":
         n, k = t.shape
         return t.count * (n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128))
@@ -202,18 +216,26 @@ def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
 
 
 def checkpoint_bytes_by_role(shape: ModelShape, nonexpert_format: str, expert_format: str,
-                             group: int | None = None) -> dict[str, int]:
-    """Predicted checkpoint tensor bytes per role (what the safetensors files hold, headers excluded)."""
+                             group: int | None = None, unquantized: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Predicted checkpoint tensor bytes per role (what the safetensors files hold, headers excluded);
+    `unquantized` roles keep 16-bit weights in a quantized checkpoint (its modules_to_not_convert)."""
     out: dict[str, int] = {}
+    base = "fp32" if nonexpert_format == "fp32" else "bf16"
     for t in shape.tensors():
         if t.role == ROUTED:
             fmt = expert_format
-        elif t.role in QUANTIZABLE or t.role == "lm_head":
-            fmt = nonexpert_format if t.role in QUANTIZABLE else ("bf16" if nonexpert_format == "fp8" else nonexpert_format)
+        elif t.role in QUANTIZABLE and t.role not in unquantized:
+            fmt = nonexpert_format
         else:
-            fmt = "bf16" if nonexpert_format == "fp8" else nonexpert_format
+            fmt = base
         out[t.role] = out.get(t.role, 0) + tensor_bytes(t, fmt, group)
     return out
+
+
+def predicted_checkpoint_bytes(src: "ModelSource") -> dict[str, int]:
+    """What the model's safetensors should hold per role, from config.json alone."""
+    return checkpoint_bytes_by_role(src.shape, src.nonexpert_format, src.expert_source_format,
+                                    src.source_group_size, src.unquantized)
 
 
 def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
@@ -310,7 +332,7 @@ def load_model(model_dir: str | Path) -> ModelSource:
     ne, ex, group = _formats(config)
     return ModelSource(shape=shape, path=str(d.resolve()), config_sha256=hashlib.sha256(cfg_path.read_bytes()).hexdigest(),
                        nonexpert_format=ne, expert_source_format=ex, source_group_size=group,
-                       checkpoint_bytes=read_checkpoint_bytes(d, shape))
+                       checkpoint_bytes=read_checkpoint_bytes(d, shape), unquantized=_unquantized_roles(config))
 
 
 def model_from_recipe(recipe: dict) -> ModelSource:
@@ -479,8 +501,7 @@ class _Planner:
 
     # -- memory ----------------------------------------------------------------------------------------------
     def _weights_summary(self, store_total: int) -> dict:
-        pred = checkpoint_bytes_by_role(self.shape, self.src.nonexpert_format, self.src.expert_source_format,
-                                        self.src.source_group_size)
+        pred = predicted_checkpoint_bytes(self.src)
         out = {"predicted_checkpoint_bytes": pred, "predicted_checkpoint_total": sum(pred.values()),
                "store_bytes": store_total, "source": "config"}
         if self.src.checkpoint_bytes:
@@ -492,8 +513,7 @@ class _Planner:
         """Non-expert weights as loaded (checkpoint format); exact from headers when present."""
         if self.src.checkpoint_bytes:
             return int(self.src.checkpoint_bytes.get("non_expert", 0)) + self.shape.extra_params * 2
-        pred = checkpoint_bytes_by_role(self.shape, self.src.nonexpert_format, self.src.expert_source_format,
-                                        self.src.source_group_size)
+        pred = predicted_checkpoint_bytes(self.src)
         return sum(v for k, v in pred.items() if k != ROUTED)
 
     def _act_bytes(self, tokens: int, gpu_prefill: bool) -> int:
@@ -668,7 +688,8 @@ class _Planner:
                           "virtual": bool(node.virtual or len(real) < self.numa)})
         # rank r owns a contiguous block of the store slices
         per_rank = max(1, self.numa // self.tp)
-        rank_nodes = [[nodes[r * per_rank + j]["node"] for j in range(per_rank)] for r in range(self.tp)]
+        # (modulo only matters for plans already marked as not fitting: numa % tp != 0)
+        rank_nodes = [[nodes[(r * per_rank + j) % len(nodes)]["node"] for j in range(per_rank)] for r in range(self.tp)]
         hot: dict[str, list[int]] = {}
         if gpu_mem and gpu_mem["hot_per_layer"]:
             prof = _routing_profile(self.opt.routing_profile, s)
