@@ -28,6 +28,9 @@ const KernelTable* table_for(const std::string& name) {
     if (name == "ref") return &kernels_ref();
     if (name == "avx2") return (f.avx2 && f.fma) ? kernels_avx2() : nullptr;
     if (name == "avx512") return (f.avx512f && f.avx512bw && f.avx512vl && f.fma) ? kernels_avx512() : nullptr;
+#ifdef LVLLM_AMX_EMULATE
+    if (name == "amx") return kernels_amx();  // scalar tile emulation, test builds only
+#endif
     if (name == "amx") return (f.os_amx && f.amx_bf16 && f.avx512bw) ? kernels_amx() : nullptr;
     return nullptr;
 }
@@ -101,6 +104,7 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     cur_a_ = std::vector<Cursor>(nn);
     cur_b_ = std::vector<Cursor>(nn);
     hptr_.resize(nn);
+    hsb_.resize(nn);
     hbuf_.resize(nn);
     ybuf_.resize(nn);
     scratch_.resize(pool_->total_threads());
@@ -114,8 +118,13 @@ Engine::~Engine() { pool_->wait(); }
 void Engine::repack_expert(const ShardIn& in, NodeWeights& w, int e) const {
     const int64_t H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
     if (!cfg_.int4) {
-        std::memcpy(w.w13.as<uint16_t>() + e * R13 * H, in.w13 + e * R13 * H, R13 * H * 2);
-        std::memcpy(w.w2.as<uint16_t>() + e * H * In, in.w2 + e * H * In, H * In * 2);
+        if (kt_->repack_bf16) {
+            kt_->repack_bf16(in.w13 + e * R13 * H, w.w13.as<uint16_t>() + e * R13 * H, R13, H);
+            kt_->repack_bf16(in.w2 + e * H * In, w.w2.as<uint16_t>() + e * H * In, H, In);
+        } else {
+            std::memcpy(w.w13.as<uint16_t>() + e * R13 * H, in.w13 + e * R13 * H, R13 * H * 2);
+            std::memcpy(w.w2.as<uint16_t>() + e * H * In, in.w2 + e * H * In, H * In * 2);
+        }
         return;
     }
     auto pack = [](const int32_t* src, const uint16_t* ssrc, uint8_t* dst, float* sdst, int64_t rows, int64_t K, int g) {
@@ -250,8 +259,10 @@ std::string Engine::submit(const ForwardArgs& a) {
     }
     xptr_.resize(S);
     for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
+    if (kt_->wants_bf16_rows && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);
     for (size_t n = 0; n < cfg_.nodes.size(); ++n) {
         grow(hbuf_[n], std::max<int64_t>(S, 1) * In);
+        if (kt_->wants_bf16_rows && hsb_[n].size() < size_t(S + 16) * In) hsb_[n].resize(size_t(S + 16) * In);
         grow(ybuf_[n], T * H);
         hptr_[n].resize(S);
         for (int64_t s = 0; s < S; ++s) hptr_[n][s] = hbuf_[n].data() + s * In;
@@ -274,9 +285,12 @@ void Engine::phase_a(int node, int gtid) {
     float* gt = scratch_[gtid].data();
     float* ut = gt + kTokBlock * kRowsA;
     float* hb = hbuf_[node].data();
-    auto rows = [&](int e, int r0, int r1, const float* const* xs, int n, float* y) {
-        if (cfg_.int4) kt_->int4_rows(mat13(W, e), r0, r1, xs, n, y, kRowsA);
-        else kt_->bf16_rows(bmat13(W, e), r0, r1, xs, n, y, kRowsA);
+    const bool wb = kt_->wants_bf16_rows;
+    const int64_t H = cfg_.hidden;
+    uint16_t* hsb = wb ? hsb_[node].data() : nullptr;
+    auto rows = [&](int e, int r0, int r1, const float* const* xs, const uint16_t* xb, int n, float* y) {
+        if (cfg_.int4) kt_->int4_rows(mat13(W, e), r0, r1, xs, n, y, kRowsA, xb, H);
+        else kt_->bf16_rows(bmat13(W, e), r0, r1, xs, n, y, kRowsA, xb, H);
     };
     for (int it; (it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
         const int a = it / cpe, i0 = (it % cpe) * kRowsA, i1 = std::min(In, i0 + kRowsA), nr = i1 - i0;
@@ -284,15 +298,19 @@ void Engine::phase_a(int node, int gtid) {
         for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
             const int n = std::min(kTokBlock, cnt - t0);
             const float* const* xs = xptr_.data() + off + t0;
+            const uint16_t* xb = wb ? xsb_.data() + int64_t(off + t0) * H : nullptr;
             if (cfg_.gated) {
-                rows(e, i0, i1, xs, n, gt);
-                rows(e, In + i0, In + i1, xs, n, ut);
+                rows(e, i0, i1, xs, xb, n, gt);
+                rows(e, In + i0, In + i1, xs, xb, n, ut);
             } else {
-                rows(e, i0, i1, xs, n, ut);
+                rows(e, i0, i1, xs, xb, n, ut);
             }
-            for (int t = 0; t < n; ++t)
-                kt_->act(cfg_.act, cfg_.gated ? gt + t * kRowsA : nullptr, ut + t * kRowsA,
-                         hb + int64_t(off + t0 + t) * In + i0, nr);
+            for (int t = 0; t < n; ++t) {
+                float* h = hb + int64_t(off + t0 + t) * In + i0;
+                kt_->act(cfg_.act, cfg_.gated ? gt + t * kRowsA : nullptr, ut + t * kRowsA, h, nr);
+                if (wb)
+                    for (int i = 0; i < nr; ++i) hsb[int64_t(off + t0 + t) * In + i0 + i] = float_to_bf16(h[i]);
+            }
         }
     }
 }
@@ -300,7 +318,7 @@ void Engine::phase_a(int node, int gtid) {
 void Engine::phase_b(int node, int gtid) {
     const NodeWeights& W = cur_layer_->nodes[node];
     const int H = static_cast<int>(cfg_.hidden);
-    const int64_t T = cur_.tokens;
+    const int64_t T = cur_.tokens, In = cfg_.intermediate;
     const int items = (H + kRowsB - 1) / kRowsB;
     float* tmp = scratch_[gtid].data() + 2 * kTokBlock * kRowsA;
     float* y = ybuf_[node].data();
@@ -312,8 +330,9 @@ void Engine::phase_b(int node, int gtid) {
             for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
                 const int n = std::min(kTokBlock, cnt - t0);
                 const float* const* hs = hptr_[node].data() + off + t0;
-                if (cfg_.int4) kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB);
-                else kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB);
+                const uint16_t* hb = kt_->wants_bf16_rows ? hsb_[node].data() + int64_t(off + t0) * In : nullptr;
+                if (cfg_.int4) kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                else kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
                 for (int t = 0; t < n; ++t) {
                     const int s = off + t0 + t;
                     const float w = slot_w_[s];
@@ -331,11 +350,22 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
-    if (a.hidden_dtype == Dtype::BF16) {
-        const uint16_t* src = static_cast<const uint16_t*>(a.hidden);
-        float* dst = self->xbuf_.data();
-        for (int64_t t; (t = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < T;)
-            for (int64_t c = 0; c < H; ++c) dst[t * H + c] = bf16_to_float(src[t * H + c]);
+    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->kt_->wants_bf16_rows;
+    if (in_bf16 || wb) {  // phase 0: fp32 rows per token and/or bf16 rows per slot
+        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), items = (in_bf16 ? T : 0) + (wb ? S : 0);
+        for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+            if (in_bf16 && it < T) {
+                const uint16_t* src = static_cast<const uint16_t*>(a.hidden) + it * H;
+                float* dst = self->xbuf_.data() + it * H;
+                for (int64_t c = 0; c < H; ++c) dst[c] = bf16_to_float(src[c]);
+                continue;
+            }
+            const int64_t s = it - (in_bf16 ? T : 0), t = self->slot_tok_[s];
+            uint16_t* dst = self->xsb_.data() + s * H;
+            if (in_bf16) std::memcpy(dst, static_cast<const uint16_t*>(a.hidden) + t * H, H * 2);
+            else
+                for (int64_t c = 0; c < H; ++c) dst[c] = float_to_bf16(static_cast<const float*>(a.hidden)[t * H + c]);
+        }
         pool.global_barrier().arrive_and_wait();
     }
     self->phase_a(node, gtid);

@@ -33,12 +33,20 @@ struct Bf16Mat {
     int64_t K;          // columns, multiple of 32
 };
 
+// Activations reach a kernel twice over: x[t] (fp32 row pointers, any order) and, for tables that set
+// `wants_bf16_rows`, xb: the same rows as bf16, contiguous with stride ldxb elements and readable for 15 rows past nt
+// (tile kernels load whole 16-row tiles; rows past nt are padding whose results are discarded). Otherwise xb is null.
 struct KernelTable {
     const char* name;
-    void (*int4_rows)(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy);
-    void (*bf16_rows)(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy);
+    void (*int4_rows)(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy,
+                      const uint16_t* xb, int64_t ldxb);
+    void (*bf16_rows)(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy,
+                      const uint16_t* xb, int64_t ldxb);
     // out[i] = act(gate[i], up[i]) for i < n; gate is unused (may be null) for Relu2.
     void (*act)(Act a, const float* gate, const float* up, float* out, int n);
+    bool wants_bf16_rows = false;
+    // BF16 weights in a kernel-specific layout: called at load for each expert matrix [rows, K]; null = row-major.
+    void (*repack_bf16)(const uint16_t* src, uint16_t* dst, int64_t rows, int64_t K) = nullptr;
 };
 
 const KernelTable& kernels_ref();

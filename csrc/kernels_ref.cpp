@@ -6,7 +6,8 @@
 namespace lvllm {
 namespace {
 
-void int4_rows_ref(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy) {
+void int4_rows_ref(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy, const uint16_t*,
+                   int64_t) {
     const int64_t ng = m.K / m.g;
     for (int r = r0; r < r1; ++r) {
         const uint8_t* row = m.q + static_cast<int64_t>(r) * (m.K / 2);
@@ -19,7 +20,8 @@ void int4_rows_ref(const Int4Mat& m, int r0, int r1, const float* const* x, int 
     }
 }
 
-void bf16_rows_ref(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy) {
+void bf16_rows_ref(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy, const uint16_t*,
+                   int64_t) {
     for (int r = r0; r < r1; ++r) {
         const uint16_t* row = m.w + static_cast<int64_t>(r) * m.K;
         for (int t = 0; t < nt; ++t) {

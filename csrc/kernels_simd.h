@@ -107,12 +107,12 @@ void rows(const M& m, int r0, int r1, const float* const* x, int nt, float* y, i
 }
 
 template <class S>
-void int4_rows(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy) {
+void int4_rows(const Int4Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy, const uint16_t*, int64_t) {
     rows<S, Int4Tiles>(m, r0, r1, x, nt, y, ldy);
 }
 
 template <class S>
-void bf16_rows(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy) {
+void bf16_rows(const Bf16Mat& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy, const uint16_t*, int64_t) {
     rows<S, Bf16Tiles>(m, r0, r1, x, nt, y, ldy);
 }
 

@@ -1,7 +1,8 @@
 """The engine core under AddressSanitizer + UndefinedBehaviorSanitizer (issue 3: a sanitizer build runs clean in CI).
 
 Builds tests/sanitize/engine_driver.cpp with the csrc/ sources (each ISA file with its own flags, as CMake does) and
-runs it; any sanitizer report aborts the driver with a non-zero exit.
+runs it; any sanitizer report aborts the driver with a non-zero exit. Where the CPU lacks AMX, moe_amx.cpp is built
+with LVLLM_AMX_EMULATE (scalar tile instructions) so its VNNI layout and tiling run here too.
 """
 
 from __future__ import annotations
@@ -30,8 +31,12 @@ def test_engine_core_is_sanitizer_clean(tmp_path):
     cxx = shutil.which(os.environ.get("CXX", "g++")) or shutil.which("c++")
     if cxx is None:
         pytest.skip("no C++ compiler (g++/c++) on PATH")
+    from lvllm_runtime.engine import Engine
+
+    emulate = "amx" not in Engine.available_isas()
+    flags = dict(ISA_FLAGS, **({"moe_amx.cpp": ["-DLVLLM_AMX_EMULATE"]} if emulate else {}))
     objs = []
-    jobs = [(src, flags) for src, flags in ISA_FLAGS.items()] + [(src, []) for src in CORE]
+    jobs = [(src, f) for src, f in flags.items()] + [(src, ["-DLVLLM_AMX_EMULATE"] if emulate else []) for src in CORE]
     jobs.append((str(ROOT / "tests" / "sanitize" / "engine_driver.cpp"), []))
     for src, flags in jobs:
         obj = tmp_path / (Path(src).stem + ".o")
@@ -45,4 +50,5 @@ def test_engine_core_is_sanitizer_clean(tmp_path):
     env = dict(os.environ, ASAN_OPTIONS="detect_leaks=1:abort_on_error=1", UBSAN_OPTIONS="print_stacktrace=1")
     r = subprocess.run([str(exe)], capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0 and r.stdout.strip().endswith("OK"), f"driver failed:\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+    assert "kernel table under test: amx" in r.stdout, r.stdout
     assert "runtime error" not in r.stderr and "AddressSanitizer" not in r.stderr, r.stderr[-6000:]

@@ -121,7 +121,9 @@ static void run_case(std::mt19937& rng, bool int4, Act act, int H, int In, int E
             numb += (outs[3][i] - outs[0][i]) * (outs[3][i] - outs[0][i]);
             den += outs[0][i] * outs[0][i];
         }
-        EXPECT(std::sqrt(num / (den + 1e-30)) < 1e-4, "%s vs ref rel err %g (T=%d)", best.c_str(), std::sqrt(num / den), T);
+        // AMX multiplies bf16 activations (rounding ~2^-9 relative); every other table is fp32 throughout.
+        const double tol = (best == "amx" && !int4) ? 1e-2 : 1e-4;
+        EXPECT(std::sqrt(num / (den + 1e-30)) < tol, "%s vs ref rel err %g (T=%d)", best.c_str(), std::sqrt(num / den), T);
         EXPECT(std::sqrt(numb / (den + 1e-30)) < 1e-2, "bf16 I/O rel err %g (T=%d)", std::sqrt(numb / den), T);
     }
     // Refused inputs: an error string, nothing launched, the engine still usable.
@@ -151,13 +153,16 @@ static void run_case(std::mt19937& rng, bool int4, Act act, int H, int In, int E
 
 int main() {
     std::mt19937 rng(1234);
-    const std::string best = Engine::available_isas().front();
-    std::printf("kernel table under test: %s\n", best.c_str());
-    run_case(rng, true, Act::SiluGlu, 96, 64, 6, 2, {{0}}, best);
-    run_case(rng, true, Act::Relu2, 64, 96, 5, 3, {{0, 1}, {1}}, best);
-    run_case(rng, true, Act::GptossGlu, 160, 32, 4, 1, {{0}, {1}, {0}}, best);
-    run_case(rng, false, Act::GeluTanhGlu, 128, 64, 7, 4, {{0, 1}}, best);
-    run_case(rng, false, Act::SiluGlu, 64, 32, 3, 2, {{1}, {0}}, best);
+    for (const std::string& best : Engine::available_isas()) {
+        if (best == "ref") continue;
+        std::printf("kernel table under test: %s\n", best.c_str());
+        run_case(rng, true, Act::SiluGlu, 96, 64, 6, 2, {{0}}, best);
+        run_case(rng, true, Act::Relu2, 64, 96, 5, 3, {{0, 1}, {1}}, best);
+        run_case(rng, true, Act::GptossGlu, 160, 32, 4, 1, {{0}, {1}, {0}}, best);
+        run_case(rng, false, Act::GeluTanhGlu, 128, 64, 7, 4, {{0, 1}}, best);
+        run_case(rng, false, Act::SiluGlu, 64, 32, 3, 2, {{1}, {0}}, best);
+        run_case(rng, false, Act::Relu2, 96, 64, 5, 2, {{0}, {1}}, best);
+    }
     EngineConfig bad;
     bad.hidden = 64; bad.intermediate = 48; bad.experts = 2; bad.int4 = true; bad.group = 32; bad.nodes = {{0}};
     bad.max_tokens = 4;
