@@ -1,0 +1,616 @@
+"""The GPU half on the H100 box (issue 8), in one call: checks, then times, then writes JSON + a markdown table.
+
+    python bench/gpu_hybrid.py --out $OUT [--layers 48] [--stages env,bw,layer,prefill,model]
+
+Stages (each one's result or error lands in gpu_hybrid.json as soon as it ends, so a cut-off run keeps its part):
+  env      device, versions, cpus
+  bw       ceilings: CPU read bandwidth with the engine's cores, pinned H2D bandwidth, bf16 GEMM rate
+  layer    one Qwen3-30B-A3B MoE layer (E 128, top-8, H 2048, I 768, INT4 g128 random store, 16 hot experts):
+           CUDA-graph replay == eager == all-GPU f32 reference over fresh routings at T = 1 and 4; per-layer split
+           (D2H copy / host node / engine CPU time / H2D / hot-expert GPU / wait) and graph replay time
+  prefill  one layer: streamed GPU prefill == CPU engine; per-layer time at 1K / 8K tokens for both, vs bounds
+  model    transformers Qwen3-MoE classes (config numbers of Qwen3-30B-A3B, --layers of them) with random weights,
+           MoE blocks replaced by the hybrid layer, experts in a random INT4 store in pinned host RAM: decode tok/s at
+           batch 1 and 4 eager vs CUDA graph vs all-GPU (bf16 experts on the GPU), logits compared; prefill tok/s
+           with GPU prefill on / off
+CPU fallbacks of the same code paths are tested in tests/test_gpu_paths.py; this script needs CUDA.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from lvllm_runtime.arch import Routing  # noqa: E402
+from lvllm_runtime.cuda_graph_step import CpuStep, HybridDecodeLayer, capture, profile  # noqa: E402
+from lvllm_runtime.engine import Engine  # noqa: E402
+from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
+from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
+
+# Qwen3-30B-A3B config.json numbers
+Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
+          vocab_size=151936, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960)
+H, I, E, K, G = 2048, 768, 128, 8, 128
+ROUTING = Routing(scoring="softmax", top_k=K, renormalize=True)
+DEV = torch.device("cuda")
+RESULTS: dict = {}
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def median_ms(fn, n: int, warm: int = 2) -> float:
+    for _ in range(warm):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def save(out: Path) -> None:
+    tmp = out / "gpu_hybrid.json.tmp"
+    tmp.write_text(json.dumps(RESULTS, indent=1, default=str))
+    tmp.replace(out / "gpu_hybrid.json")
+
+
+def random_layer_int4(seed: int) -> dict[str, torch.Tensor]:
+    """A random INT4 store layer (one node, I whole): random nibbles, bf16 scales ~ unit-variance outputs.
+    Drawn on the GPU (fast) and copied into pinned host memory."""
+    g = torch.Generator(device=DEV).manual_seed(seed)
+
+    def packed(*shape):
+        return torch.randint(-2**31, 2**31 - 1, shape, generator=g, device=DEV, dtype=torch.int64).to(torch.int32)
+
+    def scale(*shape, fan_in):
+        return ((torch.rand(*shape, generator=g, device=DEV) + 0.5) / (4.6 * fan_in**0.5)).bfloat16()
+
+    dev = {"w13.packed": packed(E, 2 * I, H // 8), "w13.scale": scale(E, 2 * I, H // G, fan_in=H),
+           "w2.packed": packed(E, H, I // 8), "w2.scale": scale(E, H, I // G, fan_in=I)}
+    out = {}
+    for k, v in dev.items():
+        out[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=torch.cuda.is_available())
+        out[k].copy_(v)
+    return out
+
+
+def expert_bytes(group: int = G) -> int:
+    """INT4 bytes of one expert (gate+up+down nibbles and bf16 scales)."""
+    n = 3 * I * H
+    return n // 2 + n // group * 2
+
+
+def engine_cpus(arg: str | None) -> list[int]:
+    cpus = sorted(os.sched_getaffinity(0))
+    if arg:
+        a, b = arg.split("-")
+        return [c for c in cpus if int(a) <= c <= int(b)]
+    return cpus[1:] if len(cpus) > 2 else cpus  # cpu 0 stays with Python and the CUDA callback thread
+
+
+# ----------------------------------------------------------------------------------------------------------- stages
+
+def stage_env(args) -> dict:
+    import transformers
+
+    p = torch.cuda.get_device_properties(0)
+    return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "device": p.name, "sm_count": p.multi_processor_count, "vram_gib": round(p.total_memory / 2**30, 1),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)),
+            "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+            "engine_cpus": engine_cpus(args.engine_cpus), "isas": Engine.available_isas(),
+            "has_grouped_mm": hasattr(torch, "_grouped_mm")}
+
+
+def stage_bw(args) -> dict:
+    from lvllm_runtime.membench import read_bandwidth
+
+    cpus = engine_cpus(args.engine_cpus)
+    bw = read_bandwidth(cpus, total_bytes=2 << 30, min_seconds=1.0)
+    host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
+    host.fill_(7)
+    dev = torch.empty_like(host, device=DEV)
+    h2d_ms = median_ms(lambda: dev.copy_(host, non_blocking=True), 10)
+    a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: a @ b, 10)
+    return {"cpu_read_gb_s": bw.gb_s, "cpu_read_threads": bw.threads, "h2d_pinned_gb_s": (1 << 30) / h2d_ms / 1e6,
+            "gemm_bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
+
+
+class LayerRig:
+    """One random Qwen3-30B-A3B layer: host INT4, the engine, hot experts on the GPU, the f32 all-GPU reference."""
+
+    def __init__(self, args, layers: int = 1, max_tokens: int = 8192, hot: int = 16):
+        self.cpus = engine_cpus(args.engine_cpus)
+        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], max_tokens)
+        self.host = {}
+        for L in range(layers):
+            self.host[L] = random_layer_int4(1000 + L)
+            self.engine.load_layer(L, [self.host[L]])
+        self.hot_ids = list(range(hot))
+        self.slot = torch.full((E,), -1, dtype=torch.long, device=DEV)
+        self.slot[:hot] = torch.arange(hot, device=DEV)
+        self.hot = {}
+        for L, t in self.host.items():
+            self.hot[L] = (dequant_int4_bf16(t["w13.packed"][:hot].to(DEV), t["w13.scale"][:hot].to(DEV), G),
+                           dequant_int4_bf16(t["w2.packed"][:hot].to(DEV), t["w2.scale"][:hot].to(DEV), G))
+
+    def reference(self, L: int, hidden, w, ids) -> torch.Tensor:
+        """All-GPU f32 reference on the same dequantized weights (hybrid.experts_torch)."""
+        lw = LayerWeights({k: v.to(DEV) for k, v in self.host[L].items()}, "int4", G)
+        return experts_torch(hidden.float(), w, ids, lw, "silu_glu", True)
+
+
+def fresh_routing(t: int, gen: torch.Generator):
+    logits = torch.randn(t, E, device=DEV, generator=gen)
+    return route(logits, ROUTING)
+
+
+def stage_layer(args) -> dict:
+    rig = LayerRig(args, layers=1, hot=args.hot)
+    res = {"hot_experts": args.hot, "engine_isa": rig.engine.isa, "tokens": {}}
+    gen = torch.Generator(device=DEV).manual_seed(0)
+    steps = {t: CpuStep(rig.engine, [0], t, H, K, torch.bfloat16, DEV) for t in (1, 4)}
+    for t in (1, 4):
+        dec = HybridDecodeLayer(0, steps, "silu_glu", True, *rig.hot[0], rig.slot)
+        x = torch.zeros(t, H, dtype=torch.bfloat16, device=DEV)
+        w = torch.zeros(t, K, device=DEV)
+        ids = torch.zeros(t, K, dtype=torch.int32, device=DEV)
+        graph, gout = capture(lambda: dec(x, w, ids))
+        errs_ge, errs_gr, errs_er, cold = [], [], [], []
+        for s in range(args.check_steps):
+            x.copy_(torch.randn(t, H, device=DEV, generator=gen).bfloat16())
+            nw, nids = fresh_routing(t, gen)
+            w.copy_(nw)
+            ids.copy_(nids)
+            graph.replay()
+            torch.cuda.synchronize()
+            steps[t].check()
+            g = gout.clone()
+            e = dec(x, w, ids)
+            torch.cuda.synchronize()
+            steps[t].check()
+            r = rig.reference(0, x, w, ids)
+            errs_ge.append(rel(g, e)), errs_gr.append(rel(g, r)), errs_er.append(rel(e, r))
+            c = ids[rig.slot[ids.long()] < 0]
+            cold.append(int(torch.unique(c).numel()))
+        # timings: eager split (events), eager step, graph replay
+        split = [profile(steps[t], 0, lambda: dec(x, w, ids)) for _ in range(args.time_steps)]
+        split_med = {k: statistics.median(s[k] for s in split) for k in split[0]}
+        eager_ms = median_ms(lambda: dec(x, w, ids), args.time_steps)
+        graph_ms = median_ms(graph.replay, args.time_steps)
+        steps[t].check()
+        cpu_only = median_ms(lambda: rig.engine.forward(0, steps[t].h_pin, steps[t].ids_pin, steps[t].w_pin,
+                                                        steps[t].out_pin), args.time_steps)
+        avg_cold = statistics.mean(cold)
+        res["tokens"][t] = {
+            "max_rel_graph_vs_eager": max(errs_ge), "max_rel_graph_vs_ref": max(errs_gr),
+            "max_rel_eager_vs_ref": max(errs_er), "steps_checked": args.check_steps,
+            "split_ms": split_med, "eager_ms": eager_ms, "graph_ms": graph_ms, "engine_direct_ms": cpu_only,
+            "avg_distinct_cold_experts": avg_cold,
+            "cpu_roofline_ms": avg_cold * expert_bytes() / (RESULTS["bw"]["cpu_read_gb_s"] * 1e6)
+            if "bw" in RESULTS and "cpu_read_gb_s" in RESULTS["bw"] else None}
+        log(f"layer T={t}", json.dumps(res["tokens"][t]))
+        del graph
+    ok = all(v["max_rel_graph_vs_eager"] < 1e-3 and v["max_rel_graph_vs_ref"] < 2e-2 for v in res["tokens"].values())
+    res["pass"] = ok
+    return res
+
+
+def stage_prefill(args) -> dict:
+    nl = args.prefill_layers
+    rig = LayerRig(args, layers=nl, hot=0)
+    res = {"layers_streamed": nl, "window": args.window, "tokens": {}}
+    sp = StreamedPrefill({L: LayerWeights(rig.host[L], "int4", G) for L in range(nl)}, "silu_glu", True, DEV,
+                         args.window)
+    gen = torch.Generator(device=DEV).manual_seed(1)
+    bw = RESULTS.get("bw", {})
+    for t in args.prefill_tokens:
+        x = (torch.randn(t, H, device=DEV, generator=gen) * 1.0).bfloat16()
+        w, ids = fresh_routing(t, gen)
+        entry = {}
+        if t <= 8192:
+            gpu = sp.forward(0, x, w, ids)
+            out = torch.empty(t, H, dtype=torch.bfloat16, pin_memory=True)
+            hx, hi, hw = x.cpu(), ids.cpu(), w.cpu()
+            t0 = time.perf_counter()
+            rig.engine.forward(0, hx, hi, hw, out)
+            entry["cpu_layer_ms"] = (time.perf_counter() - t0) * 1e3
+            entry["rel_gpu_prefill_vs_cpu"] = rel(gpu.cpu(), out)
+        # streamed: all layers in order, copies overlapping compute; per-layer time in steady state
+        def run_all():
+            for L in range(nl):
+                sp.forward(L, x, w, ids)
+        ms = median_ms(run_all, 3, warm=1)
+        dq13 = sp.w13.numel() + sp.w2.numel()
+        entry["gpu_layer_ms"] = ms / nl
+        flops = 2 * t * K * 3 * H * I
+        if bw:
+            entry["bound_h2d_ms"] = sp.layer_bytes / (bw["h2d_pinned_gb_s"] * 1e6)
+            entry["bound_gemm_ms"] = flops / (bw["gemm_bf16_tflops"] * 1e9)
+            entry["bound_ms"] = max(entry["bound_h2d_ms"], entry["bound_gemm_ms"])
+            entry["pct_of_bound"] = 100 * entry["bound_ms"] / entry["gpu_layer_ms"]
+        # compute alone (weights already staged): what the copies must hide behind
+        w13, w2 = sp.w13, sp.w2
+        entry["gpu_compute_only_ms"] = median_ms(lambda: grouped_experts(x, w, ids, w13, w2, "silu_glu", True), 3)
+        entry["dequant_bytes_written"] = dq13 * 2
+        res["tokens"][t] = entry
+        log(f"prefill T={t}", json.dumps(entry))
+    res["layer_store_bytes"] = sp.layer_bytes
+    return res
+
+
+# ------------------------------------------------------------------------------------------------ full-model harness
+
+class StaticKV:
+    """A graph-friendly KV cache: fixed [B, kv_heads, max_len, d] buffers per layer, written at a device position."""
+
+    def __init__(self, layers: int, batch: int, kv_heads: int, head_dim: int, max_len: int, dtype):
+        g = torch.Generator(device=DEV).manual_seed(123)  # same context for every run being compared
+        self.k = [torch.randn(batch, kv_heads, max_len, head_dim, device=DEV, dtype=dtype, generator=g)
+                  for _ in range(layers)]
+        self.v = [torch.randn(batch, kv_heads, max_len, head_dim, device=DEV, dtype=dtype, generator=g)
+                  for _ in range(layers)]
+        self.pos = torch.zeros(1, dtype=torch.long, device=DEV)
+
+    def update(self, key, value, layer_idx, *args, **kwargs):
+        self.k[layer_idx].index_copy_(2, self.pos, key)
+        self.v[layer_idx].index_copy_(2, self.pos, value)
+        return self.k[layer_idx], self.v[layer_idx]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # noqa: ARG002 - transformers asks; unused by our loop
+        return 0
+
+
+class HybridBlock(torch.nn.Module):
+    """Replaces Qwen3MoeSparseMoeBlock: router on the GPU, routed experts through the mode the model is in."""
+
+    def __init__(self, layer: int, model_rig: "ModelRig"):
+        super().__init__()
+        self.layer, self.rig = layer, model_rig
+        self.gate = torch.nn.Parameter(torch.empty(E, H))
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        shape = hidden.shape
+        x = hidden.reshape(-1, H)
+        w, ids = route(F.linear(x, self.gate), ROUTING)
+        return self.rig.experts(self.layer, x, w, ids).reshape(shape)
+
+
+class ModelRig:
+    def __init__(self, args, layers: int):
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        cfg = Qwen3MoeConfig(**{**Q3, "num_hidden_layers": layers})
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = Qwen3MoeForCausalLM(cfg)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp = HybridBlock(i, self)
+        model = model.to_empty(device=DEV).to(torch.bfloat16)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+        rot = type(model.model.rotary_emb)(config=cfg).to(DEV)  # its buffers were left empty on meta
+        model.model.rotary_emb = rot
+        self.model, self.cfg, self.layers = model.eval(), cfg, layers
+        params = set(__import__("inspect").signature(model.model.layers[0].forward).parameters)
+        self.kv_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
+        self.cpus = engine_cpus(args.engine_cpus)
+        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], args.max_tokens)
+        self.host, self.hot, self.allgpu = {}, {}, None
+        self.slot = torch.full((E,), -1, dtype=torch.long, device=DEV)
+        self.slot[: args.hot] = torch.arange(args.hot, device=DEV)
+        t0 = time.perf_counter()
+        for L in range(layers):
+            self.host[L] = random_layer_int4(2000 + L)
+            self.engine.load_layer(L, [self.host[L]])
+            t = self.host[L]
+            self.hot[L] = (dequant_int4_bf16(t["w13.packed"][: args.hot].to(DEV), t["w13.scale"][: args.hot].to(DEV), G),
+                           dequant_int4_bf16(t["w2.packed"][: args.hot].to(DEV), t["w2.scale"][: args.hot].to(DEV), G))
+        log(f"model: {layers} layers, store in pinned RAM + engine loaded in {time.perf_counter() - t0:.1f}s")
+        self.steps: dict[int, CpuStep] = {}
+        self.dec = {}
+        self.prefill = StreamedPrefill({L: LayerWeights(self.host[L], "int4", G) for L in range(layers)},
+                                       "silu_glu", True, DEV, args.window)
+        self.mode = "hybrid"          # hybrid | allgpu
+        self.gpu_prefill_min = args.gpu_prefill_min
+        self.gpu_prefill_on = True
+        self.layers_used = layers
+
+    def step_for(self, t: int) -> CpuStep:
+        if t not in self.steps:
+            self.steps[t] = CpuStep(self.engine, range(self.layers), t, H, K, torch.bfloat16, DEV)
+        return self.steps[t]
+
+    def experts(self, L: int, x, w, ids) -> torch.Tensor:
+        t = x.shape[0]
+        if self.mode == "allgpu":
+            w13, w2 = self.allgpu[L]
+            return grouped_experts(x, w, ids, w13, w2, "silu_glu", True).to(x.dtype)
+        if self.gpu_prefill_on and t >= self.gpu_prefill_min:
+            return self.prefill.forward(L, x, w, ids)
+        self.step_for(t)
+        dec = self.dec.get(L) or HybridDecodeLayer(L, self.steps, "silu_glu", True, *self.hot[L], self.slot)
+        self.dec[L] = dec
+        return dec(x, w, ids)
+
+    def build_allgpu(self, layers: int) -> None:
+        self.allgpu = {}
+        for L in range(layers):
+            t = self.host[L]
+            self.allgpu[L] = (dequant_int4_bf16(t["w13.packed"].to(DEV), t["w13.scale"].to(DEV), G),
+                              dequant_int4_bf16(t["w2.packed"].to(DEV), t["w2.scale"].to(DEV), G))
+
+    def forward(self, ids: torch.Tensor, kv: StaticKV | None, mask: torch.Tensor | None, pos_ids) -> torch.Tensor:
+        """ids [B, S] -> logits [B, S, V] over the first `layers_used` layers."""
+        m = self.model.model
+        h = m.embed_tokens(ids)
+        pe = m.rotary_emb(h, pos_ids)
+        for layer in m.layers[: self.layers_used]:
+            o = layer(h, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe, **{self.kv_kw: kv})
+            h = o[0] if isinstance(o, tuple) else o
+        return self.model.lm_head(m.norm(h))
+
+
+def decode_setup(rig: ModelRig, b: int, args):
+    """A static KV cache with `context` random positions, a token buffer, and the decode step reading them."""
+    c = rig.cfg
+    kv = StaticKV(args.layers, b, c.num_key_value_heads, c.head_dim, args.context + args.decode_steps + 8,
+                  torch.bfloat16)
+    tok = torch.zeros(b, 1, dtype=torch.long, device=DEV)
+    pos_ids = torch.zeros(b, 1, dtype=torch.long, device=DEV)
+    ar = torch.arange(kv.k[0].shape[2], device=DEV)
+
+    @torch.no_grad()
+    def step():
+        mask = torch.where(ar <= kv.pos, 0.0, float("-inf")).to(torch.bfloat16).view(1, 1, 1, -1).expand(b, 1, 1, -1)
+        pos_ids.copy_(kv.pos.view(1, 1).expand(b, 1))
+        return rig.forward(tok, kv, mask, pos_ids)[:, -1].float()
+
+    return kv, tok, step
+
+
+def stage_model(args) -> dict:
+    rig = ModelRig(args, args.layers)
+    res = {"layers": args.layers, "hot_experts": args.hot, "context": args.context, "decode": {}, "prefill": {}}
+    gen = torch.Generator(device=DEV).manual_seed(5)
+    V = Q3["vocab_size"]
+    free, total = torch.cuda.mem_get_info()
+    res["gpu_mem_after_build_gib"] = round((total - free) / 2**30, 1)
+
+    tokens_seq = torch.randint(0, V, (args.decode_steps, 4), device=DEV, generator=gen)
+    for b in (1, 4):
+        with torch.no_grad():
+            kv, tok, step = decode_setup(rig, b, args)
+            rig.mode = "hybrid"
+            eager_logits = []
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for s in range(args.decode_steps):
+                kv.pos.fill_(args.context + s)
+                tok.copy_(tokens_seq[s, :b].view(b, 1))
+                eager_logits.append(step())
+            torch.cuda.synchronize()
+            eager_ms = (time.perf_counter() - t0) * 1e3 / args.decode_steps
+            kv.pos.fill_(args.context)
+            graph, gout = capture(step, warmup=1)
+            graph_logits = []
+            for s in range(args.decode_steps):
+                kv.pos.fill_(args.context + s)
+                tok.copy_(tokens_seq[s, :b].view(b, 1))
+                graph.replay()
+                graph_logits.append(gout.clone())
+            torch.cuda.synchronize()
+            rig.steps[b].check()
+            errs = [rel(g, e) for g, e in zip(graph_logits, eager_logits)]
+            graph_ms = median_ms(graph.replay, args.decode_steps)
+            rig.steps[b].check()
+            d = {"eager_ms_per_step": eager_ms, "graph_ms_per_step": graph_ms,
+                 "eager_tok_s": b * 1e3 / eager_ms, "graph_tok_s": b * 1e3 / graph_ms,
+                 "max_rel_logits_graph_vs_eager": max(errs), "steps": args.decode_steps}
+            res["decode"][b] = d
+            del graph, gout
+            # one traced eager step: split per layer is in stage `layer`; here the CPU roofline for the whole model
+            if "layer" in RESULTS and isinstance(RESULTS["layer"], dict) and "tokens" in RESULTS["layer"]:
+                lt = RESULTS["layer"]["tokens"].get(b)
+                if lt and lt.get("cpu_roofline_ms"):
+                    d["cpu_roofline_ms_per_step"] = lt["cpu_roofline_ms"] * args.layers
+                    d["cpu_roofline_tok_s"] = b * 1e3 / d["cpu_roofline_ms_per_step"]
+                    d["pct_of_roofline_graph"] = 100 * d["cpu_roofline_ms_per_step"] / graph_ms
+            d["hybrid_logits"] = eager_logits
+            log(f"model decode B={b}", {k: v for k, v in d.items() if k != "hybrid_logits"})
+        torch.cuda.empty_cache()
+    save(Path(args.out))
+
+    # prefill: GPU prefill on and off
+    for t in args.prefill_tokens:
+        ids = torch.randint(0, V, (1, t), device=DEV, generator=gen)
+        pos = torch.arange(t, device=DEV).view(1, t)
+        e = {}
+        with torch.no_grad():
+            rig.gpu_prefill_on = True
+            on = None
+
+            def run_on():
+                nonlocal on
+                on = rig.forward(ids, None, None, pos)[:, -8:].float()
+            ms = median_ms(run_on, 2, warm=1)
+            e["gpu_prefill_ms"], e["gpu_prefill_tok_s"] = ms, t * 1e3 / ms
+            if t <= args.cpu_prefill_max:
+                rig.gpu_prefill_on = False
+                t0 = time.perf_counter()
+                off = rig.forward(ids, None, None, pos)[:, -8:].float()
+                torch.cuda.synchronize()
+                ms = (time.perf_counter() - t0) * 1e3
+                e["cpu_prefill_ms"], e["cpu_prefill_tok_s"] = ms, t * 1e3 / ms
+                e["rel_logits_gpu_vs_cpu_prefill"] = rel(on, off)
+                rig.gpu_prefill_on = True
+        res["prefill"][t] = e
+        log(f"model prefill T={t}", e)
+        torch.cuda.empty_cache()
+        save(Path(args.out))
+
+    # all-GPU: bf16 experts on the device for as many layers as fit; hybrid logits compared on the same layers
+    rig.prefill = None
+    rig.hot = {}
+    rig.dec = {}
+    torch.cuda.empty_cache()
+    free, _ = torch.cuda.mem_get_info()
+    per_layer = 3 * E * I * H * 2
+    fit = max(0, min(args.layers, int((free - (6 << 30)) // per_layer)))
+    res["allgpu_layers"] = fit
+    if fit:
+        rig.build_allgpu(fit)
+        rig.mode = "allgpu"
+        rig.layers_used = fit
+        for b in (1, 4):
+            with torch.no_grad():
+                kv, tok, step = decode_setup(rig, b, args)
+                errs = []
+                for s in range(min(args.decode_steps, 8)):
+                    kv.pos.fill_(args.context + s)
+                    tok.copy_(tokens_seq[s, :b].view(b, 1))
+                    if fit == args.layers:
+                        errs.append(rel(step(), res["decode"][b]["hybrid_logits"][s]))
+                kv.pos.fill_(args.context)
+                graph, gout = capture(step, warmup=1)
+                ms = median_ms(graph.replay, args.decode_steps) * args.layers / fit
+                d = res["decode"][b]
+                d["allgpu_graph_ms_per_step"] = ms
+                d["allgpu_tok_s"] = b * 1e3 / ms
+                d["allgpu_scaled_from_layers"] = fit
+                if errs:
+                    d["max_rel_logits_hybrid_vs_allgpu"] = max(errs)
+                log(f"all-GPU decode B={b}", ms, errs[:3])
+                del graph
+    for b in res["decode"]:
+        res["decode"][b].pop("hybrid_logits", None)
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------- report
+
+def table() -> str:
+    r = RESULTS
+    lines = [f"# gpu_hybrid {r.get('env', {}).get('date_utc', '?')} on {r.get('env', {}).get('device', '?')}", ""]
+    if isinstance(r.get("bw"), dict) and "cpu_read_gb_s" in r["bw"]:
+        b = r["bw"]
+        lines += [f"ceilings: CPU read {b['cpu_read_gb_s']:.1f} GB/s ({b['cpu_read_threads']} threads), pinned H2D "
+                  f"{b['h2d_pinned_gb_s']:.1f} GB/s, bf16 GEMM {b['gemm_bf16_tflops']:.0f} TFLOP/s", ""]
+    lay = r.get("layer")
+    if isinstance(lay, dict) and "tokens" in lay:
+        lines += ["| T | graph vs eager | graph vs ref | D2H ms | host node ms | engine ms | H2D ms | hot GPU ms | "
+                  "wait ms | eager step ms | graph step ms | CPU roofline ms |", "|" + "---|" * 12]
+        for t, v in lay["tokens"].items():
+            s = v["split_ms"]
+            rf = v.get("cpu_roofline_ms")
+            lines.append(f"| {t} | {v['max_rel_graph_vs_eager']:.1e} | {v['max_rel_graph_vs_ref']:.1e} | {s['d2h']:.3f} | "
+                         f"{s['hostfn']:.3f} | {s['cpu']:.3f} | {s['h2d']:.3f} | {s['gpu']:.3f} | {s['wait']:.3f} | "
+                         f"{v['eager_ms']:.3f} | {v['graph_ms']:.3f} | {rf if rf is None else f'{rf:.3f}'} |")
+        lines.append("")
+    pre = r.get("prefill")
+    if isinstance(pre, dict) and "tokens" in pre:
+        lines += ["| prefill T (one layer) | GPU ms/layer | compute-only ms | bound ms (H2D / GEMM) | % of bound | "
+                  "CPU engine ms/layer | GPU vs CPU rel |", "|" + "---|" * 7]
+        for t, v in pre["tokens"].items():
+            lines.append(f"| {t} | {v['gpu_layer_ms']:.2f} | {v['gpu_compute_only_ms']:.2f} | "
+                         f"{v.get('bound_h2d_ms', 0):.2f} / {v.get('bound_gemm_ms', 0):.2f} | {v.get('pct_of_bound', 0):.0f} | "
+                         f"{v.get('cpu_layer_ms', float('nan')):.1f} | {v.get('rel_gpu_prefill_vs_cpu', float('nan')):.1e} |")
+        lines.append("")
+    mod = r.get("model")
+    if isinstance(mod, dict) and "decode" in mod:
+        lines += [f"full model: {mod['layers']} layers, {mod['hot_experts']} hot experts/layer, context {mod['context']}", "",
+                  "| batch | eager tok/s | graph tok/s | all-GPU tok/s | CPU roofline tok/s | graph % of roofline | "
+                  "graph vs eager logits | hybrid vs all-GPU logits |", "|" + "---|" * 8]
+        for b, v in mod["decode"].items():
+            f = lambda k, p=".1f": (format(v[k], p) if k in v else "-")  # noqa: E731
+            lines.append(f"| {b} | {f('eager_tok_s')} | {f('graph_tok_s')} | {f('allgpu_tok_s')} | {f('cpu_roofline_tok_s')} | "
+                         f"{f('pct_of_roofline_graph', '.0f')} | {f('max_rel_logits_graph_vs_eager', '.1e')} | "
+                         f"{f('max_rel_logits_hybrid_vs_allgpu', '.1e')} |")
+        lines += ["", "| prefill tokens | GPU prefill on tok/s | off (CPU engine) tok/s | on vs off logits |", "|---|---|---|---|"]
+        for t, v in mod.get("prefill", {}).items():
+            lines.append(f"| {t} | {v.get('gpu_prefill_tok_s', float('nan')):.0f} | {v.get('cpu_prefill_tok_s', float('nan')):.0f} | "
+                         f"{v.get('rel_logits_gpu_vs_cpu_prefill', float('nan')):.1e} |")
+    errs = [f"- {k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
+    if errs:
+        lines += ["", "errors:"] + errs
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--stages", default="env,bw,layer,prefill,model")
+    ap.add_argument("--layers", type=int, default=48)
+    ap.add_argument("--hot", type=int, default=16)
+    ap.add_argument("--engine-cpus", default=None, help="e.g. 1-15 (default: all but the first)")
+    ap.add_argument("--check-steps", type=int, default=24)
+    ap.add_argument("--time-steps", type=int, default=30)
+    ap.add_argument("--prefill-layers", type=int, default=6)
+    ap.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192])
+    ap.add_argument("--cpu-prefill-max", type=int, default=1024, help="full-model CPU prefill only up to this T")
+    ap.add_argument("--window", type=int, default=1)
+    ap.add_argument("--gpu-prefill-min", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--decode-steps", type=int, default=24)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("bench/gpu_hybrid.py needs CUDA; the CPU fallbacks are tested by tests/test_gpu_paths.py", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)  # the engine owns the cores (engine.py thread budget)
+    fns = {"env": stage_env, "bw": stage_bw, "layer": stage_layer, "prefill": stage_prefill, "model": stage_model}
+    for name in args.stages.split(","):
+        log(f"stage {name}")
+        t0 = time.perf_counter()
+        try:
+            RESULTS[name] = fns[name](args)
+        except Exception as e:  # a failed stage is recorded; the next ones still run
+            traceback.print_exc()
+            RESULTS[name] = {"error": f"{type(e).__name__}: {e}"}
+        if isinstance(RESULTS[name], dict):
+            RESULTS[name]["seconds"] = round(time.perf_counter() - t0, 1)
+        save(out)
+        gc.collect()  # engines of finished stages (and their pinned threads) go now
+        torch.cuda.empty_cache()
+    md = table()
+    (out / "gpu_hybrid.md").write_text(md)
+    print(md)
+    return 0 if all("error" not in v for v in RESULTS.values() if isinstance(v, dict)) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

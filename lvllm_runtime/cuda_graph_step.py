@@ -1,0 +1,259 @@
+"""The CUDA-graph-safe hybrid decode step: the CPU engine's work inside a captured graph, as a host-callback node.
+
+Per MoE layer, for a batch of T tokens (one static buffer set per captured T, shared by every layer):
+
+    main stream  : cold ids (hot ids masked -1) ──fork──> hot experts on the GPU (grouped_experts) ──join──> hot + cold
+    side stream  :      hidden, ids, weights D2H into pinned ─> host node: engine forward ─> pinned out H2D ──┘
+
+The host node is `lvllm_hostcall_run` (csrc/hostfn.cpp), a C function launched with cudaLaunchHostFunc through
+ctypes on torch's own libcudart: it runs the engine's C++ core on the pinned buffers with no CUDA call, no Python and
+no GIL, so it is legal inside a graph and costs no interpreter time on replay. Routing may change on every replay:
+only buffer contents change, never addresses. The same code runs eagerly (profiled with events) for the timing split.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .engine import Engine
+from .errors import EngineError
+from .gpu_prefill import grouped_experts
+
+_DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int64: 3}  # lvllm::Dtype
+
+
+@functools.lru_cache(maxsize=None)
+def cudart() -> ctypes.CDLL:
+    """The libcudart torch loaded (found in /proc/self/maps, so one runtime instance serves both)."""
+    torch.cuda.init()
+    path = None
+    with open("/proc/self/maps") as f:
+        for line in f:
+            if "libcudart.so" in line:
+                path = line.split()[-1]
+                break
+    try:
+        lib = ctypes.CDLL(path or "libcudart.so", mode=ctypes.RTLD_GLOBAL)
+    except OSError as e:
+        raise EngineError(f"cannot load libcudart ({e})", "use a CUDA build of torch (torch.version.cuda set)") from None
+    lib.cudaLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cudaLaunchHostFunc.restype = ctypes.c_int
+    lib.cudaGetErrorString.argtypes = [ctypes.c_int]
+    lib.cudaGetErrorString.restype = ctypes.c_char_p
+    return lib
+
+
+@functools.lru_cache(maxsize=None)
+def _hostfn() -> ctypes.CDLL:
+    """csrc/hostfn.cpp's C entry points, exported from the engine module itself."""
+    from . import _cpu
+
+    lib = ctypes.CDLL(_cpu.__file__)
+    try:
+        lib.lvllm_hostcall_create.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_int,
+                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p,
+                                              ctypes.c_int64, ctypes.c_int64]
+    except AttributeError:
+        raise EngineError("the engine build has no lvllm_hostcall_* symbols (csrc/hostfn.cpp)",
+                          "rebuild: pip install --no-build-isolation -e .") from None
+    lib.lvllm_hostcall_create.restype = ctypes.c_void_p
+    lib.lvllm_hostcall_destroy.argtypes = [ctypes.c_void_p]
+    lib.lvllm_hostcall_error.argtypes = [ctypes.c_void_p]
+    lib.lvllm_hostcall_error.restype = ctypes.c_char_p
+    lib.lvllm_hostcall_times.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.POINTER(ctypes.c_int64)]
+    return lib
+
+
+class HostCall:
+    """One engine forward over fixed host buffers, runnable as a cudaHostFn_t (or called directly on the CPU).
+
+    hidden [T, H] f32|bf16, topk_ids [T, k] int32|int64, topk_weights f32 [T, k], out [T, H] hidden's dtype: host
+    tensors that must keep their addresses while this object lives (pinned, for asynchronous copies). The engine
+    checks shapes and dtypes once here (Engine.arm); the callback itself never raises: `check()` does, after the
+    stream it ran on has been synchronized.
+    """
+
+    def __init__(self, engine: Engine, layer: int, hidden: torch.Tensor, topk_ids: torch.Tensor,
+                 topk_weights: torch.Tensor, out: torch.Tensor):
+        _, _, user_data = engine.arm(layer, hidden, topk_ids, topk_weights, out)  # validates; same checks as forward
+        engine.wait()  # nothing was submitted: only clears the armed arrays' keep-alive
+        self._lib = _hostfn()
+        self._tensors = (hidden, topk_ids, topk_weights, out)
+        self._ptr = self._lib.lvllm_hostcall_create(
+            user_data, int(layer), hidden.data_ptr(), _DTYPE_CODE[hidden.dtype], topk_ids.data_ptr(),
+            _DTYPE_CODE[topk_ids.dtype], topk_weights.data_ptr(), out.data_ptr(), hidden.shape[0], topk_ids.shape[1])
+        if not self._ptr:
+            raise MemoryError("lvllm_hostcall_create")
+        self._fn = ctypes.cast(self._lib.lvllm_hostcall_run, ctypes.c_void_p).value
+        self.layer = int(layer)
+
+    def launch(self, stream: torch.cuda.Stream) -> None:
+        """Enqueue the forward on `stream` (captured as a host node when the stream is capturing)."""
+        rt = cudart()
+        rc = rt.cudaLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), ctypes.c_void_p(self._fn),
+                                   ctypes.c_void_p(self._ptr))
+        if rc != 0:
+            raise EngineError(f"cudaLaunchHostFunc failed: {rt.cudaGetErrorString(rc).decode()}",
+                              "check the CUDA context (torch.cuda.init()) and the stream")
+
+    def __call__(self) -> None:
+        """Run the forward on this thread (what the host node does)."""
+        self._lib.lvllm_hostcall_run(ctypes.c_void_p(self._ptr))
+
+    def check(self) -> None:
+        """Raise the error of the last run, if any (call after synchronizing the stream)."""
+        err = self._lib.lvllm_hostcall_error(ctypes.c_void_p(self._ptr)).decode()
+        if err:
+            raise EngineError(f"engine forward in a host callback failed (layer {self.layer}): {err}",
+                              "the message names the bad argument; the graph was captured over wrong buffers")
+
+    def last_run(self) -> tuple[float, int]:
+        """(seconds the last callback took, number of runs so far)."""
+        times = (ctypes.c_int64 * 2)()
+        runs = ctypes.c_int64()
+        self._lib.lvllm_hostcall_times(ctypes.c_void_p(self._ptr), times, ctypes.byref(runs))
+        return (times[1] - times[0]) * 1e-9, runs.value
+
+    def __del__(self) -> None:
+        if getattr(self, "_ptr", None):
+            self._lib.lvllm_hostcall_destroy(ctypes.c_void_p(self._ptr))
+            self._ptr = None
+
+
+class CpuStep:
+    """Static pinned/device buffers of one batch size T and a host call per layer; shared by a model's layers.
+
+    The layers of one step run one after another, so one buffer set serves all of them: layer L+1's copies start only
+    after the main stream has consumed layer L's result.
+    """
+
+    def __init__(self, engine: Engine, layers: Sequence[int], tokens: int, hidden_size: int, top_k: int,
+                 dtype: torch.dtype, device: torch.device | str):
+        pin = torch.cuda.is_available()
+        self.tokens, self.device = tokens, torch.device(device)
+        self.h_pin = torch.zeros(tokens, hidden_size, dtype=dtype, pin_memory=pin)
+        self.ids_pin = torch.full((tokens, top_k), -1, dtype=torch.int32, pin_memory=pin)
+        self.w_pin = torch.zeros(tokens, top_k, dtype=torch.float32, pin_memory=pin)
+        self.out_pin = torch.zeros(tokens, hidden_size, dtype=dtype, pin_memory=pin)
+        self.calls = {int(l): HostCall(engine, l, self.h_pin, self.ids_pin, self.w_pin, self.out_pin) for l in layers}
+        self.on_cuda = self.device.type == "cuda"
+        if self.on_cuda:
+            self.out_dev = torch.empty(tokens, hidden_size, dtype=dtype, device=self.device)
+            self.stream = torch.cuda.Stream(self.device)
+        self.events: dict[str, torch.cuda.Event] | None = None  # set by `profile` (eager runs only)
+
+    def begin(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, cold_ids: torch.Tensor) -> None:
+        """Fork: copy inputs to pinned memory, run the engine and copy the result back, all on the side stream."""
+        call = self.calls[layer]
+        if not self.on_cuda:
+            self.h_pin.copy_(hidden)
+            self.ids_pin.copy_(cold_ids)
+            self.w_pin.copy_(topk_weights)
+            call()
+            call.check()
+            return
+        ev = self.events
+        self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self.stream):
+            if ev:
+                ev["start"].record()
+            self.h_pin.copy_(hidden, non_blocking=True)
+            self.ids_pin.copy_(cold_ids, non_blocking=True)
+            self.w_pin.copy_(topk_weights, non_blocking=True)
+            if ev:
+                ev["d2h"].record()
+            call.launch(self.stream)
+            if ev:
+                ev["cpu"].record()
+            self.out_dev.copy_(self.out_pin, non_blocking=True)
+            if ev:
+                ev["h2d"].record()
+
+    def end(self) -> torch.Tensor:
+        """Join: the main stream waits for the side stream; returns the engine's result [T, H] on the device."""
+        if not self.on_cuda:
+            return self.out_pin.clone()
+        torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        return self.out_dev
+
+    def check(self) -> None:
+        for c in self.calls.values():
+            c.check()
+
+
+class HybridDecodeLayer:
+    """Routed experts of one MoE layer for decode, graph-capturable: hot experts on the GPU, the rest on the engine.
+
+    hot_w13 bf16 [Gh, R, H], hot_w2 bf16 [Gh, H, I] on the device with hot_slot int64 [E] (global id -> row, -1 =
+    cold), or all three None (every expert on the engine). steps: {T: CpuStep} shared by all layers of a model.
+    """
+
+    def __init__(self, layer: int, steps: dict[int, CpuStep], activation: str, gated: bool,
+                 hot_w13: torch.Tensor | None = None, hot_w2: torch.Tensor | None = None,
+                 hot_slot: torch.Tensor | None = None):
+        self.layer, self.steps, self.activation, self.gated = layer, steps, activation, gated
+        self.hot_w13, self.hot_w2, self.hot_slot = hot_w13, hot_w2, hot_slot
+
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H] bf16, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype.
+
+        T must be one of the steps' batch sizes (pad the batch to the captured size)."""
+        step = self.steps[hidden.shape[0]]
+        ids = topk_ids.to(torch.int32)
+        cold_ids = ids if self.hot_slot is None else torch.where(self.hot_slot[ids.long().clamp(min=0)] >= 0, -1, ids)
+        step.begin(self.layer, hidden, topk_weights, cold_ids)
+        ev = step.events
+        if ev:
+            ev["gpu0"].record()
+        hot = None
+        if self.hot_slot is not None:
+            hot = grouped_experts(hidden, topk_weights, ids, self.hot_w13, self.hot_w2, self.activation, self.gated,
+                                  self.hot_slot)
+        if ev:
+            ev["gpu1"].record()
+        cold = step.end()
+        out = cold.float() if hot is None else hot + cold.float()
+        if ev:
+            ev["end"].record()
+        return out.to(hidden.dtype)
+
+    __call__ = forward
+
+
+EVENT_NAMES = ("start", "d2h", "cpu", "h2d", "gpu0", "gpu1", "end")
+
+
+def profile(step: CpuStep, layer: int, run: Callable[[], object]) -> dict[str, float]:
+    """Run one eager step of `layer` (run()) with timing events; milliseconds of: D2H copies, the host node (GPU
+    clock, launch latency included) and the engine's own time inside it (host clock), H2D copy, hot-expert GPU work,
+    the main stream's wait for the CPU result after its own work, and the whole step."""
+    step.events = {k: torch.cuda.Event(enable_timing=True) for k in EVENT_NAMES}
+    try:
+        run()
+        torch.cuda.synchronize()
+    finally:
+        ev, step.events = step.events, None
+    step.check()
+    cpu_s = step.calls[layer].last_run()[0]
+    t = lambda a, b: ev[a].elapsed_time(ev[b])  # noqa: E731
+    return {"d2h": t("start", "d2h"), "hostfn": t("d2h", "cpu"), "cpu": cpu_s * 1e3, "h2d": t("cpu", "h2d"),
+            "gpu": t("gpu0", "gpu1"), "wait": t("gpu1", "end"), "total": t("start", "end")}
+
+
+def capture(fn: Callable[[], torch.Tensor], warmup: int = 2, pool=None) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    """Capture fn() (reading and writing only static buffers) into a CUDA graph; returns (graph, static output)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g, pool=pool):
+        out = fn()
+    return g, out

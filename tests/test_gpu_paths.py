@@ -1,0 +1,211 @@
+"""The GPU paths' arithmetic and plumbing on the CPU (CI has no GPU; bench/gpu_hybrid.py proves them on the H100 box).
+
+- dequant_int4_bf16 + grouped_experts (the GPU prefill and hot-expert computation) against the C++ engine and a
+  float64 reference on the same random INT4 layer;
+- the decode step's host call (csrc/hostfn.cpp, the C function a CUDA graph's host node runs) called directly, with
+  hot experts split off, against the same reference over fresh routings;
+- StreamedPrefill on the CPU (no streaming there) over several layers;
+- the CUDA-only pieces (cudaLaunchHostFunc, graph capture, Triton dequant) run only where CUDA is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer
+from lvllm_runtime.engine import Engine
+from lvllm_runtime.errors import BadInput, EngineError
+from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts
+from lvllm_runtime.hybrid import LayerWeights, experts_torch
+from lvllm_runtime.quant import dequantize_int4
+
+H, I, E, K, G = 128, 64, 8, 2, 32
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_torch_thread():
+    """The engine's pinned threads and torch's OpenMP threads must not spin on the same cores (engine.py)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def random_layer(gen: torch.Generator, nodes: int = 1) -> list[dict[str, torch.Tensor]]:
+    """Random INT4 store shards (random nibbles, random bf16 scales), one dict per node of In = I / nodes."""
+    In = I // nodes
+    out = []
+    for _ in range(nodes):
+        def packed(*shape):
+            return torch.randint(-2**31, 2**31 - 1, shape, generator=gen, dtype=torch.int64).to(torch.int32)
+
+        out.append({
+            "w13.packed": packed(E, 2 * In, H // 8),
+            "w13.scale": ((torch.rand(E, 2 * In, H // G, generator=gen) + 0.5) / (4.6 * H**0.5)).bfloat16(),
+            "w2.packed": packed(E, H, In // 8),
+            "w2.scale": ((torch.rand(E, H, In // G, generator=gen) + 0.5) / (4.6 * I**0.5)).bfloat16(),
+        })
+    return out
+
+
+def routing(gen: torch.Generator, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    ids = torch.stack([torch.randperm(E, generator=gen)[:K] for _ in range(t)]).to(torch.int32)
+    w = torch.softmax(torch.randn(t, K, generator=gen), -1)
+    return w, ids
+
+
+def reference(hidden, w, ids, layer: LayerWeights) -> torch.Tensor:
+    """float64 reference over the dequantized weights (hybrid.experts_torch in f32 over f64 sums is enough here)."""
+    t = layer.tensors
+    w13 = dequantize_int4(t["w13.packed"], t["w13.scale"], G).double()
+    w2 = dequantize_int4(t["w2.packed"], t["w2.scale"], G).double()
+    x = hidden.double()
+    out = torch.zeros_like(x)
+    for ti in range(x.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[ti, j])
+            if e < 0:
+                continue
+            g, u = (w13[e] @ x[ti]).chunk(2)
+            out[ti] += float(w[ti, j]) * (w2[e] @ (torch.nn.functional.silu(g) * u))
+    return out
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def make_engine(shards, max_tokens=64) -> Engine:
+    eng = Engine(H, I // len(shards), E, "silu_glu", True, "int4", G, [[0]] * len(shards), max_tokens)
+    eng.load_layer(0, shards)
+    return eng
+
+
+def test_dequant_bf16_matches_quant():
+    gen = torch.Generator().manual_seed(1)
+    s = random_layer(gen)[0]
+    got = dequant_int4_bf16(s["w13.packed"], s["w13.scale"], G)
+    want = dequantize_int4(s["w13.packed"], s["w13.scale"], G)
+    assert got.dtype == torch.bfloat16 and got.shape == want.shape
+    assert rel(got, want) < 4e-3  # bf16 rounding of q*scale only
+
+
+@pytest.mark.parametrize("tokens", [1, 5, 40])
+def test_grouped_experts_equals_engine_and_reference(tokens):
+    gen = torch.Generator().manual_seed(tokens)
+    shards = random_layer(gen)
+    layer = LayerWeights(shards[0], "int4", G)
+    eng = make_engine(shards)
+    hidden = torch.randn(tokens, H, generator=gen).bfloat16()
+    w, ids = routing(gen, tokens)
+    ids[0, -1] = -1  # a skipped slot
+    ref = reference(hidden, w, ids, layer)
+    w13 = dequant_int4_bf16(shards[0]["w13.packed"], shards[0]["w13.scale"], G)
+    w2 = dequant_int4_bf16(shards[0]["w2.packed"], shards[0]["w2.scale"], G)
+    got = grouped_experts(hidden, w, ids, w13, w2, "silu_glu", True)
+    out = torch.full((tokens, H), float("nan")).bfloat16()
+    eng.forward(0, hidden, ids, w, out)
+    assert torch.isfinite(got).all() and torch.isfinite(out.float()).all()
+    assert rel(got, ref) < 1.5e-2
+    assert rel(out, ref) < 1.5e-2
+    assert rel(got, out.float()) < 2e-2
+
+
+def test_grouped_experts_hot_subset_and_empty():
+    gen = torch.Generator().manual_seed(7)
+    shards = random_layer(gen)
+    layer = LayerWeights(shards[0], "int4", G)
+    hot = [1, 4, 6]
+    sel = layer.select(hot)
+    slot = torch.full((E,), -1, dtype=torch.long)
+    slot[torch.tensor(hot)] = torch.arange(len(hot))
+    hidden = torch.randn(6, H, generator=gen).bfloat16()
+    w, ids = routing(gen, 6)
+    w13 = dequant_int4_bf16(sel.tensors["w13.packed"], sel.tensors["w13.scale"], G)
+    w2 = dequant_int4_bf16(sel.tensors["w2.packed"], sel.tensors["w2.scale"], G)
+    got = grouped_experts(hidden, w, ids, w13, w2, "silu_glu", True, slot)
+    hot_ids = torch.where(slot[ids.long()] >= 0, ids, -1)
+    assert rel(got, reference(hidden, w, hot_ids, layer)) < 1.5e-2
+    none = torch.full_like(ids, -1)
+    assert torch.equal(grouped_experts(hidden, w, none, w13, w2, "silu_glu", True, slot), torch.zeros(6, H))
+
+
+@pytest.mark.parametrize("nodes", [1, 2])
+def test_decode_step_hostcall_with_hot_experts(nodes):
+    """The host node's C function (called directly here) + hot experts == reference, over fresh routings."""
+    gen = torch.Generator().manual_seed(10 + nodes)
+    shards = random_layer(gen, nodes)
+    from lvllm_runtime.hybrid import join_node_slices
+
+    layer = join_node_slices(shards, "int4", True, G)
+    eng = make_engine(shards)
+    hot = [0, 3]
+    sel = layer.select(hot)
+    slot = torch.full((E,), -1, dtype=torch.long)
+    slot[torch.tensor(hot)] = torch.arange(len(hot))
+    steps = {t: CpuStep(eng, [0], t, H, K, torch.bfloat16, "cpu") for t in (1, 4)}
+    dec = HybridDecodeLayer(0, steps, "silu_glu", True,
+                            dequant_int4_bf16(sel.tensors["w13.packed"], sel.tensors["w13.scale"], G),
+                            dequant_int4_bf16(sel.tensors["w2.packed"], sel.tensors["w2.scale"], G), slot)
+    for step in range(6):
+        t = (1, 4)[step % 2]
+        hidden = torch.randn(t, H, generator=gen).bfloat16()
+        w, ids = routing(gen, t)
+        got = dec(hidden, w, ids)
+        assert got.shape == (t, H) and got.dtype == torch.bfloat16
+        assert rel(got, reference(hidden, w, ids, layer)) < 2e-2
+    assert steps[1].calls[0].last_run()[1] == 3 and steps[4].calls[0].last_run()[1] == 3
+
+
+def test_hostcall_reports_engine_errors_and_checks_buffers():
+    gen = torch.Generator().manual_seed(3)
+    eng = make_engine(random_layer(gen))
+    h, ids, w, out = (torch.zeros(2, H).bfloat16(), torch.zeros(2, K, dtype=torch.int32), torch.zeros(2, K),
+                      torch.zeros(2, H).bfloat16())
+    with pytest.raises(BadInput):
+        HostCall(eng, 0, h, ids, w, torch.zeros(2, H))  # out dtype differs from hidden
+    call = HostCall(eng, 5, h, ids, w, out)  # layer 5 was never loaded: the callback must not crash
+    call()
+    with pytest.raises(EngineError, match="layer 5 is not loaded"):
+        call.check()
+    call.check()  # the error was taken
+
+
+def test_streamed_prefill_cpu_over_layers():
+    gen = torch.Generator().manual_seed(5)
+    layers = {L: random_layer(gen, 2) for L in (0, 1, 2)}
+    sp = StreamedPrefill.from_shards(layers, "silu_glu", True, G, "cpu", window=1)
+    assert sp.layer_bytes == sum(v.numel() * v.element_size() for s in layers[0] for v in s.values())
+    hidden = torch.randn(33, H, generator=gen).bfloat16()
+    w, ids = routing(gen, 33)
+    for L in (0, 1, 2):
+        got = sp.forward(L, hidden, w, ids)
+        ref = reference(hidden, w, ids, sp.host[L])
+        assert rel(got, ref) < 1.5e-2
+        alt = experts_torch(hidden.float(), w, ids, sp.get(L), "silu_glu", True)  # hybrid's whole-layer face
+        assert rel(alt, ref) < 1.5e-2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU (bench/gpu_hybrid.py)")
+def test_graph_replay_equals_eager_on_cuda():
+    gen = torch.Generator().manual_seed(9)
+    shards = random_layer(gen)
+    eng = make_engine(shards)
+    steps = {2: CpuStep(eng, [0], 2, H, K, torch.bfloat16, "cuda")}
+    dec = HybridDecodeLayer(0, steps, "silu_glu", True)
+    from lvllm_runtime.cuda_graph_step import capture
+
+    x = torch.zeros(2, H, dtype=torch.bfloat16, device="cuda")
+    w = torch.zeros(2, K, device="cuda")
+    ids = torch.zeros(2, K, dtype=torch.int32, device="cuda")
+    graph, out = capture(lambda: dec(x, w, ids))
+    for _ in range(4):
+        hw, hi = routing(gen, 2)
+        x.copy_(torch.randn(2, H, generator=gen).bfloat16())
+        w.copy_(hw)
+        ids.copy_(hi)
+        graph.replay()
+        torch.cuda.synchronize()
+        steps[2].check()
+        assert rel(out.cpu(), dec(x, w, ids).cpu()) < 1e-6
