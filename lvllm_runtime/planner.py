@@ -837,6 +837,7 @@ def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
         max_model_len=opt.max_model_len or srv.get("max_model_len"),
         max_num_seqs=opt.max_num_seqs or srv.get("max_num_seqs"),
         expert_format=opt.expert_format or recipe.get("expert_format"),
+        group_size=recipe.get("group_size", "auto") if opt.group_size in ("auto", None) else opt.group_size,
         gpu_prefill_min_tokens=opt.gpu_prefill_min_tokens if opt.gpu_prefill_min_tokens is not None
         else srv.get("gpu_prefill_min_tokens"),
         prefetch_window=opt.prefetch_window or srv.get("prefetch_window"),
