@@ -145,6 +145,8 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
     E, k, H, I = shape["E"], shape["k"], shape["H"], shape["I"]
     if args.reduced:
         E = REDUCED_EXPERTS[name]
+    if args.experts:
+        E = min(E, args.experts)
     g = args.group
     ebytes = expert_bytes(fmt, H, I, g)
     layer_bytes = E * ebytes
@@ -156,7 +158,7 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
     gen = torch.Generator().manual_seed(0)
     nodes = [cpus[i::args.nodes] for i in range(args.nodes)]
     In = I // args.nodes
-    eng = Engine(H, In, E, "silu_glu", True, fmt, g, nodes, max_tokens=max(args.tokens))
+    eng = Engine(H, In, E, "silu_glu", True, fmt, g, nodes, max_tokens=max(args.tokens), isa=args.isa)
     layers = []
     for li in range(L):
         lay = make_layer(fmt, E, H, I, g, gen)
@@ -246,6 +248,8 @@ def main():
     ap.add_argument("--cpus", default=None, help="cpu ids for the engine (default: every cpu this process may use)")
     ap.add_argument("--nodes", type=int, default=1, help="split --cpus into this many (virtual) nodes")
     ap.add_argument("--reduced", action="store_true", help=f"experts per layer {REDUCED_EXPERTS}, short runs")
+    ap.add_argument("--experts", type=int, default=0, help="cap experts per layer (memory); routing stays top-k")
+    ap.add_argument("--isa", default="", help="engine kernel table (default: best available)")
     ap.add_argument("--max-gb", type=float, default=24.0, help="cap on engine weight memory per shape/format")
     ap.add_argument("--max-layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
@@ -260,7 +264,7 @@ def main():
         args.steps, args.min_seconds = min(args.steps, 6), min(args.min_seconds, 0.5)
         args.max_gb = min(args.max_gb, 0.8)
         args.bw_mib = min(args.bw_mib, 256)
-    cpus = [int(c) for c in args.cpus.split(",")] if args.cpus else sorted(os.sched_getaffinity(0))
+    cpus = _cpulist(args.cpus) if args.cpus else sorted(os.sched_getaffinity(0))
     torch.set_num_threads(len(cpus))  # torch baseline gets the same cores (it runs alone, never beside the engine)
     kt_ext, kt_err = load_kt(args.kt_ext)
     probe = Engine(64, 64, 1, "silu_glu", True, "bf16", None, [cpus[i::args.nodes] for i in range(args.nodes)], 1)
@@ -288,6 +292,15 @@ def main():
     tmp.write_text(json.dumps(doc, indent=1))
     tmp.replace(out)
     print(f"wrote {out}")
+
+
+def _cpulist(text: str) -> list[int]:
+    """'2-15' or '0,2,4' -> cpu ids."""
+    out = []
+    for part in text.split(","):
+        lo, _, hi = part.partition("-")
+        out.extend(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def _cpu_model() -> str:
