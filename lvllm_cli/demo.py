@@ -5,12 +5,14 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from lvllm_runtime.demo import run_demo
 from lvllm_runtime.errors import LvllmError
 
 from .output import emit_json, stderr, stdout
+from .plan import render as render_plan
 from .serve import Stages, fail_with_log, follow, stop_on_sigterm
 
 STAGES = ["model", "quantize", "plan", "vLLM start", "request", "shutdown"]
@@ -29,7 +31,7 @@ def demo(
 
     def hold(server) -> None:
         stages.done("request")
-        stages.live.stop()
+        stages.stop()
         stdout.print(f"serving at {server.command.url} (model: {server.command.served_model_name}); Ctrl-C stops it")
         try:
             follow(server)
@@ -49,25 +51,12 @@ def demo(
     if json_out:
         emit_json(result.to_dict())
         return
-    stdout.print(f"[bold]Q:[/] {result.question}")
-    stdout.print(f"[bold]A:[/] {result.answer!r}  [dim]({result.completion_tokens} tokens; random tiny model)[/]")
+    stdout.print(f"[bold]Q:[/] {escape(result.question)}")
+    stdout.print(f"[bold]A:[/] {escape(repr(result.answer))}  [dim]({result.completion_tokens} tokens from a tiny random model)[/]")
     timings = Table("stage", "seconds", title="timings", title_justify="left")
     for name, seconds in result.timings.items():
         timings.add_row(name, f"{seconds:.1f}")
     stdout.print(timings)
-    stdout.print(plan_view(result.plan))
-    stdout.print(f"[dim]served with: {result.command}[/]", highlight=False, soft_wrap=True)
+    render_plan(result.plan)
+    stdout.print(f"[dim]served with: {escape(result.command)}[/]", highlight=False, soft_wrap=True)
 
-
-def plan_view(plan: dict) -> Table:
-    """The few plan values that explain the run: where experts live, threads, context and batch."""
-    rt, v, store = plan.get("runtime", {}), plan.get("vllm", {}), plan.get("store", {})
-    table = Table("plan", "value", title="plan", title_justify="left")
-    table.add_row("expert store", f"{store.get('weight_format')} (group {store.get('group_size')}), "
-                                  f"{store.get('numa_nodes')} NUMA slice(s)")
-    for n in rt.get("nodes", []):
-        table.add_row(f"node {n['node']}", f"{n['threads']} engine thread(s) on cpus {n['cpus']}")
-    table.add_row("hot experts on GPU", str(sum(len(e) for e in rt.get("hot_experts", {}).values())))
-    table.add_row("context / sequences", f"{v.get('max_model_len')} / {v.get('max_num_seqs')}")
-    table.add_row("tokens per step", str(rt.get("max_batch_tokens")))
-    return table

@@ -20,38 +20,48 @@ from lvllm_runtime.errors import LvllmError
 
 from .output import stderr, stdout
 
+ENGINE_LINE = "lvllm: "  # the plugin's log lines (engine start, layers loaded) carry this prefix
+STAGES = ["store", "plan", "vLLM start", "engine load", "ready"]
 STATE_STYLE = {"wait": ("·", "dim"), "run": ("…", "yellow"), "done": ("✓", "green"), "fail": ("✗", "red")}
 
 
 class Stages:
-    """A Rich live table of named stages on stderr: state, seconds taken, one line of detail."""
+    """Named stages on stderr (state, seconds, one line of detail): a Rich live table on a terminal, one line per
+    change elsewhere (CI logs)."""
 
-    def __init__(self, names: list[str]):
+    def __init__(self, names: list[str], transient: bool = False):
         self.rows = {n: {"state": "wait", "t0": None, "t": None, "detail": ""} for n in names}
-        self.live = Live(self._render(), console=stderr, refresh_per_second=4, transient=False)
+        self.live = Live(self._render(), console=stderr, refresh_per_second=4, transient=transient) \
+            if stderr.is_terminal else None
 
     def __enter__(self) -> "Stages":
-        self.live.__enter__()
+        if self.live is not None:
+            self.live.__enter__()
         return self
 
     def __exit__(self, *exc) -> None:
-        for row in self.rows.values():
+        for name, row in self.rows.items():
             if row["state"] == "run" and exc[0] is not None:
                 row["state"] = "fail"
-        self.live.update(self._render())
-        self.live.__exit__(*exc)
-        if not stderr.is_terminal and not self.live.transient:
-            stderr.line()  # the last render of a non-terminal Live ends without a newline
+                self._line(name)
+        self.stop()
+
+    def stop(self) -> None:
+        """End the live view (later output goes below it)."""
+        if self.live is not None:
+            self.live.update(self._render())
+            self.live.stop()
 
     def start(self, name: str, detail: str = "") -> None:
         for other, row in self.rows.items():  # starting a stage finishes the one before it
             if row["state"] == "run" and other != name:
                 self.done(other)
         row = self.rows[name]
+        row["detail"] = detail
         if row["state"] != "run":
             row["state"], row["t0"] = "run", time.monotonic()
-        row["detail"] = detail
-        self.live.update(self._render())
+            self._line(name)
+        self._update()
 
     def done(self, name: str, detail: str | None = None) -> None:
         row = self.rows[name]
@@ -59,10 +69,19 @@ class Stages:
         row["state"] = "done"
         if detail is not None:
             row["detail"] = detail
-        self.live.update(self._render())
+        self._line(name)
+        self._update()
 
-    def seconds(self, name: str) -> float | None:
-        return self.rows[name]["t"]
+    def _update(self) -> None:
+        if self.live is not None:
+            self.live.update(self._render())
+
+    def _line(self, name: str) -> None:
+        if self.live is None:
+            row = self.rows[name]
+            mark, style = STATE_STYLE[row["state"]]
+            t = f" {row['t']:.1f}s" if row["t"] is not None else ""
+            stderr.print(f"[{style}]{mark}[/] {name}{t} [dim]{escape(row['detail'])}[/]", highlight=False, soft_wrap=True)
 
     def _render(self) -> Table:
         table = Table.grid(padding=(0, 1))
@@ -120,13 +139,23 @@ def stop_quietly(server: launcher.VllmServer | None) -> None:
 
 
 def run_server(
-    server: launcher.VllmServer, stages: Stages, ready_timeout: float | None, on_line: Callable[[str], None] | None = None
+    server: launcher.VllmServer, stages: Stages, ready_timeout: float | None
 ) -> float:
-    """Start vLLM and wait for /v1/models, showing the newest log line; returns the seconds to ready."""
+    """Start vLLM and wait for /v1/models; log lines from the lvllm plugin feed the "engine load" stage, the
+    others "vLLM start". Returns the seconds to ready."""
     stages.start("vLLM start", f"log: {server.log_path}")
     server.start()
-    waited = server.wait_ready(ready_timeout, on_progress=lambda line: stages.start("vLLM start", line))
-    stages.done("vLLM start", f"pid {server.pid}, log {server.log_path}")
+
+    def on_line(line: str) -> None:
+        if ENGINE_LINE in line:
+            stages.start("engine load", line[line.index(ENGINE_LINE):])
+        elif stages.rows["engine load"]["state"] == "wait":
+            stages.start("vLLM start", line)
+
+    waited = server.wait_ready(ready_timeout, on_progress=on_line)
+    if stages.rows["engine load"]["state"] == "wait":
+        stages.start("engine load", "the lvllm plugin logged nothing")
+    stages.done("engine load")
     stages.start("ready", server.command.url)
     stages.done("ready")
     return waited
@@ -166,7 +195,7 @@ def serve(
     Example: lvllm serve ./Qwen3-30B-A3B --store ./q30-store -- --max-model-len 8192 --api-key KEY
     """
     user_args = list(ctx.args)
-    stages = Stages(["store", "plan", "vLLM start", "ready"])
+    stages = Stages(STAGES, transient=dry_run)
     server: launcher.VllmServer | None = None
     with stop_on_sigterm():
         try:
@@ -181,9 +210,7 @@ def serve(
                 stages.done("store", str(setup.store))
                 stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")
                 show_overrides(setup.command)
-                if dry_run:
-                    stages.live.transient = True
-                else:
+                if not dry_run:
                     stderr.print(f"[bold]vLLM command:[/] {setup.command.display()}", highlight=False, soft_wrap=True)
                     server = launcher.VllmServer(setup.command, setup.log_path)
                     run_server(server, stages, ready_timeout)

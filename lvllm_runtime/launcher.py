@@ -215,22 +215,21 @@ def build_command(
     plan_path: str | Path | None = None,
     plan: Mapping[str, Any] | None = None,
     recipe_args: Mapping[str, Any] | None = None,
-    recipe_env: Mapping[str, str] | None = None,
-    served_model_name: str | None = None,
     host: str = "127.0.0.1",
     port: int = 8000,
     user_args: Sequence[str] = (),
-    python: str | None = None,
+    environ: Mapping[str, str] | None = None,
 ) -> ServeCommand:
     """Assemble the vLLM server command: lvllm defaults < recipe < plan < user arguments.
 
     `plan_path` reaches the plugin in every vLLM process through `--additional-config {"lvllm_plan": path}`;
-    a user `--additional-config` is merged into that JSON object (user keys win).
+    a user `--additional-config` is merged into that JSON object (user keys win). `environ` (default os.environ)
+    is the environment vLLM will inherit; the command's `env` holds only what must change in it.
     """
     layers: list[tuple[str, Options]] = []
     defaults: dict[str, Any] = {
         "model": str(model),
-        "served_model_name": served_model_name or Path(model).name,
+        "served_model_name": Path(model).name,
         "host": host,
         "port": port,
     }
@@ -271,7 +270,7 @@ def build_command(
     if additional:
         merged["--additional-config"] = ("lvllm", ("--additional-config", json.dumps(additional)))
 
-    argv = [python or sys.executable, "-m", VLLM_SERVER_MODULE]
+    argv = [sys.executable, "-m", VLLM_SERVER_MODULE]
     for _, tokens in merged.values():
         argv.extend(tokens)
     final = {k: t[1:] for k, (_, t) in merged.items()}
@@ -282,12 +281,20 @@ def build_command(
     names = final.get("--served-model-name") or (str(model),)
     return ServeCommand(
         argv=tuple(argv),
-        env=dict(recipe_env or {}),
+        env=plugin_env(os.environ if environ is None else environ) if plan_path is not None else {},
         host=final["--host"][0] if final.get("--host") else "0.0.0.0",
         port=final_port,
         served_model_name=names[0],
         overrides=tuple(overrides),
     )
+
+
+def plugin_env(environ: Mapping[str, str]) -> dict[str, str]:
+    """VLLM_PLUGINS, when set, is an allow-list: without "lvllm" in it vLLM would skip the plugin and the plan."""
+    allowed = environ.get("VLLM_PLUGINS")
+    if allowed is None or "lvllm" in [p.strip() for p in allowed.split(",")]:
+        return {}
+    return {"VLLM_PLUGINS": ",".join(p for p in (allowed, "lvllm") if p)}
 
 
 def _json_object(text: str) -> dict[str, Any]:
@@ -382,12 +389,13 @@ class VllmServer:
     ) -> float:
         """Poll GET /v1/models until it answers 200; return seconds waited.
 
-        `on_progress` gets the newest line of the vLLM log at each poll. Raises EngineError with the log tail when
-        the process exits first or `timeout` passes.
+        `on_progress` gets each new line of the vLLM log as it appears. Raises VllmFailed with the log tail when the
+        process exits first or `timeout` passes.
         """
         start = time.monotonic()
         url = self.command.url + "/models"
         headers = {"Authorization": f"Bearer {self.command.api_key}"} if self.command.api_key else {}
+        offset = 0
         while True:
             rc = self.exited()
             if rc is not None:
@@ -397,9 +405,7 @@ class VllmServer:
             if timeout is not None and time.monotonic() - start > timeout:
                 raise self.failure(f"vLLM was not ready after {timeout:.0f} s")
             if on_progress is not None:
-                last = read_tail(self.log_path, 1).strip()
-                if last:
-                    on_progress(last)
+                offset = _new_lines(self.log_path, offset, on_progress)
             time.sleep(poll)
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -423,6 +429,21 @@ class VllmServer:
                 p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
+
+
+def _new_lines(path: Path, offset: int, each: Callable[[str], None]) -> int:
+    """Call `each` for every complete line of `path` after byte `offset`; return the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    end = data.rfind(b"\n") + 1
+    for line in data[:end].decode(errors="replace").splitlines():
+        if line.strip():
+            each(line.strip())
+    return offset + end
 
 
 def _http_ok(url: str, headers: Mapping[str, str]) -> bool:

@@ -122,6 +122,24 @@ def test_dry_run_makes_a_plan_within_the_model_context(model_and_store, cache, i
     assert "conflict" not in r.stderr
 
 
+@pytest.mark.skipif(launcher.has_gpu(), reason="needs a machine without a GPU")
+def test_plan_needing_a_gpu_on_a_cpu_machine(model_and_store, cache, tmp_path, invoke):
+    model, store = model_and_store
+    plan = planner.make_plan(model, topology.probe(), planner.PlanOptions(store=str(store)))
+    plan["hardware"]["gpus"] = ["NVIDIA H100 80GB HBM3"]
+    save_plan(plan, tmp_path / "gpu-plan.json")
+    r = invoke(str(model), "--plan", str(tmp_path / "gpu-plan.json"), "--dry-run")
+    assert r.exit_code == 1 and "places weights on 1 GPU(s) and this machine has none" in r.stderr, r.output
+
+
+def test_plan_of_another_model(model_and_store, zoo, cache, tmp_path, invoke):
+    model, store = model_and_store
+    other = zoo("qwen3_moe", "bf16", num_hidden_layers=3)
+    save_plan(planner.make_plan(other, topology.probe()), tmp_path / "other.json")
+    r = invoke(str(model), "--store", str(store), "--plan", str(tmp_path / "other.json"), "--dry-run")
+    assert r.exit_code == 1 and "was made for another model" in r.stderr, r.output
+
+
 def test_unknown_recipe_suggests_closest(model_and_store, cache, invoke):
     model, store = model_and_store
     r = invoke(str(model), "--store", str(store), "--recipe", "qwen3-coder-30b", "--dry-run")
@@ -191,6 +209,14 @@ def test_parse_keeps_spelling_negation_and_negative_numbers():
     assert rest == []
     assert launcher.mask_secrets(["x", "--api-key", "k1", "k2", "--port", "1", "--api-key=k3"]) == [
         "x", "--api-key", launcher.MASK, launcher.MASK, "--port", "1", f"--api-key={launcher.MASK}"]
+
+
+def test_plugin_stays_allowed():
+    cmd = launcher.build_command("/m", plan_path="/p.json", environ={"VLLM_PLUGINS": "other"})
+    assert cmd.env == {"VLLM_PLUGINS": "other,lvllm"}
+    assert cmd.display().startswith("VLLM_PLUGINS=other,lvllm ")
+    assert launcher.build_command("/m", plan_path="/p.json", environ={}).env == {}
+    assert launcher.build_command("/m", plan_path="/p.json", environ={"VLLM_PLUGINS": "lvllm, x"}).env == {}
 
 
 def fake_server(tmp_path: Path, code: str) -> launcher.VllmServer:
