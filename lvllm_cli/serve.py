@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
@@ -241,7 +242,10 @@ def load_recipe(name: str | None) -> dict | None:
 
 
 def show_overrides(command: launcher.ServeCommand) -> None:
-    """Say which recipe or plan values the user's own vLLM arguments replaced (and note the others, dimmed)."""
+    """Say which recipe or plan values the user's own vLLM arguments replaced; warn about an open, keyless server."""
     for o in command.overrides:
         if o.by == "yours":
-            stderr.print(f"[yellow]conflict:[/] {o}", highlight=False)
+            stderr.print(f"[yellow]conflict:[/] {escape(str(o))}", highlight=False)
+    if command.host not in ("127.0.0.1", "localhost", "::1") and not command.api_key and not os.environ.get("VLLM_API_KEY"):
+        stderr.print(f"[yellow]warning:[/] the server listens on {command.host} without an API key; "
+                     "add `-- --api-key KEY` (or set VLLM_API_KEY) before exposing it", highlight=False)

@@ -119,7 +119,11 @@ def test_dry_run_makes_a_plan_within_the_model_context(model_and_store, cache, i
     config = json.loads((model / "config.json").read_text())
     assert plan["store"]["path"] == str(store.resolve())
     assert int(value_of(argv, "--max-model-len")[0]) == plan["vllm"]["max_model_len"] <= config["max_position_embeddings"]
-    assert "conflict" not in r.stderr
+    assert "conflict" not in r.stderr and "warning" not in r.stderr
+
+    r = invoke(str(model), "--store", str(store), "--host", "0.0.0.0", "--dry-run")
+    assert r.exit_code == 0 and "listens on 0.0.0.0 without an API key" in r.stderr
+    assert value_of(shlex.split(r.stdout.strip()), "--host") == ["0.0.0.0"]
 
 
 @pytest.mark.skipif(launcher.has_gpu(), reason="needs a machine without a GPU")
