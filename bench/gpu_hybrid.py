@@ -49,6 +49,7 @@ H, I, E, K, G = 2048, 768, 128, 8, 128
 ROUTING = Routing(scoring="softmax", top_k=K, renormalize=True)
 DEV = torch.device("cuda")
 RESULTS: dict = {}
+ALL_CPUS = sorted(os.sched_getaffinity(0))  # before --main-cpus narrows this thread's set
 
 
 def log(*a) -> None:
@@ -105,12 +106,15 @@ def expert_bytes(group: int = G) -> int:
     return n // 2 + n // group * 2
 
 
+def cpu_range(arg: str) -> list[int]:
+    a, _, b = arg.partition("-")
+    return [c for c in ALL_CPUS if int(a) <= c <= int(b or a)]
+
+
 def engine_cpus(arg: str | None) -> list[int]:
-    cpus = sorted(os.sched_getaffinity(0))
     if arg:
-        a, b = arg.split("-")
-        return [c for c in cpus if int(a) <= c <= int(b)]
-    return cpus[1:] if len(cpus) > 2 else cpus  # cpu 0 stays with Python and the CUDA callback thread
+        return cpu_range(arg)
+    return ALL_CPUS[1:] if len(ALL_CPUS) > 2 else ALL_CPUS  # cpu 0 stays with Python and the CUDA callback thread
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
@@ -122,7 +126,8 @@ def stage_env(args) -> dict:
     return {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "device": p.name, "sm_count": p.multi_processor_count, "vram_gib": round(p.total_memory / 2**30, 1),
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
-            "python": platform.python_version(), "cpus": len(os.sched_getaffinity(0)),
+            "python": platform.python_version(), "cpus": len(ALL_CPUS),
+            "main_cpus": sorted(os.sched_getaffinity(0)),
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
             "engine_cpus": engine_cpus(args.engine_cpus), "isas": Engine.available_isas(),
             "has_grouped_mm": hasattr(torch, "_grouped_mm")}
@@ -133,6 +138,7 @@ def stage_bw(args) -> dict:
 
     cpus = engine_cpus(args.engine_cpus)
     bw = read_bandwidth(cpus, total_bytes=2 << 30, min_seconds=1.0)
+    eng_bw = Engine(H, I, E, "silu_glu", True, "int4", G, [cpus], 1).read_bandwidth(2 << 30, 5)
     host = torch.empty(1 << 30, dtype=torch.uint8, pin_memory=True)
     host.fill_(7)
     dev = torch.empty_like(host, device=DEV)
@@ -140,7 +146,9 @@ def stage_bw(args) -> dict:
     a = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=DEV, dtype=torch.bfloat16)
     mm_ms = median_ms(lambda: a @ b, 10)
-    return {"cpu_read_gb_s": bw.gb_s, "cpu_read_threads": bw.threads, "h2d_pinned_gb_s": (1 << 30) / h2d_ms / 1e6,
+    # the engine's own pinned threads reading node-local buffers: the decode roofline (membench beside it)
+    return {"cpu_read_gb_s": eng_bw, "membench_read_gb_s": bw.gb_s, "cpu_read_threads": len(cpus),
+            "h2d_pinned_gb_s": (1 << 30) / h2d_ms / 1e6,
             "gemm_bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
@@ -372,15 +380,16 @@ class ModelRig:
             self.allgpu[L] = (dequant_int4_bf16(t["w13.packed"].to(DEV), t["w13.scale"].to(DEV), G),
                               dequant_int4_bf16(t["w2.packed"].to(DEV), t["w2.scale"].to(DEV), G))
 
-    def forward(self, ids: torch.Tensor, kv: StaticKV | None, mask: torch.Tensor | None, pos_ids) -> torch.Tensor:
-        """ids [B, S] -> logits [B, S, V] over the first `layers_used` layers."""
+    def forward(self, ids: torch.Tensor, kv: StaticKV | None, mask: torch.Tensor | None, pos_ids, last: int = 8
+                ) -> torch.Tensor:
+        """ids [B, S] -> logits [B, min(S, last), V] of the last positions, over the first `layers_used` layers."""
         m = self.model.model
         h = m.embed_tokens(ids)
         pe = m.rotary_emb(h, pos_ids)
         for layer in m.layers[: self.layers_used]:
             o = layer(h, attention_mask=mask, position_ids=pos_ids, position_embeddings=pe, **{self.kv_kw: kv})
             h = o[0] if isinstance(o, tuple) else o
-        return self.model.lm_head(m.norm(h))
+        return self.model.lm_head(m.norm(h[:, -last:]))
 
 
 def decode_setup(rig: ModelRig, b: int, args):
@@ -423,6 +432,13 @@ def stage_model(args) -> dict:
                 eager_logits.append(step())
             torch.cuda.synchronize()
             eager_ms = (time.perf_counter() - t0) * 1e3 / args.decode_steps
+            # the same steps eagerly again: how far run-to-run noise (cuBLAS/SDPA choices, atomics) alone moves
+            # the logits of a random 48-layer model, the yardstick for graph-vs-eager below
+            rerun = []
+            for s in range(min(args.decode_steps, 8)):
+                kv.pos.fill_(args.context + s)
+                tok.copy_(tokens_seq[s, :b].view(b, 1))
+                rerun.append(rel(step(), eager_logits[s]))
             kv.pos.fill_(args.context)
             graph, gout = capture(step, warmup=1)
             graph_logits = []
@@ -436,9 +452,15 @@ def stage_model(args) -> dict:
             errs = [rel(g, e) for g, e in zip(graph_logits, eager_logits)]
             graph_ms = median_ms(graph.replay, args.decode_steps)
             rig.steps[b].check()
+            # where a replayed step goes: host-clock times of every layer's host node in the last replay
+            tl = [rig.steps[b].calls[L].last_times() for L in range(args.layers)]
+            engine_ms = sum(t1 - t0 for t0, t1, _ in tl) / 1e6
+            gaps_ms = sum(tl[L + 1][0] - tl[L][1] for L in range(args.layers - 1)) / 1e6
             d = {"eager_ms_per_step": eager_ms, "graph_ms_per_step": graph_ms,
                  "eager_tok_s": b * 1e3 / eager_ms, "graph_tok_s": b * 1e3 / graph_ms,
-                 "max_rel_logits_graph_vs_eager": max(errs), "steps": args.decode_steps}
+                 "max_rel_logits_graph_vs_eager": max(errs), "max_rel_logits_eager_rerun": max(rerun),
+                 "steps": args.decode_steps,
+                 "graph_engine_ms_per_step": engine_ms, "graph_between_layers_ms_per_step": gaps_ms}
             res["decode"][b] = d
             del graph, gout
             # one traced eager step: split per layer is in stage `layer`; here the CPU roofline for the whole model
@@ -464,13 +486,13 @@ def stage_model(args) -> dict:
 
             def run_on():
                 nonlocal on
-                on = rig.forward(ids, None, None, pos)[:, -8:].float()
+                on = rig.forward(ids, None, None, pos).float()
             ms = median_ms(run_on, 2, warm=1)
             e["gpu_prefill_ms"], e["gpu_prefill_tok_s"] = ms, t * 1e3 / ms
             if t <= args.cpu_prefill_max:
                 rig.gpu_prefill_on = False
                 t0 = time.perf_counter()
-                off = rig.forward(ids, None, None, pos)[:, -8:].float()
+                off = rig.forward(ids, None, None, pos).float()
                 torch.cuda.synchronize()
                 ms = (time.perf_counter() - t0) * 1e3
                 e["cpu_prefill_ms"], e["cpu_prefill_tok_s"] = ms, t * 1e3 / ms
@@ -488,7 +510,7 @@ def stage_model(args) -> dict:
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     per_layer = 3 * E * I * H * 2
-    fit = max(0, min(args.layers, int((free - (6 << 30)) // per_layer)))
+    fit = 0 if args.skip_allgpu else max(0, min(args.layers, int((free - (6 << 30)) // per_layer)))
     res["allgpu_layers"] = fit
     if fit:
         rig.build_allgpu(fit)
@@ -552,16 +574,25 @@ def table() -> str:
     if isinstance(mod, dict) and "decode" in mod:
         lines += [f"full model: {mod['layers']} layers, {mod['hot_experts']} hot experts/layer, context {mod['context']}", "",
                   "| batch | eager tok/s | graph tok/s | all-GPU tok/s | CPU roofline tok/s | graph % of roofline | "
-                  "graph vs eager logits | hybrid vs all-GPU logits |", "|" + "---|" * 8]
+                  "graph ms/step | engine ms/step | between layers ms/step | graph vs eager logits | "
+                  "hybrid vs all-GPU logits |", "|" + "---|" * 11]
         for b, v in mod["decode"].items():
             f = lambda k, p=".1f": (format(v[k], p) if k in v else "-")  # noqa: E731
             lines.append(f"| {b} | {f('eager_tok_s')} | {f('graph_tok_s')} | {f('allgpu_tok_s')} | {f('cpu_roofline_tok_s')} | "
-                         f"{f('pct_of_roofline_graph', '.0f')} | {f('max_rel_logits_graph_vs_eager', '.1e')} | "
+                         f"{f('pct_of_roofline_graph', '.0f')} | {f('graph_ms_per_step')} | {f('graph_engine_ms_per_step')} | "
+                         f"{f('graph_between_layers_ms_per_step')} | {f('max_rel_logits_graph_vs_eager', '.1e')} | "
                          f"{f('max_rel_logits_hybrid_vs_allgpu', '.1e')} |")
-        lines += ["", "| prefill tokens | GPU prefill on tok/s | off (CPU engine) tok/s | on vs off logits |", "|---|---|---|---|"]
+        lines += ["", "| prefill tokens | GPU prefill on tok/s | MoE bound tok/s (H2D or GEMM) | % of bound | "
+                  "off (CPU engine) tok/s | on vs off logits |", "|---|---|---|---|---|---|"]
+        bw, store = r.get("bw", {}), (r.get("prefill") or {}).get("layer_store_bytes")
         for t, v in mod.get("prefill", {}).items():
-            lines.append(f"| {t} | {v.get('gpu_prefill_tok_s', float('nan')):.0f} | {v.get('cpu_prefill_tok_s', float('nan')):.0f} | "
-                         f"{v.get('rel_logits_gpu_vs_cpu_prefill', float('nan')):.1e} |")
+            bound = None
+            if "h2d_pinned_gb_s" in bw and store:
+                per_layer = max(store / (bw["h2d_pinned_gb_s"] * 1e6), 2 * int(t) * K * 3 * H * I / (bw["gemm_bf16_tflops"] * 1e9))
+                bound = int(t) * 1e3 / (mod["layers"] * per_layer)
+            on = v.get("gpu_prefill_tok_s", float("nan"))
+            lines.append(f"| {t} | {on:.0f} | {bound or float('nan'):.0f} | {100 * on / bound if bound else float('nan'):.0f} | "
+                         f"{v.get('cpu_prefill_tok_s', float('nan')):.0f} | {v.get('rel_logits_gpu_vs_cpu_prefill', float('nan')):.1e} |")
     errs = [f"- {k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     if errs:
         lines += ["", "errors:"] + errs
@@ -585,7 +616,12 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=24)
+    ap.add_argument("--skip-allgpu", action="store_true")
+    ap.add_argument("--main-cpus", default=None,
+                    help="pin this thread (and so the CUDA driver's callback thread, created later) e.g. 0 or 0-1")
     args = ap.parse_args()
+    if args.main_cpus:
+        os.sched_setaffinity(0, cpu_range(args.main_cpus))  # before CUDA starts its threads
     if not torch.cuda.is_available():
         print("bench/gpu_hybrid.py needs CUDA; the CPU fallbacks are tested by tests/test_gpu_paths.py", file=sys.stderr)
         return 2

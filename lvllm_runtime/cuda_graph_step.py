@@ -111,12 +111,17 @@ class HostCall:
             raise EngineError(f"engine forward in a host callback failed (layer {self.layer}): {err}",
                               "the message names the bad argument; the graph was captured over wrong buffers")
 
-    def last_run(self) -> tuple[float, int]:
-        """(seconds the last callback took, number of runs so far)."""
+    def last_times(self) -> tuple[int, int, int]:
+        """(monotonic ns when the last callback began, ns when the engine finished, number of runs so far)."""
         times = (ctypes.c_int64 * 2)()
         runs = ctypes.c_int64()
         self._lib.lvllm_hostcall_times(ctypes.c_void_p(self._ptr), times, ctypes.byref(runs))
-        return (times[1] - times[0]) * 1e-9, runs.value
+        return times[0], times[1], runs.value
+
+    def last_run(self) -> tuple[float, int]:
+        """(seconds the last callback took, number of runs so far)."""
+        t0, t1, runs = self.last_times()
+        return (t1 - t0) * 1e-9, runs
 
     def __del__(self) -> None:
         if getattr(self, "_ptr", None):
