@@ -160,10 +160,11 @@ def render(p: dict[str, Any]) -> None:
     rt = p["runtime"]
     hot = rt["hot_experts"]
     n_hot = len(next(iter(hot.values()))) if hot else 0
+    gp = rt["gpu_prefill_min_tokens"]
     stdout.print(f"runtime: threads {', '.join(str(n['threads']) for n in rt['nodes'])} per node; "
-                 f"{n_hot} hot experts per layer on the GPU; GPU prefill from "
-                 f"{rt['gpu_prefill_min_tokens'] if rt['gpu_prefill_min_tokens'] else 'never'} tokens, "
-                 f"prefetch {rt['prefetch_window']} layer(s); max batch {rt['max_batch_tokens']} tokens; "
+                 f"{n_hot} hot experts per layer on the GPU; "
+                 + (f"GPU prefill from {gp} tokens, prefetch {rt['prefetch_window']} layer(s); " if gp else "no GPU prefill; ")
+                 + f"max batch {rt['max_batch_tokens']} tokens; "
                  f"context {p['vllm']['max_model_len']} x {p['vllm']['max_num_seqs']} seqs")
     if p["fits"]:
         stdout.print("[bold green]FITS[/]")
@@ -176,8 +177,9 @@ def render(p: dict[str, Any]) -> None:
     f.add_column("tokens/s", justify="right")
     f.add_column("how")
     for d in fc["decode"]:
-        how = (f"CPU experts {d['cpu_ms']:.2f} ms" + (f", GPU {d['gpu_dense_ms']:.2f} ms, sync {d['sync_ms']:.2f} ms"
-                                                    if "gpu_dense_ms" in d else f", dense {d['dense_ms']:.2f} ms"))
+        how = (f"CPU experts {d['cpu_ms']:.2f} ms"
+               + (f", GPU {d['gpu_dense_ms']:.2f} ms" if "gpu_dense_ms" in d else f", dense {d['dense_ms']:.2f} ms")
+               + f", sync+step {d['sync_ms']:.2f} ms")
         f.add_row(f"decode, batch {d['batch']}", f"{d['tok_s']:.1f}", how)
     for q in fc["prefill"]:
         how = f"{q['path'].upper()} path, chunk {q['chunk']}"
@@ -192,5 +194,6 @@ def render(p: dict[str, Any]) -> None:
     stdout.print(f"[dim]assumes CPU read {bw['cpu_read_gbps']:.0f} GB/s ({bw['cpu_read_source']}) x "
                  f"{a['cpu_stream_efficiency']} engine efficiency; GPU bandwidth x {a['gpu_bw_efficiency']}, "
                  f"tensor peak x {a['gpu_flops_efficiency']}; PCIe x {a['pcie_efficiency']}; "
-                 f"{a['layer_sync_us']:.0f} us sync per MoE layer; hot-expert share of routed tokens "
+                 f"{a['layer_sync_us']:.0f} us sync per MoE layer + {a['step_overhead_ms']} ms per step; "
+                 f"hot-expert share of routed tokens "
                  f"{fc['hot_fraction']:.0%}.[/]")

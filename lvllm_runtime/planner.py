@@ -41,6 +41,7 @@ ASSUMPTIONS: dict[str, float] = {
     "gpu_flops_efficiency": 0.5,  # share of dense BF16 tensor peak reached by prefill GEMMs
     "pcie_efficiency": 0.85,  # pinned host-to-device share of the link (H100 box: 54 of 63 GB/s measured)
     "layer_sync_us": 40.0,  # per MoE layer hand-off GPU -> CPU engine -> GPU at decode (host callback + copies)
+    "step_overhead_ms": 1.0,  # per decode step: vLLM scheduling, sampling, output processing in Python
     "cpu_clock_ghz": 2.5,  # all-core clock under AVX load
     "cpu_flops_efficiency": 0.4,  # share of the ISA's FLOP/cycle peak the engine reaches in prefill
     "host_process_gib": 4.0,  # vLLM + torch + Python resident memory besides weights
@@ -404,8 +405,8 @@ def _routing_profile(path: str | None, shape: ModelShape) -> dict[int, list[floa
 def make_plan(model: ModelSource | str | Path, hardware: Hardware | Topology, options: PlanOptions | None = None) -> dict:
     """The plan JSON for `model` on `hardware`. Always returns a plan; `fits` False with `reasons` when it does not
     fit (the CLI exits 1 and never writes such a plan)."""
-    opt = options or PlanOptions()
     src = model if isinstance(model, ModelSource) else load_model(model)
+    opt = apply_recipe_defaults(options or PlanOptions(), src.recipe)
     hw = hardware if isinstance(hardware, Hardware) else Hardware(hardware)
     return _Planner(src, hw, opt).plan()
 
@@ -776,14 +777,17 @@ class _Planner:
             t_cpu = cpu_bytes / bw_cpu
             if not gpu_mem:  # CPU only: everything streams from host memory
                 dense_b = dense_params * ne_bytes_per_param + batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
-                t = t_cpu + dense_b / bw_cpu
-                return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "dense_ms": 1e3 * (t - t_cpu)}
+                t_dense = dense_b / bw_cpu
+                t_fixed = n_moe * A["layer_sync_us"] * 1e-6 + A["step_overhead_ms"] * 1e-3
+                t = t_cpu + t_dense + t_fixed
+                return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "dense_ms": 1e3 * t_dense,
+                        "sync_ms": 1e3 * t_fixed}
             gbw, _, _ = _gpu_specs(self.gpus[0])
             gbw_eff = gbw * GB * A["gpu_bw_efficiency"] * self.tp
             kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
             t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
             t_hot = uniq * (1 - cold_frac) * self.expert_store_bytes * n_moe / gbw_eff
-            t_sync = n_moe * A["layer_sync_us"] * 1e-6
+            t_sync = n_moe * A["layer_sync_us"] * 1e-6 + A["step_overhead_ms"] * 1e-3
             t = t_dense + max(t_cpu, t_hot) + t_sync
             return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "gpu_dense_ms": 1e3 * t_dense,
                     "gpu_hot_ms": 1e3 * t_hot, "sync_ms": 1e3 * t_sync, "cpu_bytes_per_step": cpu_bytes}
