@@ -63,14 +63,15 @@ def make_layer(fmt: str, E: int, H: int, I: int, g: int, gen: torch.Generator) -
             "w2": (torch.randn(E, H, I, generator=gen) / I**0.5).bfloat16()}
 
 
-def dequant(packed: torch.Tensor, scale: torch.Tensor, g: int) -> torch.Tensor:
+def dequant(packed: torch.Tensor, scale: torch.Tensor, g: int, dtype=torch.float32) -> torch.Tensor:
     u = (packed.unsqueeze(-1) >> (4 * torch.arange(8, dtype=torch.int32))) & 0xF
-    q = u.reshape(*packed.shape[:-1], -1).to(torch.bfloat16) - 8
-    return q * scale.repeat_interleave(g, dim=-1)
+    q = u.reshape(*packed.shape[:-1], -1).to(torch.float32) - 8
+    return (q * scale.float().repeat_interleave(g, dim=-1)).to(dtype)
 
 
 def torch_moe(x, ids, w, layer, fmt, g, out):
-    """Plain torch: per routed expert, gather its tokens, (dequantize), two matmuls in bf16, scatter-add."""
+    """Plain torch: per routed expert, gather its tokens, two matmuls, scatter-add. INT4 experts are dequantized to
+    fp32 on the fly (torch has no int4 matmul on the CPU); BF16 experts multiply in bf16."""
     I = (layer["w2.packed"].shape[-1] * 8) if fmt == "int4" else layer["w2"].shape[-1]
     acc = torch.zeros(out.shape, dtype=torch.float32)
     for e in torch.unique(ids).tolist():
@@ -80,9 +81,9 @@ def torch_moe(x, ids, w, layer, fmt, g, out):
             w2 = dequant(layer["w2.packed"][e], layer["w2.scale"][e], g)
         else:
             w13, w2 = layer["w13"][e], layer["w2"][e]
-        z = x[t] @ w13.T
+        z = x[t].to(w13.dtype) @ w13.T
         h = F.silu(z[:, :I]) * z[:, I:]
-        acc.index_add_(0, t, (h @ w2.T).float() * w[t, j].unsqueeze(1))
+        acc.index_add_(0, t, (h.to(w2.dtype) @ w2.T).float() * w[t, j].unsqueeze(1))
     out.copy_(acc)
 
 
@@ -91,8 +92,8 @@ class KtLayer:
 
     def __init__(self, ext, cpuinfer, fmt, E, k, H, I, layer, g, max_len):
         if fmt == "int4":
-            w13 = dequant(layer["w13.packed"], layer["w13.scale"], g)
-            w2 = dequant(layer["w2.packed"], layer["w2.scale"], g)
+            w13 = dequant(layer["w13.packed"], layer["w13.scale"], g, torch.bfloat16)
+            w2 = dequant(layer["w2.packed"], layer["w2.scale"], g, torch.bfloat16)
         else:
             w13, w2 = layer["w13"], layer["w2"]
         self.gate, self.up = w13[:, :I].contiguous(), w13[:, I:].contiguous()
@@ -132,13 +133,15 @@ def load_kt(path: str | None):
 
 
 def time_steps(fn, steps, min_seconds):
+    """Mean wall seconds per step, steps run, and mean process CPU seconds per step (all threads: on a shared,
+    oversubscribed machine cpu/wall shows how much of the wall time the threads actually ran)."""
     fn(0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     while n < steps or (time.perf_counter() - t0 < min_seconds and n < 50 * steps):
         fn(n + 1)
         n += 1
-    return (time.perf_counter() - t0) / n, n
+    return (time.perf_counter() - t0) / n, n, (time.process_time() - c0) / n
 
 
 def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
@@ -185,7 +188,7 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
         except Exception as e:  # noqa: BLE001
             kt_layers, kt_note = None, f"{type(e).__name__}: {e}"
     for T in args.tokens:
-        steps = max(2, L) if T >= 256 else max(args.steps, L)
+        steps = (2 if args.reduced else max(2, L)) if T >= 256 else max(args.steps, L)
         routes = [(torch.rand(T, E, generator=gen).argsort(dim=1)[:, :k].contiguous(),
                    torch.rand(T, k, generator=gen)) for _ in range(steps + 1)]
         x = (torch.randn(T, H, generator=gen)).bfloat16()
@@ -199,12 +202,14 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
             ids, w = routes[i % len(routes)]
             eng.forward(i % L, x, ids, w, out)
 
-        row["lvllm_ms"], row["lvllm_steps"] = [v * 1e3 if j == 0 else v for j, v in enumerate(time_steps(run_eng, steps, args.min_seconds))]
+        t, n, cpu = time_steps(run_eng, steps, args.min_seconds)
+        row.update(lvllm_ms=t * 1e3, lvllm_steps=n, lvllm_cpu_ms=cpu * 1e3,
+                   lvllm_GFLOP_per_cpu_s=row["flop_per_step"] / cpu / 1e9 if cpu > 0 else None)
         if not args.no_torch:
             def run_torch(i):
                 ids, w = routes[i % len(routes)]
                 torch_moe(x, ids, w, layers[i % L], fmt, g, out)
-            t, _ = time_steps(run_torch, max(2, min(steps, 4)), 0)
+            t, _, _ = time_steps(run_torch, 2 if args.reduced else max(2, min(steps, 4)), 0)
             row["torch_ms"] = t * 1e3
         if kt_layers is not None:
             qlen = torch.tensor([T], dtype=torch.int32)
@@ -212,7 +217,7 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
             def run_kt(i):
                 ids, w = routes[i % len(routes)]
                 kt_layers[i % L].forward(cpuinfer, x, ids, w, out, qlen)
-            t, _ = time_steps(run_kt, steps, args.min_seconds)
+            t, _, _ = time_steps(run_kt, steps, args.min_seconds)
             row["kt_ms"] = t * 1e3
         elif kt_note:
             row["kt_error"] = kt_note
@@ -227,7 +232,7 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
 
 
 HEADER = (f"{'shape':<14} {'fmt':<5} {'T':>4} {'L':>2} {'lvllm ms':>9} {'GB/s':>6} {'GFLOP/s':>8} "
-          f"{'torch ms':>9} {'kt ms':>8} {'torch/lv':>8} {'kt/lv':>6}")
+          f"{'torch ms':>9} {'kt ms':>8} {'torch/lv':>8} {'kt/lv':>6} {'cpu/wall':>8}")
 
 
 def print_row(r):
@@ -236,7 +241,7 @@ def print_row(r):
     rt = f"{r['torch_ms'] / r['lvllm_ms']:8.2f}" if "torch_ms" in r else f"{'-':>8}"
     rk = f"{r['kt_ms'] / r['lvllm_ms']:6.2f}" if "kt_ms" in r else f"{'-':>6}"
     print(f"{r['shape']:<14} {r['format']:<5} {r['T']:>4} {r['layers']:>2} {r['lvllm_ms']:9.3f} {r['lvllm_GBps']:6.2f} "
-          f"{r['lvllm_GFLOPps']:8.1f} {tr} {kt} {rt} {rk}", flush=True)
+          f"{r['lvllm_GFLOPps']:8.1f} {tr} {kt} {rt} {rk} {r['lvllm_cpu_ms'] / r['lvllm_ms']:8.2f}", flush=True)
 
 
 def main():
