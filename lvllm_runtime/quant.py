@@ -22,14 +22,18 @@ def quantize_int4(w: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tens
     *lead, n, k = w.shape
     if group % 8 or k % group:
         raise BadInput(f"cannot quantize {k} columns in groups of {group}", "pick a group size that divides the columns")
-    wb = w.to(torch.bfloat16).reshape(*lead, n, k // group, group)
-    scale = wb.abs().amax(dim=-1, keepdim=True) / 7.5
+    wb = w.to(torch.bfloat16).contiguous().reshape(*lead, n, k // group, group)
+    # max|w| on the bit patterns: with the sign bit cleared, BF16 orders like int16 (integer max is 2x faster).
+    amax = (wb.view(torch.int16) & 0x7FFF).amax(dim=-1, keepdim=True).view(torch.bfloat16)
+    scale = amax / 7.5
     # An all-zero group gets the dtype's eps (as compressed-tensors does) so the division stays finite.
     scale = torch.where(scale == 0, torch.finfo(torch.bfloat16).eps, scale)
     # |w / scale| <= 7.5 up to BF16 rounding, so the rounded codes fit int8 before the clamp.
-    q = torch.round(wb / scale).to(torch.int8).clamp_(-8, 7).add_(8).view(torch.uint8).reshape(*lead, n, k)
-    # Two nibbles per byte, the even column low: on a little-endian machine four such bytes are the int32 word.
-    packed = (q[..., 0::2] | (q[..., 1::2] << 4)).contiguous().view(torch.int32)
+    q = torch.round(wb / scale).to(torch.int8).clamp_(-8, 7).add_(8).reshape(*lead, n, k)
+    # Column pairs as one little-endian int16 (even column low byte): v | v >> 4 puts the odd nibble above the even
+    # one in the low byte, which four at a time is the int32 word.
+    v = q.view(torch.int16)
+    packed = (v | (v >> 4)).to(torch.uint8).view(torch.int32)
     return packed, scale.reshape(*lead, n, k // group)
 
 

@@ -308,13 +308,8 @@ def _convert_expert(ckpt: Checkpoint, man: StoreManifest, layer: int, expert: in
         return _node_slices(man, ckpt.read_expert_int4(layer, expert))
     # BF16 is both the store's BF16 format and the dtype INT4 RTN divides in (as compressed-tensors does).
     w = ckpt.read_expert(layer, expert, dtype=torch.bfloat16)
-    if man.weight_format == "int4":
-        keys = [k for k in ("gate", "up") if k in w]
-        packed, scale = quantize_int4(torch.cat([w[k] for k in keys]), man.group_size)
-        i = man.intermediate_size
-        parts: dict = {k: (packed[j * i : (j + 1) * i], scale[j * i : (j + 1) * i]) for j, k in enumerate(keys)}
-        parts["down"] = quantize_int4(w["down"], man.group_size)
-        return _node_slices(man, parts)
+    if man.weight_format == "int4":  # row-wise groups: each projection quantizes on its own, no concatenation
+        return _node_slices(man, {k: quantize_int4(v, man.group_size) for k, v in w.items()})
     return _node_slices(man, w)
 
 
@@ -335,8 +330,8 @@ class _Run:
         if self.progress is not None:
             self.progress(replace(self.state))
 
-    def convert_layer(self, pool: ThreadPoolExecutor, layer: int) -> dict:
-        """Write every node file of `layer`; returns their manifest entries."""
+    def convert_layer(self, pool: ThreadPoolExecutor, layer: int) -> list[LayerFileWriter]:
+        """Write every expert of `layer` into its node files; returns the writers, still to be finished."""
         specs = self.man.tensor_specs()
         writers = []
         try:
@@ -344,11 +339,24 @@ class _Run:
                 meta = self.man.file_metadata(layer, node)
                 writers.append(LayerFileWriter(self.out / layer_file(layer, node), specs, meta))
             self._run_experts(pool, layer, writers)
-            return {layer_file(layer, node): w.finish() for node, w in enumerate(writers)}
+            return writers
         except BaseException:
             for w in writers:
                 w.abort()
             raise
+
+    @staticmethod
+    def finish_layer(layer: int, writers: list[LayerFileWriter]) -> dict:
+        """fsync, hash and rename a layer's node files (runs beside the next layer's conversion)."""
+        entries = {}
+        try:
+            for node, w in enumerate(writers):
+                entries[layer_file(layer, node)] = w.finish()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        return entries
 
     def _one(self, layer: int, expert: int, writers: list[LayerFileWriter]) -> tuple[int, int]:
         written = 0
@@ -422,12 +430,18 @@ def quantize(
     threads = torch.get_num_threads()
     torch.set_num_threads(max(1, threads // workers))  # workers, not intra-op threads, fill the cores
     try:
-        with ThreadPoolExecutor(workers, thread_name_prefix="lvllm-quantize") as pool:
+        with ThreadPoolExecutor(workers, thread_name_prefix="lvllm-quantize") as pool, ThreadPoolExecutor(1) as finisher:
+            finishing: Future | None = None
             for i, layer in enumerate(todo):
                 run.report(layer=layer)
-                manifest.files.update(run.convert_layer(pool, layer))
-                write_manifest(out, manifest)
-                run.report(layers_done=i + 1)
+                writers = run.convert_layer(pool, layer)
+                if finishing is not None:
+                    finishing.result()
+                    run.report(layers_done=i)
+                finishing = finisher.submit(_finish_and_record, out, manifest, layer, writers)
+            if finishing is not None:
+                finishing.result()
+                run.report(layers_done=len(todo))
     finally:
         torch.set_num_threads(threads)
     manifest = replace(manifest, complete=True)
@@ -451,6 +465,13 @@ def quantize(
         threshold=threshold,
         workers=workers,
     )
+
+
+def _finish_and_record(out: Path, manifest: StoreManifest, layer: int, writers: list[LayerFileWriter]) -> None:
+    """Put a layer's files in place and list them at once in the manifest in progress (what --resume trusts).
+    Runs on the one finisher thread, so manifest writes never race."""
+    manifest.files.update(_Run.finish_layer(layer, writers))
+    write_manifest(out, manifest)
 
 
 def verify_store(store: ExpertStore, ckpt: Checkpoint, sample: int | None = None, run: _Run | None = None) -> list[LayerError]:

@@ -24,14 +24,14 @@ from pathlib import Path
 import torch
 
 from .atomic import fsync_dir, temp_name, write_json
-from .checkpoint import SafetensorsFile
+from .checkpoint import DTYPES, SafetensorsFile
 from .errors import StoreError
 from .quant import dequantize_int4
 
 FORMAT_VERSION = 1
 MANIFEST = "lvllm.json"
 WEIGHT_FORMATS = ("int4", "bf16")
-_DTYPE_NAMES = {torch.int32: "I32", torch.bfloat16: "BF16"}
+_DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 
 
 def layer_file(layer: int, node: int) -> str:

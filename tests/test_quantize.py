@@ -23,13 +23,7 @@ from lvllm_runtime.quant import dequantize_int4, quantize_int4
 from lvllm_runtime.quantize import QuantizeOptions, quantize
 from lvllm_runtime.store import ExpertStore, file_sha256, layer_file
 
-FUSED_BF16_ONLY = {"qwen3_5_moe"}
-CASES = [
-    (arch, variant)
-    for arch in sorted(zoo_module.ZOO)
-    if arch != "gpt_oss"
-    for variant in (("bf16",) if arch in FUSED_BF16_ONLY else ("bf16", "fp8", "int4"))
-]
+CASES = [(arch, variant) for arch in sorted(zoo_module.ZOO) if arch != "gpt_oss" for variant in zoo_module.variants(arch)]
 
 
 def _check_manifest(store: ExpertStore) -> None:
