@@ -14,6 +14,7 @@ import platform
 from pathlib import Path
 
 from lvllm_runtime import planner, recipes
+from lvllm_runtime.hardware import Hardware
 
 HW = Path(__file__).resolve().parent.parent / "tests" / "fixtures" / "hardware"
 
@@ -32,7 +33,7 @@ def main() -> None:
     rows = []
     for name, fixture, opts, dec, pre, lengths in CASES:
         rec = recipes.get(name).data
-        plan = planner.make_plan(planner.model_from_recipe(rec), planner.Hardware.load(HW / f"{fixture}.json"),
+        plan = planner.make_plan(planner.model_from_recipe(rec), Hardware.load(HW / f"{fixture}.json"),
                                  planner.PlanOptions(**opts))
         d = plan["forecast"]["decode"][0]["tok_s"]
         rows.append(dict(model=name, hardware=fixture, phase="decode batch 1", forecast=d, published=dec,

@@ -69,6 +69,7 @@ def plan(
 ) -> None:
     """Split the model between GPU and NUMA nodes, check it fits, forecast decode and prefill speed."""
     from lvllm_runtime import planner, recipes
+    from lvllm_runtime.hardware import Hardware
     from lvllm_runtime.plan import save_plan
 
     if model is None and recipe is None:
@@ -79,7 +80,7 @@ def plan(
     src = planner.load_model(model) if model is not None else planner.model_from_recipe(rec)
     if model is not None and rec:
         src = planner.ModelSource(**{**src.__dict__, "recipe": rec})
-    hw = planner.Hardware.load(hardware) if hardware else _probe()
+    hw = Hardware.load(hardware) if hardware else _probe()
     opt = planner.PlanOptions(
         store=str(store) if store else None, gpus=_ints(gpus), tp=tp, max_model_len=max_model_len,
         max_num_seqs=max_num_seqs, max_batch_tokens=max_batch_tokens, gpu_memory_utilization=gpu_memory_utilization,
@@ -102,7 +103,7 @@ def plan(
 
 
 def _probe():
-    from lvllm_runtime.planner import Hardware
+    from lvllm_runtime.hardware import Hardware
     from lvllm_runtime.topology import probe
 
     return Hardware(probe(), source="probed (no bandwidth measured: `lvllm doctor --bench --json > hw.json`)")

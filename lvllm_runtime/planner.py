@@ -18,58 +18,24 @@ Speed model (every constant is in `ASSUMPTIONS`, printed with the forecast; noth
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from .errors import BadInput, StoreError
-from .model_shapes import NON_EXPERT_ROLES, QUANTIZABLE, ROUTED, ModelShape, Tensor, from_config
+from .errors import BadInput
+from .hardware import ASSUMPTIONS, GB, Hardware, cpu_flops, gpu_specs, pcie_gbps
+from .model_shapes import ROUTED, ModelShape
+from .model_sizes import (BYTES, ModelSource, load_model, model_from_recipe, pick_group, predicted_checkpoint_bytes,
+                          read_store_manifest, store_layer_bytes)
 from .plan import PLAN_VERSION
-from .topology import Gpu, NumaNode, Topology
+from .topology import Gpu, Topology
+
+__all__ = ["PlanOptions", "make_plan", "apply_recipe_defaults", "Hardware", "ModelSource", "load_model",
+           "model_from_recipe", "ASSUMPTIONS"]
 
 GiB = 1 << 30
-GB = 1e9
-
-# Every number the forecast rests on. Each is a physical property or an engineering estimate, never fitted per model.
-ASSUMPTIONS: dict[str, float] = {
-    "cpu_stream_efficiency": 0.6,  # share of measured read bandwidth the engine reaches streaming expert slices
-    "cpu_read_gbps_per_core_fallback": 5.0,  # per physical core when no `lvllm doctor --bench` number is given
-    "gpu_bw_efficiency": 0.8,  # share of GPU memory bandwidth reached by decode GEMVs
-    "gpu_flops_efficiency": 0.5,  # share of dense BF16 tensor peak reached by prefill GEMMs
-    "pcie_efficiency": 0.85,  # pinned host-to-device share of the link (H100 box: 54 of 63 GB/s measured)
-    "layer_sync_us": 40.0,  # per MoE layer hand-off GPU -> CPU engine -> GPU at decode (host callback + copies)
-    "step_overhead_ms": 1.0,  # per decode step: vLLM scheduling, sampling, output processing in Python
-    "cpu_clock_ghz": 2.5,  # all-core clock under AVX load
-    "cpu_flops_efficiency": 0.4,  # share of the ISA's FLOP/cycle peak the engine reaches in prefill
-    "host_process_gib": 4.0,  # vLLM + torch + Python resident memory besides weights
-    "cuda_graph_gib": 0.5,  # CUDA-graph pools and workspaces beside vLLM's profiled peak
-    "ram_reserve_fraction": 0.05,  # per node, kept for the OS and page cache
-}
-
-# FLOP per cycle per core at BF16 (or INT4 dequantized to BF16) for the engine's best kernel on that ISA.
-ISA_FLOP_PER_CYCLE = (("amx_bf16", 1024.0), ("avx512_bf16", 128.0), ("avx512f", 64.0), ("avx2", 32.0))
-
-# (substring of the NVML name, memory bandwidth GB/s, dense BF16 tensor TFLOP/s) from vendor data sheets.
-GPU_SPECS = (
-    ("H200", 4800.0, 989.0),
-    ("H100 PCIe", 2000.0, 756.0),
-    ("H100 NVL", 3900.0, 835.0),
-    ("H100", 3350.0, 989.0),
-    ("B200", 8000.0, 2250.0),
-    ("A100", 2039.0, 312.0),
-    ("L40S", 864.0, 362.0),
-    ("RTX PRO 6000", 1792.0, 500.0),
-    ("RTX 6000 Ada", 960.0, 364.0),
-    ("RTX 5090", 1792.0, 209.0),
-    ("RTX 4090", 1008.0, 165.0),
-    ("RTX 3090", 936.0, 71.0),
-)
-GPU_FALLBACK = (900.0, 100.0)
-PCIE_GBPS_PER_LANE = {3: 0.985, 4: 1.969, 5: 3.938, 6: 7.563}
-
 WEIGHT_FORMATS = ("int4", "bf16")
 MOE_CHUNK = 8192  # tokens per fused-MoE sub-chunk on the GPU (bounds expert intermediates, like vLLM's chunking)
 
@@ -93,293 +59,6 @@ class PlanOptions:
     routing_profile: str | None = None
     gpu_prefill_min_tokens: int | None = None
     prefetch_window: int | None = None
-
-
-@dataclass(frozen=True)
-class Hardware:
-    """A topology plus what `lvllm doctor --bench` measured (GB/s): per-node read bandwidth and host-to-device."""
-
-    topology: Topology
-    node_read_gbps: dict[int, float] = field(default_factory=dict)
-    h2d_gbps: float | None = None
-    all_nodes_gbps: float | None = None  # every node at once; less than the sum when nodes share controllers
-    source: str = "probe"
-    bench_note: str = ""
-
-    @classmethod
-    def from_doctor(cls, d: dict[str, Any], source: str = "file") -> "Hardware":
-        """Read `lvllm doctor --json` output ({"topology", "checks", "bench"}) or a bare topology object."""
-        topo = Topology.from_dict(d)
-        bench = d.get("bench") if isinstance(d, dict) else None
-        reads: dict[int, float] = {}
-        h2d = together = None
-        if isinstance(bench, dict):  # membench.bench_topology() output, plus an optional measured h2d_gb_s
-            for n in bench.get("nodes") or []:
-                gbps = n.get("gb_s", n.get("read_gbps"))
-                if gbps is not None:
-                    reads[int(n.get("node", len(reads)))] = float(gbps)
-            if isinstance(bench.get("all_nodes"), dict):
-                together = bench["all_nodes"].get("gb_s")
-            h2d = bench.get("h2d_gb_s")
-            bench_note = str(bench.get("source") or "measured by lvllm doctor --bench")
-        else:
-            bench_note = ""
-        return cls(topology=topo, node_read_gbps=reads, h2d_gbps=float(h2d) if h2d else None,
-                   all_nodes_gbps=float(together) if together else None, source=source, bench_note=bench_note)
-
-    @classmethod
-    def load(cls, path: str | Path) -> "Hardware":
-        p = Path(path)
-        try:
-            d = json.loads(p.read_text())
-        except FileNotFoundError:
-            raise BadInput(f"hardware file {p} does not exist", "write one with `lvllm doctor --json > hw.json`") from None
-        except (OSError, json.JSONDecodeError) as e:
-            raise BadInput(f"hardware file {p} is not valid JSON ({e})", "write one with `lvllm doctor --json`") from None
-        return cls.from_doctor(d, source=str(p))
-
-    def read_gbps(self, node: NumaNode) -> tuple[float, str]:
-        """Read bandwidth of one node and where the number comes from."""
-        if node.id in self.node_read_gbps:
-            return self.node_read_gbps[node.id], self.bench_note or "measured"
-        return len(node.cores) * ASSUMPTIONS["cpu_read_gbps_per_core_fallback"], "assumed per core"
-
-
-# ---- model input ------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelSource:
-    """What the plan is for: a shape, its checkpoint format, and exact tensor bytes when the files are present."""
-
-    shape: ModelShape
-    path: str
-    config_sha256: str
-    nonexpert_format: str  # bf16 | fp16 | fp32 | fp8
-    expert_source_format: str  # bf16 | fp16 | fp32 | fp8 | int4
-    source_group_size: int | None = None
-    checkpoint_bytes: dict[str, int] | None = None  # role -> bytes, from safetensors headers
-    unquantized: frozenset[str] = frozenset()  # roles a quantized checkpoint keeps in 16 bits
-    recipe: dict | None = None
-
-
-# Substrings of quantization_config's not-converted module names -> the role they keep in 16 bits.
-_SKIP_ROLES = {"linear_attn": "linear_attention", "self_attn": "attention", "shared_expert.": "shared_expert", "shared_experts.": "shared_expert",
-               "mixer.in_proj": "mamba", "mixer.out_proj": "mamba"}
-
-
-def _unquantized_roles(config: dict) -> frozenset[str]:
-    q = config.get("quantization_config") or {}
-    names = [str(x) for k in ("modules_to_not_convert", "ignore", "ignored_layers") for x in (q.get(k) or [])]
-    return frozenset(role for key, role in _SKIP_ROLES.items() if any(key in n for n in names))
-
-
-def _formats(config: dict) -> tuple[str, str, int | None]:
-    """(non-expert format, routed-expert format, int4 group) from config.json's dtype and quantization_config."""
-    dtype = str(config.get("torch_dtype") or config.get("dtype") or
-                (config.get("text_config") or {}).get("dtype") or "bfloat16")
-    base = {"float16": "fp16", "float32": "fp32"}.get(dtype, "bf16")
-    q = config.get("quantization_config") or {}
-    method = q.get("quant_method")
-    if method == "fp8":
-        return "fp8", "fp8", None
-    if method == "compressed-tensors":
-        fmt = q.get("format")
-        group = None
-        for grp in (q.get("config_groups") or {}).values():
-            w = grp.get("weights") or {}
-            group = w.get("group_size") or group
-            if w.get("num_bits") == 8 and w.get("type") == "float":
-                fmt = "float-quantized"
-        if fmt == "pack-quantized":
-            return base, "int4", group
-        if fmt == "float-quantized":
-            return "fp8", "fp8", None
-    return base, base, None
-
-
-BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
-
-
-def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
-    """Bytes of `t.count` tensors stored in `fmt`: fp8 = block-scaled (f32 scale per 128x128); int4 = compressed-
-    tensors pack-quantized (packed int32 [N, K/8], bf16 scale [N, K/g], int64 shape [2]). Only 2-D projections
-    are quantized; vectors stay 16-bit (f32 where the tensor is f32)."""
-    if t.f32 or (fmt == "fp32"):
-        return 4 * t.numel * t.count
-    if not t.linear:  # vectors, embeddings, routers: 16-bit in every checkpoint format
-        return 2 * t.numel * t.count
-    if t.linear and fmt == "fp8":
-        n, k = t.shape
-        return t.count * (n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128))
-    if t.linear and fmt == "int4":
-        n, k = t.shape
-        return t.count * (n * k // 2 + 2 * n * (k // int(group or 128)) + 16)
-    return BYTES.get(fmt, 2) * t.numel * t.count
-
-
-def checkpoint_bytes_by_role(shape: ModelShape, nonexpert_format: str, expert_format: str,
-                             group: int | None = None, unquantized: frozenset[str] = frozenset()) -> dict[str, int]:
-    """Predicted checkpoint tensor bytes per role (what the safetensors files hold, headers excluded);
-    `unquantized` roles keep 16-bit weights in a quantized checkpoint (its modules_to_not_convert)."""
-    out: dict[str, int] = {}
-    base = "fp32" if nonexpert_format == "fp32" else "bf16"
-    for t in shape.tensors():
-        if t.role == ROUTED:
-            fmt = expert_format
-        elif t.role in QUANTIZABLE and t.role not in unquantized:
-            fmt = nonexpert_format
-        else:
-            fmt = base
-        out[t.role] = out.get(t.role, 0) + tensor_bytes(t, fmt, group)
-    return out
-
-
-def predicted_checkpoint_bytes(src: "ModelSource") -> dict[str, int]:
-    """What the model's safetensors should hold per role, from config.json alone."""
-    return checkpoint_bytes_by_role(src.shape, src.nonexpert_format, src.expert_source_format,
-                                    src.source_group_size, src.unquantized)
-
-
-def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
-    """Tensor bytes of one layer's store shard on one node (store.py layout; headers excluded)."""
-    E, H = shape.num_experts, shape.expert_hidden
-    In = shape.expert_intermediate // numa_nodes
-    rows13 = (2 if shape.gated else 1) * In
-    if weight_format == "bf16":
-        return 2 * E * (rows13 * H + H * In)
-    g = int(group or 128)
-    return E * (rows13 * H // 2 + 2 * rows13 * (H // g) + H * In // 2 + 2 * H * (In // g))
-
-
-def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:
-    """Largest of 128/64/32 dividing H and the per-node slice of I (as quant.pick_group_size), or the request."""
-    dims = (shape.expert_hidden, shape.expert_intermediate // numa_nodes)
-    choices = (128, 64, 32) if requested in ("auto", None) else (int(requested),)
-    for g in choices:
-        if all(d % g == 0 and d >= g for d in dims):
-            return g
-    raise BadInput(
-        f"no INT4 group size in {list(choices)} divides hidden {dims[0]} and the per-node expert slice {dims[1]}",
-        "use --group-size 32, fewer --numa-nodes, or --expert-format bf16",
-    )
-
-
-def read_checkpoint_bytes(model_dir: Path, shape: ModelShape) -> dict[str, int] | None:
-    """Tensor bytes per role from the safetensors headers (index + shard headers); None when no weights are present."""
-    from .arch import resolve
-
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        return None
-    try:
-        moe = resolve(shape.config)
-        expert_prefixes = _expert_prefixes(moe)
-    except Exception:  # noqa: BLE001 - planning works without arch.py's names: fall back on name patterns
-        expert_prefixes = None
-    out: dict[str, int] = {}
-    for f in files:
-        for name, info in _safetensors_header(f).items():
-            if name == "__metadata__":
-                continue
-            b, e = info["data_offsets"]
-            role = _role_of(name, expert_prefixes)
-            if role is None:
-                continue
-            out[role] = out.get(role, 0) + (e - b)
-    return out
-
-
-def _expert_prefixes(moe) -> tuple[str, ...]:
-    if moe.layout == "fused":
-        return tuple(v for L in moe.moe_layers for v in moe.fused_names(L).values())
-    return tuple(f"{moe.layer_prefix}.{L}.{moe.moe_module}.experts." for L in moe.moe_layers)
-
-
-def _role_of(name: str, expert_prefixes: tuple[str, ...] | None) -> str | None:
-    low = name.lower()
-    if any(k in low for k in ("visual", "vision", "audio", "mm_projector", "multi_modal", "mtp.")):
-        return None
-    if expert_prefixes is not None:
-        if name.startswith(expert_prefixes):
-            return ROUTED
-    elif ".experts." in name or name.endswith(("experts.gate_up_proj", "experts.down_proj")):
-        return ROUTED
-    return "non_expert"
-
-
-def _safetensors_header(path: Path) -> dict:
-    from .errors import CorruptCheckpoint
-
-    try:
-        with open(path, "rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if not 0 < n < 100_000_000:
-                raise ValueError(f"header length {n}")
-            return json.loads(f.read(n))
-    except (OSError, ValueError) as e:
-        raise CorruptCheckpoint(f"{path} is not a readable safetensors file ({e})", "re-download that shard") from None
-
-
-def load_model(model_dir: str | Path) -> ModelSource:
-    """A model directory with at least config.json (weights optional: plan before downloading)."""
-    d = Path(model_dir)
-    cfg_path = d / "config.json"
-    if not cfg_path.is_file():
-        raise BadInput(f"{d} has no config.json", "pass a model directory (config.json is enough to plan)")
-    try:
-        config = json.loads(cfg_path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"{cfg_path} is not valid JSON ({e})", "re-download config.json") from None
-    shape = from_config(config)
-    ne, ex, group = _formats(config)
-    return ModelSource(shape=shape, path=str(d.resolve()), config_sha256=hashlib.sha256(cfg_path.read_bytes()).hexdigest(),
-                       nonexpert_format=ne, expert_source_format=ex, source_group_size=group,
-                       checkpoint_bytes=read_checkpoint_bytes(d, shape), unquantized=_unquantized_roles(config))
-
-
-def model_from_recipe(recipe: dict) -> ModelSource:
-    """A recipe's architecture numbers stand in for config.json (no files at all)."""
-    arch = dict(recipe["architecture"])
-    shape = from_config(arch)
-    return ModelSource(shape=shape, path=str(recipe.get("hf_repo", recipe["name"])), config_sha256="",
-                       nonexpert_format=str(recipe.get("nonexpert_format", "bf16")),
-                       expert_source_format=str(recipe.get("expert_source_format", "bf16")),
-                       source_group_size=recipe.get("source_group_size"), recipe=recipe)
-
-
-def _read_store_manifest(path: str) -> dict:
-    p = Path(path) / "lvllm.json"
-    try:
-        m = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"no expert store at {path} (missing lvllm.json)", "run `lvllm quantize MODEL OUT` first") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"store manifest {p} is unreadable ({e})", "re-run `lvllm quantize`") from None
-    if not m.get("complete", False):
-        raise StoreError(f"expert store {path} is incomplete", "re-run `lvllm quantize` to finish it")
-    return m
-
-
-# ---- the plan ---------------------------------------------------------------------------------------------------
-def _gpu_specs(gpu: Gpu) -> tuple[float, float, str]:
-    for key, bw, tf in GPU_SPECS:
-        if key.lower() in gpu.name.lower():
-            return bw, tf, f"data sheet ({key})"
-    return GPU_FALLBACK[0], GPU_FALLBACK[1], "unknown GPU: assumed"
-
-
-def _pcie_gbps(gpu: Gpu, hw: Hardware) -> tuple[float, str]:
-    if hw.h2d_gbps:
-        return hw.h2d_gbps, "measured pinned H2D"
-    gen, width = gpu.pcie_gen or 4, gpu.pcie_width or 16
-    return PCIE_GBPS_PER_LANE.get(gen, 1.969) * width * ASSUMPTIONS["pcie_efficiency"], f"PCIe gen{gen} x{width}"
-
-
-def _cpu_flops(hw: Hardware, cores: int) -> tuple[float, str]:
-    for isa, per_cycle in ISA_FLOP_PER_CYCLE:
-        if hw.topology.isa.get(isa):
-            rate = cores * per_cycle * ASSUMPTIONS["cpu_clock_ghz"] * 1e9 * ASSUMPTIONS["cpu_flops_efficiency"]
-            return rate, isa
-    return cores * 8 * ASSUMPTIONS["cpu_clock_ghz"] * 1e9 * ASSUMPTIONS["cpu_flops_efficiency"], "scalar"
 
 
 def _routing_profile(path: str | None, shape: ModelShape) -> dict[int, list[float]]:
@@ -439,7 +118,7 @@ class _Planner:
         if gpus and len(gpus) < tp:
             self.why(f"--tp {tp} needs {tp} GPUs, {len(gpus)} available", f"use --tp {len(gpus)}")
         nodes_avail = list(topo.nodes)
-        store_manifest = _read_store_manifest(opt.store) if opt.store and Path(opt.store).exists() else None
+        store_manifest = read_store_manifest(opt.store) if opt.store and Path(opt.store).exists() else None
         numa = int(store_manifest["numa_nodes"]) if store_manifest else (opt.numa_nodes or len(nodes_avail))
         if numa % tp:
             self.why(f"{numa} NUMA store slices cannot be shared by {tp} TP ranks", f"use --numa-nodes {tp * max(1, numa // tp)}")
@@ -579,8 +258,8 @@ class _Planner:
         shrunk until its activations fit in 90% of what is left; 8K without GPU prefill."""
         c = 8192
         if gpu_prefill:
-            link, _ = _pcie_gbps(self.gpus[0], self.hw)
-            _, tflops, _ = _gpu_specs(self.gpus[0])
+            link, _ = pcie_gbps(self.gpus[0], self.hw)
+            _, tflops, _ = gpu_specs(self.gpus[0])
             per_tok = self._moe_flops_per_token_layer() / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
             want = staging_layer / (link * GB) / max(per_tok, 1e-12)
             c = 2048
@@ -712,9 +391,9 @@ class _Planner:
 
     def _crossover_tokens(self, gpu_mem: dict) -> int:
         """Tokens at which streaming a layer to the GPU beats computing it on the CPU."""
-        cpu_rate, _ = _cpu_flops(self.hw, sum(len(n.cores) for n in self.hw.topology.nodes))
-        link, _ = _pcie_gbps(self.gpus[0], self.hw)
-        _, tflops, _ = _gpu_specs(self.gpus[0])
+        cpu_rate, _ = cpu_flops(self.hw, sum(len(n.cores) for n in self.hw.topology.nodes))
+        link, _ = pcie_gbps(self.gpus[0], self.hw)
+        _, tflops, _ = gpu_specs(self.gpus[0])
         f = self._moe_flops_per_token_layer()
         t_link = gpu_mem["staging_layer"] / (link * GB)
         per_tok_gain = f / cpu_rate - f / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
@@ -782,7 +461,7 @@ class _Planner:
                 t = t_cpu + t_dense + t_fixed
                 return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "dense_ms": 1e3 * t_dense,
                         "sync_ms": 1e3 * t_fixed}
-            gbw, _, _ = _gpu_specs(self.gpus[0])
+            gbw, _, _ = gpu_specs(self.gpus[0])
             gbw_eff = gbw * GB * A["gpu_bw_efficiency"] * self.tp
             kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
             t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
@@ -810,16 +489,16 @@ class _Planner:
         attn_flops = sum(s.attention_flops_per_token((c + 0.5) * chunk) * chunk for c in range(n_chunks))
         dense_flops = 2 * dense_params * P + attn_flops
         cores = sum(len(n["cpus"]) for n in runtime["nodes"])
-        cpu_rate, isa = _cpu_flops(self.hw, cores)
+        cpu_rate, isa = cpu_flops(self.hw, cores)
         if not gpu_mem:
             t = (moe_flops_tok * P + dense_flops) / cpu_rate
             return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_isa": isa}
-        _, tflops, _ = _gpu_specs(self.gpus[0])
+        _, tflops, _ = gpu_specs(self.gpus[0])
         g_rate = tflops * 1e12 * A["gpu_flops_efficiency"] * self.tp
         min_tok = runtime["gpu_prefill_min_tokens"]
         t_dense = dense_flops / g_rate
         if min_tok is not None and chunk >= min_tok:
-            link, link_src = _pcie_gbps(self.gpus[0], self.hw)
+            link, link_src = pcie_gbps(self.gpus[0], self.hw)
             t_link = cold_frac * gpu_mem["staging_layer"] / (link * GB)
             t_comp = self._moe_flops_per_token_layer() * chunk / g_rate
             per_layer = max(t_link, t_comp) if self.window >= 2 else t_link + t_comp
@@ -848,5 +527,3 @@ def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
     )
 
 
-def options_dict(opt: PlanOptions) -> dict:
-    return asdict(opt)

@@ -12,9 +12,11 @@ import pytest
 from typer.testing import CliRunner
 
 from lvllm_cli.app import app
-from lvllm_runtime import planner, recipes
+from lvllm_runtime import model_sizes, planner, recipes
 from lvllm_runtime.plan import RuntimePlan, load_plan
-from lvllm_runtime.planner import ROUTED, Hardware, PlanOptions, make_plan
+from lvllm_runtime.hardware import Hardware
+from lvllm_runtime.model_shapes import ROUTED
+from lvllm_runtime.planner import PlanOptions, make_plan
 
 HW = Path(__file__).parent / "fixtures" / "hardware"
 FIXTURES = sorted(p.stem for p in HW.glob("*.json"))
@@ -31,7 +33,7 @@ ZOO_CASES += [("gpt_oss", "bf16"), ("qwen3_5_moe", "bf16")]
 def test_predicted_weight_bytes_equal_checkpoint(zoo, model_type, variant):
     """From config.json alone, routed-expert and non-expert bytes equal the safetensors headers' tensor bytes."""
     src = planner.load_model(zoo(model_type, variant))
-    pred = planner.predicted_checkpoint_bytes(src)
+    pred = model_sizes.predicted_checkpoint_bytes(src)
     got = src.checkpoint_bytes
     assert pred[ROUTED] == got[ROUTED]
     assert sum(v for k, v in pred.items() if k != ROUTED) == got["non_expert"]
@@ -48,12 +50,12 @@ def test_predicted_store_bytes_equal_store_files(zoo, tmp_path, model_type, fmt,
     out = tmp_path / "store"
     quantize(model, out, QuantizeOptions(weight_format=fmt, numa_nodes=nodes, workers=1))
     src = planner.load_model(model)
-    group = planner.pick_group(src.shape, nodes, "auto") if fmt == "int4" else None
-    pred = planner.store_layer_bytes(src.shape, fmt, group, nodes) * nodes * len(src.shape.moe_layers)
+    group = model_sizes.pick_group(src.shape, nodes, "auto") if fmt == "int4" else None
+    pred = model_sizes.store_layer_bytes(src.shape, fmt, group, nodes) * nodes * len(src.shape.moe_layers)
     files = sorted((out / "layers").glob("*.safetensors"))
     data = 0
     for f in files:
-        header = planner._safetensors_header(f)
+        header = model_sizes.safetensors_header(f)
         data += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
     assert pred == data
     hw = Hardware.load(HW / "ci-epyc-2core.json")
