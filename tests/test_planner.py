@@ -160,6 +160,10 @@ def test_zoo_plan_cpu_only_writes_a_plan_the_runtime_reads(zoo, tmp_path):
     assert rt.store_numa_nodes == 2 and rt.group_size == 64 and rt.hot_experts == {}
     assert len(rt.nodes) == 2 and all(n.virtual for n in rt.nodes)
     assert plan["model"]["config_sha256"] and plan["memory"]["weights"]["source"] == "checkpoint headers"
+    cfg = json.loads((model / "config.json").read_text())  # K and V per layer per token, BF16
+    per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * cfg["head_dim"] * 2
+    v = plan["vllm"]
+    assert v["kv_cache_memory_bytes"] == per_token * v["max_model_len"] * v["max_num_seqs"]
 
 
 def test_gpu_budget_holds_hot_experts_and_routing_profile(tmp_path):
