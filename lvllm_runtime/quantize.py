@@ -4,10 +4,11 @@
     node, experts converted by a thread pool (read -> dequantize -> INT4 RTN or BF16 -> split per node -> pwrite)
     -> finish (fsync, sha256, rename) -> manifest in progress -> ... -> manifest complete -> verification
 
-Memory: at most `2 * workers` experts are in flight; each holds its source copy in BF16 and its quantized slices,
-about 3x the expert's BF16 size (Qwen3-30B-A3B: ~30 MB; Kimi-K2: ~270 MB), plus torch's temporaries of one
-quantize call (~6x the BF16 expert). Source pages are dropped after each expert (checkpoint.py), output is written
-with pwrite, so neither grows the resident set with the model. Nothing is written before every check has passed;
+Memory: at most `2 * workers` experts are in flight. Each holds its source bytes, its BF16 copy and its quantized
+slices, and while one projection quantizes, torch's temporaries (~4x that projection in BF16): about 4x the
+expert's BF16 size at the peak (Qwen3-30B-A3B, 9.4 MB BF16: ~40 MB; Kimi-K2, 88 MB: ~350 MB). With the default
+2 workers on 2 cores that is ~4 experts, plus torch itself (~250 MB). Sources are read with pread (checkpoint.py)
+and output written with pwrite, so neither grows the resident set with the model: the bound is per expert. Nothing is written before every check has passed;
 an interrupted run leaves only temp files (removed on `--resume`) and finished layer files listed in an
 incomplete manifest, so `--resume` redoes exactly the unfinished layers and the result is byte-identical.
 
@@ -21,7 +22,7 @@ import resource
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 

@@ -124,9 +124,10 @@ def test_cli_json_summary_and_verify_threshold(zoo, tmp_path, monkeypatch, capsy
     summary = json.loads(out)
     assert code == 1 and summary["layers_written"] == [] and summary["verify"]["mode"] == "full"
     assert summary["verify"]["layers"][0]["experts"] == 8 and "threshold 0.01" in err
-    code, out, _ = _cli(monkeypatch, capsys, src, tmp_path / "one", "--layers", "1-1", "--format", "bf16")
+    monkeypatch.setenv("LVLLM_VIRTUAL_NUMA", "2")  # --numa-nodes auto follows the topology probe
+    code, out, _ = _cli(monkeypatch, capsys, src, tmp_path / "one", "--layers", "1-1", "--format", "bf16", "--numa-nodes", "auto")
     assert code == 0 and "bf16" in out
-    assert sorted(os.listdir(tmp_path / "one" / "layers")) == ["L001.n0.safetensors"]
+    assert sorted(os.listdir(tmp_path / "one" / "layers")) == ["L001.n0.safetensors", "L001.n1.safetensors"]
 
 
 def _truncated(src: Path, dst: Path) -> Path:
