@@ -36,7 +36,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvllm_runtime.arch import Routing  # noqa: E402
-from lvllm_runtime.cuda_graph_step import CpuStep, HybridDecodeLayer, capture, profile  # noqa: E402
+from lvllm_runtime.cuda_graph_step import CpuStep, HybridDecodeLayer, blocking_sync, capture, profile  # noqa: E402
 from lvllm_runtime.engine import Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
@@ -127,7 +127,7 @@ def stage_env(args) -> dict:
             "device": p.name, "sm_count": p.multi_processor_count, "vram_gib": round(p.total_memory / 2**30, 1),
             "torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
             "python": platform.python_version(), "cpus": len(ALL_CPUS),
-            "main_cpus": sorted(os.sched_getaffinity(0)),
+            "main_cpus": sorted(os.sched_getaffinity(0)), "blocking_sync": args.blocking_sync,
             "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
             "engine_cpus": engine_cpus(args.engine_cpus), "isas": Engine.available_isas(),
             "has_grouped_mm": hasattr(torch, "_grouped_mm")}
@@ -392,6 +392,21 @@ class ModelRig:
         return self.model.lm_head(m.norm(h[:, -last:]))
 
 
+def replay_timeline(graph, step: CpuStep, layers: int, n: int) -> tuple[float, float]:
+    """Where a replayed decode step goes, from the host-clock times of every layer's host node: medians over n
+    replays of (sum of engine calls, sum of the gaps between one layer's engine end and the next one's start:
+    GPU work between the MoE blocks, copies and callback latency), in ms."""
+    eng, gaps = [], []
+    for _ in range(n):
+        graph.replay()
+        torch.cuda.synchronize()
+        tl = [step.calls[L].last_times() for L in range(layers)]
+        eng.append(sum(t1 - t0 for t0, t1, _ in tl) / 1e6)
+        gaps.append(sum(tl[L + 1][0] - tl[L][1] for L in range(layers - 1)) / 1e6)
+    step.check()
+    return statistics.median(eng), statistics.median(gaps)
+
+
 def decode_setup(rig: ModelRig, b: int, args):
     """A static KV cache with `context` random positions, a token buffer, and the decode step reading them."""
     c = rig.cfg
@@ -452,10 +467,7 @@ def stage_model(args) -> dict:
             errs = [rel(g, e) for g, e in zip(graph_logits, eager_logits)]
             graph_ms = median_ms(graph.replay, args.decode_steps)
             rig.steps[b].check()
-            # where a replayed step goes: host-clock times of every layer's host node in the last replay
-            tl = [rig.steps[b].calls[L].last_times() for L in range(args.layers)]
-            engine_ms = sum(t1 - t0 for t0, t1, _ in tl) / 1e6
-            gaps_ms = sum(tl[L + 1][0] - tl[L][1] for L in range(args.layers - 1)) / 1e6
+            engine_ms, gaps_ms = replay_timeline(graph, rig.steps[b], args.layers, args.decode_steps)
             d = {"eager_ms_per_step": eager_ms, "graph_ms_per_step": graph_ms,
                  "eager_tok_s": b * 1e3 / eager_ms, "graph_tok_s": b * 1e3 / graph_ms,
                  "max_rel_logits_graph_vs_eager": max(errs), "max_rel_logits_eager_rerun": max(rerun),
@@ -617,11 +629,14 @@ def main() -> int:
     ap.add_argument("--context", type=int, default=1024)
     ap.add_argument("--decode-steps", type=int, default=24)
     ap.add_argument("--skip-allgpu", action="store_true")
+    ap.add_argument("--blocking-sync", action="store_true", help="waiting threads sleep (cudaDeviceScheduleBlockingSync)")
     ap.add_argument("--main-cpus", default=None,
                     help="pin this thread (and so the CUDA driver's callback thread, created later) e.g. 0 or 0-1")
     args = ap.parse_args()
     if args.main_cpus:
         os.sched_setaffinity(0, cpu_range(args.main_cpus))  # before CUDA starts its threads
+    if args.blocking_sync:
+        args.blocking_sync = blocking_sync()  # False (recorded in env) when CUDA had started already
     if not torch.cuda.is_available():
         print("bench/gpu_hybrid.py needs CUDA; the CPU fallbacks are tested by tests/test_gpu_paths.py", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 import torch
+import torch.nn.functional as F
 
 from .hybrid import LayerWeights, activate, join_node_slices
 from .quant import dequantize_int4
@@ -86,14 +87,27 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
         return out
 
 
+def _weighted_act(h: torch.Tensor, wts: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
+    """act(h) * wts as bf16 [S, I]; h bf16 [S, R], wts f32 [S]. silu_glu stays in bf16 tensors (torch computes each
+    op in f32 internally), the other activations go through hybrid.activate."""
+    if activation == "silu_glu" and gated:
+        gate, up = h.chunk(2, dim=-1)
+        return (F.silu(gate) * up).mul_(wts.unsqueeze(-1))
+    return (activate(h, activation, gated).float() * wts.unsqueeze(-1)).to(torch.bfloat16)
+
+
 def grouped_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                     w2: torch.Tensor, activation: str, gated: bool, slot: torch.Tensor | None = None) -> torch.Tensor:
     """sum_j w_j * down(act(w13 x)) over the (token, j) pairs whose expert is in w13/w2; no host synchronisation.
 
     hidden [T, H]; topk_weights f32 [T, k]; topk_ids int [T, k] (-1 = skip); w13 bf16 [G, R, H] (R = 2I gated, gate
     rows first; else I), w2 bf16 [G, H, I]; slot int64 [E] global id -> row of w13/w2 (-1 = not here), or None when
-    w13/w2 hold every expert. Returns f32 [T, H]. Pairs are sorted by expert so each expert's weights are read once
-    for all its tokens (one grouped GEMM per projection); pairs of absent experts sort last and are masked out.
+    w13/w2 hold every expert. Returns f32 [T, H].
+
+    Pairs are sorted by expert so each expert's weights are read once for all its tokens (one grouped GEMM per
+    projection); pairs of absent experts sort last, past the last group, and are zeroed. The routing weight is applied
+    before the (linear) down projection, on I columns instead of H; the k results of a token are summed in f32 after
+    un-sorting, with no atomics, so the result does not depend on scheduling (graph replay == eager, bit for bit).
     """
     t, k = topk_ids.shape
     g = w13.shape[0]
@@ -105,13 +119,13 @@ def grouped_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
     counts = torch.zeros(g + 1, dtype=torch.int32, device=ids.device)
     counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     offs = torch.cumsum(counts[:g], 0, dtype=torch.int32)
-    tok = order // k
-    x = hidden.index_select(0, tok).to(torch.bfloat16)
-    h = activate(_grouped_mm(x, w13, offs), activation, gated)
-    y = _grouped_mm(h.to(torch.bfloat16), w2, offs).float()
+    valid = (key_sorted < g).unsqueeze(-1)
+    x = hidden.index_select(0, order // k).to(torch.bfloat16)
     wts = topk_weights.reshape(-1).float().index_select(0, order)
-    y = torch.where((key_sorted < g).unsqueeze(-1), y * wts.unsqueeze(-1), 0.0)
-    return torch.zeros(t, hidden.shape[1], dtype=torch.float32, device=hidden.device).index_add_(0, tok, y)
+    a = _weighted_act(_grouped_mm(x, w13, offs), wts, activation, gated)
+    y = torch.where(valid, _grouped_mm(a, w2, offs), 0.0)  # rows past the last group hold garbage (maybe NaN)
+    y = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, j) order
+    return y.view(t, k, -1).sum(1, dtype=torch.float32)
 
 
 class StreamedPrefill:
