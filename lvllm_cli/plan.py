@@ -183,11 +183,11 @@ def render(p: dict[str, Any]) -> None:
                + f", sync+step {d['sync_ms']:.2f} ms")
         f.add_row(f"decode, batch {d['batch']}", f"{d['tok_s']:.1f}", how)
     for q in fc["prefill"]:
-        how = f"{q['path'].upper()} path, chunk {q['chunk']}"
+        how = f"{q['path']} path, chunk {q['chunk']}"
         if q["path"] == "gpu":
             how += f", {q['bound']}-bound, link {q['link_gbps']:.0f} GB/s ({q['link_source']})"
-        else:
-            how += f", {q['cpu_isa']}"
+        elif q["path"] == "cpu":
+            how += f", experts on {q['cpu_isa']}"
         f.add_row(f"prefill {q['tokens']}", f"{q['tok_s']:.0f}", how)
     stdout.print(f)
     bw = fc["bandwidth"]

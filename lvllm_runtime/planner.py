@@ -226,20 +226,27 @@ class _Planner:
         self.kv_total = kv
         graph = int(ASSUMPTIONS["cuda_graph_gib"] * GiB)
         logits = self.seqs * s.vocab_size * 4 * 2
-        gpu_prefill = self.recipe.get("serving", {}).get("gpu_prefill", True) and self.opt.gpu_prefill_min_tokens != 0
+        per_hot = self.expert_store_bytes // tp
+        n_moe = len(s.moe_layers)
         staging_layer = self.layer_store_all // tp  # this rank's slices of one layer
+        # Every expert fits beside the rest: all of them hot, nothing to stream, the CPU engine idle.
+        mbt_all = opt.max_batch_tokens or 8192
+        all_hot = opt.hot_experts == "auto" and (weights + kv + graph + logits + self._act_bytes(mbt_all, True)
+                                                 + s.num_experts * per_hot * n_moe) <= 0.95 * budget
+        gpu_prefill = self.opt.gpu_prefill_min_tokens != 0 and not all_hot
         staging = self.window * staging_layer if gpu_prefill else 0
         # Chunk size: large enough that one layer's transfer hides behind its compute, but within memory.
         free_before_act = budget - weights - kv - graph - logits - staging
-        mbt = opt.max_batch_tokens or self._auto_batch_tokens(free_before_act, gpu_prefill, staging_layer)
-        act = self._act_bytes(mbt, gpu_prefill)
+        mbt = mbt_all if all_hot else (
+            opt.max_batch_tokens or self._auto_batch_tokens(free_before_act, gpu_prefill, staging_layer))
+        act = self._act_bytes(mbt, gpu_prefill or all_hot)
         fixed = weights + kv + graph + logits + staging + act
         left = budget - fixed
-        per_hot = self.expert_store_bytes // tp
-        n_moe = len(s.moe_layers)
         if left < 0:
             self._explain_gpu(gpu, budget, weights, kv, kv_tok, staging, act, mbt)
-        if opt.hot_experts == "auto":
+        if all_hot:
+            hot = s.num_experts
+        elif opt.hot_experts == "auto":
             hot = max(0, min(s.num_experts, int(max(0, left) * 0.95) // max(1, per_hot * n_moe)))
         else:
             hot = min(s.num_experts, int(opt.hot_experts))
@@ -471,7 +478,7 @@ class _Planner:
             kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
             t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
             t_hot = uniq * (1 - cold_frac) * self.expert_store_bytes * n_moe / gbw_eff
-            t_sync = n_moe * A["layer_sync_us"] * 1e-6 + A["step_overhead_ms"] * 1e-3
+            t_sync = (n_moe * A["layer_sync_us"] * 1e-6 if cold_frac > 0 else 0.0) + A["step_overhead_ms"] * 1e-3
             t = t_dense + max(t_cpu, t_hot) + t_sync
             return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "gpu_dense_ms": 1e3 * t_dense,
                     "gpu_hot_ms": 1e3 * t_hot, "sync_ms": 1e3 * t_sync, "cpu_bytes_per_step": cpu_bytes}
@@ -511,8 +518,10 @@ class _Planner:
             return {"tokens": P, "tok_s": P / t, "path": "gpu", "chunk": chunk, "link_gbps": link,
                     "link_source": link_src, "bound": "pcie" if t_link > t_comp else "compute"}
         t_cpu = cold_frac * moe_flops_tok * P / cpu_rate
-        t = t_dense + t_cpu
-        return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_isa": isa}
+        t_hot = (1 - cold_frac) * moe_flops_tok * P / g_rate
+        t = t_dense + max(t_cpu, t_hot)
+        return {"tokens": P, "tok_s": P / t, "path": "cpu" if cold_frac > 0 else "gpu (all experts hot)",
+                "chunk": chunk, "cpu_isa": isa}
 
 
 def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
