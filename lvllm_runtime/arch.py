@@ -23,7 +23,8 @@ class Routing:
     p + bias (bias does not enter the weights). With n_group > 1, only the `topk_group` groups with the best sum of
     their top-2 choice scores compete. `renormalize` divides the chosen weights by their sum; the result is
     multiplied by `routed_scaling_factor`. `softmax_after_topk` (gpt-oss): top-k on the raw logits, softmax over
-    those k only.
+    those k only. `per_expert_scale` (gemma4): the weights are then multiplied by a learned [E] vector
+    (`MoEModel.per_expert_scale_name`), and the router sees rmsnorm(x) * scale * H**-0.5 (`router_input_scale_name`).
     """
 
     scoring: str
@@ -34,6 +35,7 @@ class Routing:
     correction_bias: bool = False
     routed_scaling_factor: float = 1.0
     softmax_after_topk: bool = False
+    per_expert_scale: bool = False
 
     def __post_init__(self) -> None:
         if self.scoring not in ("softmax", "sigmoid"):
@@ -69,6 +71,8 @@ class MoEModel:
     router: str = "gate.weight"
     router_bias: str | None = None
     correction_bias: str | None = None
+    per_expert_scale: str | None = None
+    router_input_scale: str | None = None
     fused_transposed: bool = False
     gate_up_interleaved: bool = False
     expert_bias: bool = False
@@ -82,7 +86,8 @@ class MoEModel:
     def _moe(self, layer: int) -> str:
         if layer not in self.moe_layers:
             raise ValueError(f"layer {layer} is not a MoE layer of this {self.model_type} (MoE layers: {self.moe_layers})")
-        return f"{self.layer_prefix}.{layer}.{self.moe_module}"
+        base = f"{self.layer_prefix}.{layer}"
+        return f"{base}.{self.moe_module}" if self.moe_module else base
 
     def expert_names(self, layer: int, expert: int) -> dict[str, str]:
         """On-disk base names (without ".weight") of one expert's projections; no "gate" when not gated."""
@@ -112,6 +117,12 @@ class MoEModel:
 
     def correction_bias_name(self, layer: int) -> str | None:
         return f"{self._moe(layer)}.{self.correction_bias}" if self.correction_bias else None
+
+    def per_expert_scale_name(self, layer: int) -> str | None:
+        return f"{self._moe(layer)}.{self.per_expert_scale}" if self.per_expert_scale else None
+
+    def router_input_scale_name(self, layer: int) -> str | None:
+        return f"{self._moe(layer)}.{self.router_input_scale}" if self.router_input_scale else None
 
     def expert_params(self) -> int:
         """Weights in one routed expert (gate, up, down)."""
@@ -153,6 +164,9 @@ def _top_k(cfg: dict) -> int:
     return int(_need(cfg, "num_experts_per_tok", "top_k_experts", "experts_per_token"))
 
 
+_LANGUAGE_MODEL = "model.language_model.layers"  # multimodal checkpoints keep the text model here
+
+
 # --- one function per routing/layer convention; each returns the MoEModel keyword arguments it decides ---------
 
 
@@ -189,6 +203,20 @@ def _qwen3_5(cfg: dict) -> dict:
     """Qwen3.5-MoE: every layer MoE, top-k always renormalised, experts fused on disk."""
     routing = Routing("softmax", _top_k(cfg), True)
     return _every_layer(cfg, "moe_intermediate_size", routing, "shared_expert_intermediate_size")
+
+
+def _qwen3_vl(cfg: dict) -> dict:
+    """Qwen3-VL-MoE: Qwen layer rule; the router always renormalises its top-k."""
+    return dict(_qwen(cfg), routing=Routing("softmax", _top_k(cfg), True))
+
+
+def _gemma4(cfg: dict) -> dict:
+    """Gemma-4: every layer has the MoE block (beside its dense MLP) when enable_moe_block; softmax, renormalised,
+    then scaled per expert."""
+    n = int(cfg["num_hidden_layers"])
+    routing = Routing("softmax", _top_k(cfg), True, per_expert_scale=True)
+    return dict(_every_layer(cfg, "moe_intermediate_size", routing), moe_layers=tuple(range(n)) if cfg.get(
+        "enable_moe_block") else ())
 
 
 def _mixtral(cfg: dict) -> dict:
@@ -288,8 +316,10 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_moe": _Family(_qwen),
     "qwen2_moe": _Family(_qwen),
     "qwen3_next": _Family(_qwen),
-    "qwen3_5_moe": _Family(
-        _qwen3_5, dict(layout="fused", layer_prefix="model.language_model.layers"), text_config=True
+    "qwen3_5_moe": _Family(_qwen3_5, dict(layout="fused", layer_prefix=_LANGUAGE_MODEL), text_config=True),
+    # stored transposed on disk: gate_up [E, H, 2I] (gate columns first), down [E, I, H]
+    "qwen3_vl_moe": _Family(
+        _qwen3_vl, dict(layout="fused", layer_prefix=_LANGUAGE_MODEL, fused_transposed=True), text_config=True
     ),
     "qwen3_5_moe_text": _Family(_qwen3_5, dict(layout="fused")),
     "mixtral": _Family(_mixtral, _MIXTRAL_NAMES),
@@ -298,6 +328,22 @@ _FAMILIES: dict[str, _Family] = {
     "kimi_k2": _Family(_deepseek, _DEEPSEEK_NAMES),
     "glm4_moe": _Family(_deepseek, _DEEPSEEK_NAMES),
     "glm4_moe_lite": _Family(_deepseek, _DEEPSEEK_NAMES),
+    "glm4v_moe": _Family(_deepseek, dict(_DEEPSEEK_NAMES, layer_prefix=_LANGUAGE_MODEL), text_config=True),
+    # Kimi-K2.5 keeps the llava-style prefix on disk (transformers renames it to model.language_model in memory)
+    "kimi_k25": _Family(_deepseek, dict(_DEEPSEEK_NAMES, layer_prefix="language_model.model.layers"), text_config=True),
+    "gemma4": _Family(
+        _gemma4,
+        dict(
+            layout="fused",
+            layer_prefix=_LANGUAGE_MODEL,
+            moe_module="",
+            router="router.proj.weight",
+            per_expert_scale="router.per_expert_scale",
+            router_input_scale="router.scale",
+        ),
+        activation="gelu_tanh_glu",
+        text_config=True,
+    ),
     "gpt_oss": _Family(
         _gpt_oss,
         dict(

@@ -52,6 +52,10 @@ _COMMON = dict(
 _EXPERTS = dict(num_experts_per_tok=2)  # 8 experts top-2 everywhere; each family names the count its own way
 _DEEPSEEK_ROUTING = dict(n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
+_VISION_TOKENS = dict(
+    vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6, tie_word_embeddings=False
+)
+
 ZOO: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
         _EXPERTS, num_hidden_layers=2, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
@@ -99,8 +103,38 @@ ZOO: dict[str, dict[str, Any]] = {
         ),
         vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
                            num_position_embeddings=64),
-        vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6,
-        tie_word_embeddings=False,
+        **_VISION_TOKENS,
+    ),
+    # H=384 (not I or 2I): transformers tells the hub's transposed experts from its own layout by shape alone
+    "qwen3_vl_moe": dict(
+        text_config=dict(
+            **_EXPERTS, num_hidden_layers=2, hidden_size=384, num_attention_heads=6, intermediate_size=256,
+            moe_intermediate_size=128, num_experts=8,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [8, 12, 12]},
+        ),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=384,
+                           num_position_embeddings=64, deepstack_visual_indexes=[0]),
+        **_VISION_TOKENS,
+    ),
+    "glm4v_moe": dict(
+        text_config=dict(
+            **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=256,
+            moe_intermediate_size=128, norm_topk_prob=True,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "partial_rotary_factor": 0.5,
+                             "mrope_section": [4, 6, 6]},
+        ),
+        vision_config=dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=128,
+                           image_size=56, patch_size=14),
+        image_start_token_id=3, image_end_token_id=4, video_start_token_id=3, video_end_token_id=4,
+        image_token_id=5, video_token_id=6, tie_word_embeddings=False,
+    ),
+    "gemma4": dict(
+        text_config=dict(
+            num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=128,
+            intermediate_size=256, enable_moe_block=True, num_experts=8, top_k_experts=2, moe_intermediate_size=128,
+            hidden_size_per_layer_input=0, global_head_dim=64, tie_word_embeddings=True,
+        ),
+        tie_word_embeddings=True,
     ),
 }
 
@@ -151,6 +185,8 @@ def _randomize(model: Any, seed: int) -> None:
                 t.copy_(noise * 0.1)
             elif name.endswith("bias"):
                 t.copy_(noise * 0.02)
+            elif name.endswith(("router.per_expert_scale", "router.scale")):  # gemma4 routing scales
+                t.copy_(1 + noise * 0.2)
             elif "norm" in name and t.dim() == 1:
                 t.add_(noise * 0.05)
             elif leaf[-2:] in (["gate", "weight"], ["router", "weight"]) or name.endswith("router.proj.weight"):
@@ -261,15 +297,20 @@ def _write(model_type: str, out: Path, variant: str, seed: int, group_size: int 
     model.save_pretrained(out)
     config = json.loads((out / "config.json").read_text())
     moe = resolve(config)
-    if moe.layout == "fused":
-        # hub checkpoints of these families keep experts fused, as in memory; save_pretrained may split them
-        if variant != "bf16":
-            raise BadInput(
-                f"the zoo writes {model_type} (fused experts) in bf16 only", "quantize it with `lvllm quantize`"
-            )
+    if moe.layout == "fused" and variant != "bf16":
+        raise BadInput(f"the zoo writes {model_type} (fused experts) in bf16 only", "quantize it with `lvllm quantize`")
+    tensors = load_file(out / "model.safetensors")
+    layer = moe.moe_layers[0]
+    hub_names = moe.fused_names(layer).values() if moe.layout == "fused" else [
+        n + ".weight" for n in moe.expert_names(layer, 0).values()]
+    if not all(n in tensors for n in hub_names):
+        # save_pretrained splits experts these hub checkpoints keep fused, as they are in memory
         tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    else:
-        tensors = load_file(out / "model.safetensors")
+    for layer in moe.moe_layers if moe.fused_transposed else ():
+        names = moe.fused_names(layer)
+        if tensors[names["gate_up"]].shape[-1] == moe.hidden_size:  # memory [E, 2I, H]; the hub keeps [E, H, 2I]
+            for name in names.values():
+                tensors[name] = tensors[name].transpose(1, 2).contiguous()
     for name in tensors:
         if name.endswith("e_score_correction_bias"):  # F32 on disk in DeepSeek / GLM / MiniMax releases
             tensors[name] = tensors[name].to(torch.float32)
@@ -300,13 +341,13 @@ FP8_BLOCK = 128
 FP8_MAX = 448.0
 
 
-# Linear layers outside what DeepSeek's FP8 release quantizes: linear attention (qwen3_next) and Mamba mixers.
-_FP8_SKIP = re.compile(r"\.linear_attn\.|\.mixer\.(in_proj|out_proj)$")
+# Linear layers outside what DeepSeek's FP8 release quantizes: linear attention (qwen3_next), Mamba mixers, vision.
+_FP8_SKIP = re.compile(r"\.linear_attn\.|\.mixer\.(in_proj|out_proj)$|\bvisual\.|\bvision_tower\.|\bmm_projector\.")
 
 
 def _linear_weights(tensors: dict, moe: MoEModel) -> list[str]:
     """2-D Linear weights DeepSeek's FP8 release quantizes: attention projections, dense/shared/routed MLPs; not
-    embeddings, lm_head, norms, routers, shared-expert gates, linear attention or Mamba."""
+    embeddings, lm_head, norms, routers, shared-expert gates, linear attention, Mamba or vision towers."""
     routers = {moe.router_name(L) for L in moe.moe_layers}
     keep = []
     for name, t in tensors.items():
@@ -412,11 +453,12 @@ def _expert_weights(moe: MoEModel) -> list[str]:
 
 def _ignore_pattern(module: str) -> str:
     """A compressed-tensors ignore entry for `module` that holds whatever prefix the loader uses (hub `backbone.`,
-    transformers `model.`): "model.layers.3.mlp.gate" -> "re:.*mlp[backslash].gate$"; "lm_head" stays."""
-    if module == "lm_head":
+    transformers `model.`): "model.layers.3.mlp.gate" -> "re:.*mlp[backslash].gate$", "model.visual.x" ->
+    "re:.*visual[backslash].x$"; "lm_head" stays."""
+    if "." not in module:
         return module
     inside = re.match(r"^.*?\blayers\.\d+\.(.+)$", module)
-    return "re:.*" + re.escape(inside.group(1) if inside else module.rsplit(".", 1)[-1]) + "$"
+    return "re:.*" + re.escape(inside.group(1) if inside else module.split(".", 1)[1]) + "$"
 
 
 def quantize_int4(tensors: dict, moe: MoEModel, group: int) -> tuple[dict, dict]:

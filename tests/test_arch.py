@@ -27,12 +27,13 @@ def _shapes(path) -> dict[str, tuple[int, ...]]:
 
 
 def _experts_modules(model) -> dict[int, tuple[torch.nn.Module, torch.nn.Module]]:
-    """layer -> (MoE block, its experts module), found from the in-memory module tree."""
+    """layer -> (router module, experts module), found from the in-memory module tree."""
     found = {}
     for name, module in model.named_modules():
         if name.endswith(".experts") and any(p.dim() == 3 for p in module.parameters(recurse=False)):
             block = model.get_submodule(name.rsplit(".", 1)[0])
-            found[int(re.search(r"layers\.(\d+)\.", name).group(1))] = (block, module)
+            router = getattr(block, "gate", None) or block.router
+            found[int(re.search(r"layers\.(\d+)\.", name).group(1))] = (router, module)
     return found
 
 
@@ -45,7 +46,7 @@ def test_resolve_names_exist_in_zoo_files(zoo, model_type):
     model = zoo_model(model_type)
     assert moe.moe_layers == tuple(sorted(_experts_modules(model)))
     assert moe.num_layers > max(moe.moe_layers)
-    assert (E, H, I) == (8, 128, 128)
+    assert (E, I) == (8, 128) and H == moe.config["hidden_size"]
     for layer in moe.moe_layers:
         assert shapes[moe.router_name(layer)] == (E, H)
         if moe.routing.correction_bias:
@@ -78,7 +79,7 @@ def test_resolve_names_exist_in_zoo_files(zoo, model_type):
     assert moe.total_expert_bytes(0.5) == len(moe.moe_layers) * E * moe.expert_bytes(0.5)
 
 
-def reference_route(logits: torch.Tensor, r: arch.Routing, bias: torch.Tensor | None):
+def reference_route(logits: torch.Tensor, r: arch.Routing, bias: torch.Tensor | None, expert_scale=None):
     """Plain restatement of the routing math in FORMATS.md §1: logits f32 [T, E] -> (weights [T, k], ids [T, k])."""
     if r.softmax_after_topk:
         values, ids = logits.topk(r.top_k, dim=-1)
@@ -95,6 +96,8 @@ def reference_route(logits: torch.Tensor, r: arch.Routing, bias: torch.Tensor | 
     weights = scores.gather(1, ids)
     if r.renormalize:
         weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    if r.per_expert_scale:
+        weights = weights * expert_scale[ids]
     return weights * r.routed_scaling_factor, ids
 
 
@@ -116,9 +119,9 @@ def test_routing_params_reproduce_transformers(zoo, model_type):
     model = zoo_model(model_type)
     seen: dict[int, dict] = {}
     hooks = []
-    for layer, (block, experts) in _experts_modules(model).items():
+    for layer, (router, experts) in _experts_modules(model).items():
         rec = seen.setdefault(layer, {})
-        hooks.append(block.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("x", a[0])))
+        hooks.append(router.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("x", a[0])))
         hooks.append(experts.register_forward_pre_hook(lambda m, a, rec=rec: rec.__setitem__("route", a[1:3])))
     ids = torch.randint(7, zoo_lib.VOCAB, (1, 48), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
@@ -128,13 +131,17 @@ def test_routing_params_reproduce_transformers(zoo, model_type):
     changed_by_bias = changed_by_groups = 0
     with safe_open(path / "model.safetensors", "pt") as f:
         for layer in moe.moe_layers:
-            x = seen[layer]["x"].reshape(-1, moe.hidden_size)
+            x = seen[layer]["x"].reshape(-1, moe.hidden_size).float()
             got_ids, got_w = seen[layer]["route"]
-            logits = torch.nn.functional.linear(x.float(), f.get_tensor(moe.router_name(layer)).float())
+            if moe.router_input_scale_name(layer):  # gemma4: rmsnorm without weight, * scale * H**-0.5
+                x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + moe.config["rms_norm_eps"])
+                x = x * f.get_tensor(moe.router_input_scale_name(layer)).float() * moe.hidden_size**-0.5
+            logits = torch.nn.functional.linear(x, f.get_tensor(moe.router_name(layer)).float())
             if moe.router_bias_name(layer):
                 logits = logits + f.get_tensor(moe.router_bias_name(layer)).float()
             bias = f.get_tensor(moe.correction_bias_name(layer)).float() if moe.routing.correction_bias else None
-            w, idx = reference_route(logits, moe.routing, bias)
+            scale = f.get_tensor(moe.per_expert_scale_name(layer)).float() if moe.routing.per_expert_scale else None
+            w, idx = reference_route(logits, moe.routing, bias, scale)
             order_got, order_ref = got_ids.sort(-1), idx.sort(-1)
             same = (order_got.values == order_ref.values).all(-1)
             assert same.float().mean() >= 0.9, f"layer {layer}: expert choice differs for {(~same).sum()} tokens"
@@ -147,6 +154,8 @@ def test_routing_params_reproduce_transformers(zoo, model_type):
             if moe.routing.n_group > 1:
                 flat = arch.Routing(**{**moe.routing.__dict__, "n_group": 1, "topk_group": 1})
                 changed_by_groups += (reference_route(logits, flat, bias)[1].sort(-1).values != order_ref.values).any()
+            if scale is not None:  # the zoo's per-expert scales are not all 1
+                assert scale.std() > 0
     # the zoo's random selection bias and groups must matter, or these paths go untested downstream
     assert changed_by_bias or not moe.routing.correction_bias
     assert changed_by_groups or moe.routing.n_group == 1
@@ -206,3 +215,9 @@ def test_hub_style_configs():
         "num_experts_per_tok": 8, "moe_intermediate_size": 512, "shared_expert_intermediate_size": 512}})
     assert q35.layout == "fused" and q35.routing.renormalize and q35.moe_layers == tuple(range(40))
     assert q35.fused_names(39)["gate_up"] == "model.language_model.layers.39.mlp.experts.gate_up_proj"
+    kimi = arch.resolve({"model_type": "kimi_k25", "text_config": {
+        "model_type": "deepseek_v3", "num_hidden_layers": 61, "hidden_size": 7168, "n_routed_experts": 384,
+        "num_experts_per_tok": 8, "moe_intermediate_size": 2048, "first_k_dense_replace": 1, "n_group": 1,
+        "topk_group": 1, "routed_scaling_factor": 2.827}})
+    assert kimi.moe_layers == tuple(range(1, 61)) and kimi.routing.routed_scaling_factor == 2.827
+    assert kimi.expert_names(60, 383)["gate"] == "language_model.model.layers.60.mlp.experts.383.gate_proj"
