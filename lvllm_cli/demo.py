@@ -53,6 +53,10 @@ def demo(
         return
     stdout.print(f"[bold]Q:[/] {escape(result.question)}")
     stdout.print(f"[bold]A:[/] {escape(repr(result.answer))}  [dim]({result.completion_tokens} tokens from a tiny random model)[/]")
+    if result.engine_pids:
+        stdout.print(f"lvllm's CPU engine ran the routed experts in vLLM process {', '.join(map(str, result.engine_pids))}")
+    else:
+        stderr.print("[yellow]warning:[/] no vLLM process ran lvllm's engine: the plugin was inactive")
     timings = Table("stage", "seconds", title="timings", title_justify="left")
     for name, seconds in result.timings.items():
         timings.add_row(name, f"{seconds:.1f}")

@@ -66,11 +66,12 @@ class Stages:
 
     def done(self, name: str, detail: str | None = None) -> None:
         row = self.rows[name]
-        row["t"] = time.monotonic() - row["t0"] if row["t0"] else None
-        row["state"] = "done"
         if detail is not None:
             row["detail"] = detail
-        self._line(name)
+        if row["state"] != "done":
+            row["t"] = time.monotonic() - row["t0"] if row["t0"] else None
+            row["state"] = "done"
+            self._line(name)
         self._update()
 
     def _update(self) -> None:
@@ -139,11 +140,9 @@ def stop_quietly(server: launcher.VllmServer | None) -> None:
             signal.signal(sig, handler)
 
 
-def run_server(
-    server: launcher.VllmServer, stages: Stages, ready_timeout: float | None
-) -> float:
-    """Start vLLM and wait for /v1/models; log lines from the lvllm plugin feed the "engine load" stage, the
-    others "vLLM start". Returns the seconds to ready."""
+def run_server(server: launcher.VllmServer, stages: Stages, store: Path, ready_timeout: float | None) -> float:
+    """Start vLLM and wait for /v1/models; the plugin's log lines feed the "engine load" stage, the others
+    "vLLM start". Once ready, check that a vLLM process really runs lvllm's engine. Returns the seconds to ready."""
     stages.start("vLLM start", f"log: {server.log_path}")
     server.start()
 
@@ -154,9 +153,14 @@ def run_server(
             stages.start("vLLM start", line)
 
     waited = server.wait_ready(ready_timeout, on_progress=on_line)
-    if stages.rows["engine load"]["state"] == "wait":
-        stages.start("engine load", "the lvllm plugin logged nothing")
-    stages.done("engine load")
+    pids = server.engine_pids(store)
+    stages.start("engine load", stages.rows["engine load"]["detail"])
+    if pids:
+        stages.done("engine load", f"lvllm engine on {store.name} in pid {', '.join(map(str, pids))}")
+    else:
+        stages.done("engine load", "no vLLM process runs lvllm's engine")
+        stderr.print("[yellow]warning:[/] vLLM is serving, but no process of it runs lvllm's engine on the store: "
+                     f"the plugin is inactive (see {escape(str(server.log_path))})", highlight=False)
     stages.start("ready", server.command.url)
     stages.done("ready")
     return waited
@@ -214,7 +218,7 @@ def serve(
                 if not dry_run:
                     stderr.print(f"[bold]vLLM command:[/] {setup.command.display()}", highlight=False, soft_wrap=True)
                     server = launcher.VllmServer(setup.command, setup.log_path)
-                    run_server(server, stages, ready_timeout)
+                    run_server(server, stages, setup.store, ready_timeout)
             if dry_run:
                 print(setup.command.display(), flush=True)  # plain print: Rich would wrap it at the terminal width
                 return

@@ -35,6 +35,7 @@ class DemoResult:
     question: str
     answer: str
     completion_tokens: int
+    engine_pids: list[int]  # vLLM processes that ran lvllm's CPU engine on the store (empty: plugin inactive)
     timings: dict[str, float]
     plan: dict[str, Any]
 
@@ -84,6 +85,7 @@ def run_demo(
         stage("vLLM start", setup.command.display())
         server.start()
         server.wait_ready(ready_timeout, on_progress=lambda line: stage("vLLM start", line))
+        engine_pids = server.engine_pids(setup.store)
         lap("vllm_start")
 
         stage("request", QUESTION)
@@ -100,7 +102,7 @@ def run_demo(
     return DemoResult(
         model=str(model), store=str(setup.store), plan_path=str(setup.plan_path), url=setup.command.url,
         command=setup.command.display(), question=QUESTION, answer=answer, completion_tokens=tokens,
-        timings=timings, plan=setup.plan,
+        engine_pids=engine_pids, timings=timings, plan=setup.plan,
     )
 
 

@@ -32,6 +32,7 @@ VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM flags whose values are secrets: shown masked in every printed command.
 SECRET_FLAGS = frozenset({"--api-key"})
 MASK = "****"
+ENGINE_LIBRARY = "lvllm_runtime/_cpu"  # the compiled engine's file name stem
 # The CPU backend reserves this fraction of host RAM for the KV cache; vLLM's default (0.9) would take the machine.
 CPU_MEMORY_UTILIZATION = 0.2
 
@@ -407,6 +408,22 @@ class VllmServer:
             if on_progress is not None:
                 offset = _new_lines(self.log_path, offset, on_progress)
             time.sleep(poll)
+
+    def engine_pids(self, store: Path) -> list[int]:
+        """Server processes that run lvllm's CPU engine on `store`: both the engine library and the store's layer
+        files are mapped there (stock vLLM maps neither), the outside proof that the plugin took over."""
+        import psutil
+
+        if self.process is None:
+            return []
+        root = str(Path(store).resolve()) + os.sep
+        pids = []
+        for p in _descendants(self.process.pid):
+            with contextlib.suppress(psutil.Error):
+                paths = {m.path for m in p.memory_maps()}
+                if any(ENGINE_LIBRARY in x for x in paths) and any(x.startswith(root) for x in paths):
+                    pids.append(p.pid)
+        return pids
 
     def stop(self, timeout: float = 30.0) -> None:
         """SIGTERM the server's process group, wait up to `timeout`, then SIGKILL every survivor.

@@ -39,6 +39,7 @@ def test_demo_answers_and_leaves_nothing_running(tmp_path):
     result = json.loads(r.stdout)
 
     assert result["completion_tokens"] >= 1 and isinstance(result["answer"], str)
+    assert result["engine_pids"]  # a vLLM process ran lvllm's engine on the store, not vLLM's own MoE
     assert set(result["timings"]) == {"model", "quantize", "plan", "vllm_start", "request", "shutdown"}
     assert all(t >= 0 for t in result["timings"].values())
     assert Path(result["model"]).is_relative_to(cache) and Path(result["store"]).is_relative_to(cache)

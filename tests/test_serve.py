@@ -262,6 +262,11 @@ def test_vllm_exiting_early_reports_its_log_tail(tmp_path):
     server.stop()
 
 
+def err_text(f) -> str:
+    f.seek(0)
+    return f.read()
+
+
 def read_url(proc: subprocess.Popen, timeout: float) -> str:
     """The URL line `lvllm serve` prints on stdout once vLLM answers."""
     sel = selectors.DefaultSelector()
@@ -335,6 +340,7 @@ def test_serve_real_http_then_sigint_leaves_no_process(model_and_store, tmp_path
 
         log = next((tmp_path / "cache").rglob(f"vllm-{port}.log")).read_text(errors="replace")
         assert "lvllm_plan" in log  # the plan reached vLLM's config
+        assert "engine load" in err_text(err) and "lvllm engine on store in pid" in err_text(err)
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=120) == 0
         gone, alive = psutil.wait_procs(family, timeout=10)
@@ -343,5 +349,4 @@ def test_serve_real_http_then_sigint_leaves_no_process(model_and_store, tmp_path
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        err.seek(0)
-        print(err.read()[-3000:])
+        print(err_text(err)[-3000:])
