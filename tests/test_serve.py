@@ -24,6 +24,7 @@ from lvllm_cli.app import main
 from lvllm_runtime import launcher, planner, recipes, topology
 from lvllm_runtime.errors import BadInput
 from lvllm_runtime.plan import save_plan
+from lvllm_runtime.store import ExpertStore
 
 RECIPE = "Qwen3-Coder-30B-A3B-Instruct"  # a qwen3_moe recipe, so it applies to the zoo's qwen3_moe
 
@@ -169,6 +170,16 @@ def test_missing_store_names_the_quantize_command(model_and_store, cache, tmp_pa
     assert r.exit_code == 1 and want in " ".join(r.stderr.split()), r.stderr
 
 
+def test_quantize_makes_the_missing_store_first(model_and_store, cache, tmp_path, invoke):
+    model, _ = model_and_store
+    new = tmp_path / "new-store"
+    r = invoke(str(model), "--store", str(new), "--quantize", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert ExpertStore.open(new).manifest.config_sha256 == launcher.config_sha(model)
+    plan = json.loads(Path(json.loads(value_of(shlex.split(r.stdout), "--additional-config")[0])["lvllm_plan"]).read_text())
+    assert plan["store"]["path"] == str(new.resolve())
+
+
 def test_store_of_another_model(model_and_store, zoo, cache, invoke):
     _, store = model_and_store
     other = zoo("qwen3_moe", "bf16", num_hidden_layers=3)
@@ -265,6 +276,64 @@ def test_vllm_exiting_early_reports_its_log_tail(tmp_path):
 def err_text(f) -> str:
     f.seek(0)
     return f.read()
+
+
+def fake_vllm(root: Path, server_code: str) -> Path:
+    """A stand-in `vllm.entrypoints.openai.api_server` module on a PYTHONPATH directory, for testing lvllm's own
+    process handling in seconds (real vLLM is started by the HTTP test and the demo test)."""
+    pkg = root / "vllm" / "entrypoints" / "openai"
+    pkg.mkdir(parents=True)
+    for d in (root / "vllm", root / "vllm" / "entrypoints", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "api_server.py").write_text(server_code)
+    return root
+
+
+FAKE_SERVER = """
+import http.server, signal, subprocess, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a stubborn server: lvllm must escalate to SIGKILL
+subprocess.Popen([sys.executable, "-c", "import signal,time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])
+port = int(sys.argv[sys.argv.index("--port") + 1])
+class Models(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200 if self.path == "/v1/models" else 404)
+        self.end_headers()
+        self.wfile.write(b'{"data": []}')
+print("fake server up", flush=True)
+http.server.HTTPServer(("127.0.0.1", port), Models).serve_forever()
+"""
+
+
+def test_vllm_failing_to_start_gives_one_line_and_its_log(model_and_store, cache, tmp_path, monkeypatch, invoke):
+    model, store = model_and_store
+    shim = fake_vllm(tmp_path / "shim", "import sys\nprint('ValueError: the model needs 9 GiB, 1 GiB free')\nsys.exit(1)\n")
+    monkeypatch.setenv("PYTHONPATH", str(shim))
+    r = invoke(str(model), "--store", str(store), "--port", str(launcher.free_port()))
+    assert r.exit_code == 1
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "vLLM exited with code 1 before it was ready" in errors[0]
+    assert "ValueError: the model needs 9 GiB, 1 GiB free" in r.stderr  # the log tail
+
+
+def test_sigterm_stops_the_server_and_every_child(model_and_store, tmp_path):
+    model, store = model_and_store
+    shim = fake_vllm(tmp_path / "shim", FAKE_SERVER)
+    env = {**os.environ, "LVLLM_CACHE_DIR": str(tmp_path / "cache"), "PYTHONPATH": str(shim)}
+    lvllm = shutil.which("lvllm", path=str(Path(sys.executable).parent)) or "lvllm"
+    proc = subprocess.Popen([lvllm, "serve", str(model), "--store", str(store), "--port", str(launcher.free_port())],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        read_url(proc, timeout=120)
+        family = psutil.Process(proc.pid).children(recursive=True)
+        assert len(family) == 2  # the server and its child, both ignoring SIGTERM
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=90) == 0
+        gone, alive = psutil.wait_procs(family, timeout=5)
+        assert not alive
+        assert "plugin is inactive" in proc.stderr.read()  # the stand-in runs no lvllm engine, and serve says so
+    finally:
+        if proc.poll() is None:
+            proc.kill()
 
 
 def read_url(proc: subprocess.Popen, timeout: float) -> str:
