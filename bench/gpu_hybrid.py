@@ -351,7 +351,7 @@ class ModelRig:
         self.dec = {}
         self.prefill = StreamedPrefill({L: LayerWeights(self.host[L], "int4", G) for L in range(layers)},
                                        "silu_glu", True, DEV, args.window)
-        self.mode = "hybrid"          # hybrid | allgpu
+        self.mode = "hybrid"          # hybrid | allgpu | none
         self.gpu_prefill_min = args.gpu_prefill_min
         self.gpu_prefill_on = True
         self.layers_used = layers
@@ -363,6 +363,8 @@ class ModelRig:
 
     def experts(self, L: int, x, w, ids) -> torch.Tensor:
         t = x.shape[0]
+        if self.mode == "none":  # the model without its routed experts: what the GPU alone costs
+            return torch.zeros_like(x)
         if self.mode == "allgpu":
             w13, w2 = self.allgpu[L]
             return grouped_experts(x, w, ids, w13, w2, "silu_glu", True).to(x.dtype)
@@ -434,6 +436,35 @@ def stage_model(args) -> dict:
     res["gpu_mem_after_build_gib"] = round((total - free) / 2**30, 1)
 
     tokens_seq = torch.randint(0, V, (args.decode_steps, 4), device=DEV, generator=gen)
+    # the engine alone, layer after layer with no GPU in between (weights cold in cache as in the model)
+    for b in (1, 4):
+        hx = torch.randn(b, H, generator=torch.Generator().manual_seed(b)).bfloat16()
+        out = torch.empty_like(hx)
+        routs = [fresh_routing(b, gen) for _ in range(args.layers)]
+        routs = [(w.cpu(), i.cpu()) for w, i in routs]
+        per = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            for L, (w, i) in enumerate(routs):
+                rig.engine.forward(L, hx, i, w, out)
+            per.append((time.perf_counter() - t0) * 1e3 / args.layers)
+        res.setdefault("engine_back_to_back_ms_per_layer", {})[b] = min(per)
+    # the model with its routed experts removed: GPU-only time of a decode step / of a prefill
+    rig.mode = "none"
+    for b in (1, 4):
+        kv, tok, step = decode_setup(rig, b, args)
+        kv.pos.fill_(args.context)
+        graph, _ = capture(step, warmup=1)
+        res.setdefault("nonmoe_graph_ms_per_step", {})[b] = median_ms(graph.replay, args.decode_steps)
+        del graph
+    for t in args.prefill_tokens:
+        ids = torch.randint(0, V, (1, t), device=DEV, generator=gen)
+        pos = torch.arange(t, device=DEV).view(1, t)
+        with torch.no_grad():
+            res.setdefault("nonmoe_prefill_ms", {})[t] = median_ms(lambda: rig.forward(ids, None, None, pos), 2, warm=1)
+    rig.mode = "hybrid"
+    log("model diagnostics", {k: res[k] for k in ("engine_back_to_back_ms_per_layer", "nonmoe_graph_ms_per_step",
+                                                    "nonmoe_prefill_ms")})
     for b in (1, 4):
         with torch.no_grad():
             kv, tok, step = decode_setup(rig, b, args)
@@ -584,27 +615,44 @@ def table() -> str:
         lines.append("")
     mod = r.get("model")
     if isinstance(mod, dict) and "decode" in mod:
-        lines += [f"full model: {mod['layers']} layers, {mod['hot_experts']} hot experts/layer, context {mod['context']}", "",
-                  "| batch | eager tok/s | graph tok/s | all-GPU tok/s | CPU roofline tok/s | graph % of roofline | "
-                  "graph ms/step | engine ms/step | between layers ms/step | graph vs eager logits | "
-                  "hybrid vs all-GPU logits |", "|" + "---|" * 11]
+        def at(d, k):  # JSON turned int keys into strings
+            d = d or {}
+            return d.get(k, d.get(str(k), d.get(int(k)) if str(k).isdigit() else None))
+
+        lines += [f"full model: {mod['layers']} layers, {mod['hot_experts']} hot experts/layer, context {mod['context']}; "
+                  "CPU roofline = cold-expert bytes / CPU read bandwidth; serial bound = CPU roofline + the GPU-only "
+                  "step (model with routed experts removed), since each layer's GPU work and CPU work depend on each other",
+                  "", "| batch | eager tok/s | graph tok/s | all-GPU tok/s | CPU roofline tok/s | graph % of CPU roofline | "
+                  "GPU-only ms/step | serial bound tok/s | graph % of serial bound | graph ms/step | engine ms/step | "
+                  "between layers ms/step | engine alone ms/layer | graph vs eager logits | eager rerun logits | "
+                  "hybrid vs all-GPU logits |", "|" + "---|" * 16]
         for b, v in mod["decode"].items():
             f = lambda k, p=".1f": (format(v[k], p) if k in v else "-")  # noqa: E731
+            gpu_only = at(mod.get("nonmoe_graph_ms_per_step"), b)
+            serial = (int(b) * 1e3 / (v["cpu_roofline_ms_per_step"] + gpu_only)
+                      if gpu_only and "cpu_roofline_ms_per_step" in v else None)
+            alone = at(mod.get("engine_back_to_back_ms_per_layer"), b)
             lines.append(f"| {b} | {f('eager_tok_s')} | {f('graph_tok_s')} | {f('allgpu_tok_s')} | {f('cpu_roofline_tok_s')} | "
-                         f"{f('pct_of_roofline_graph', '.0f')} | {f('graph_ms_per_step')} | {f('graph_engine_ms_per_step')} | "
-                         f"{f('graph_between_layers_ms_per_step')} | {f('max_rel_logits_graph_vs_eager', '.1e')} | "
-                         f"{f('max_rel_logits_hybrid_vs_allgpu', '.1e')} |")
-        lines += ["", "| prefill tokens | GPU prefill on tok/s | MoE bound tok/s (H2D or GEMM) | % of bound | "
-                  "off (CPU engine) tok/s | on vs off logits |", "|---|---|---|---|---|---|"]
+                         f"{f('pct_of_roofline_graph', '.0f')} | {gpu_only or float('nan'):.1f} | {serial or float('nan'):.1f} | "
+                         f"{100 * v['graph_tok_s'] / serial if serial else float('nan'):.0f} | {f('graph_ms_per_step')} | "
+                         f"{f('graph_engine_ms_per_step')} | {f('graph_between_layers_ms_per_step')} | "
+                         f"{alone or float('nan'):.3f} | {f('max_rel_logits_graph_vs_eager', '.1e')} | "
+                         f"{f('max_rel_logits_eager_rerun', '.1e')} | {f('max_rel_logits_hybrid_vs_allgpu', '.1e')} |")
+        lines += ["", "prefill bound = max(layers x store bytes / H2D, GPU-only prefill + layers x expert GEMM flops / GEMM "
+                  "rate): the copies overlap everything else", "",
+                  "| prefill tokens | GPU prefill on tok/s | GPU-only ms | bound tok/s | % of bound | "
+                  "off (CPU engine) tok/s | on vs off logits |", "|---|---|---|---|---|---|---|"]
         bw, store = r.get("bw", {}), (r.get("prefill") or {}).get("layer_store_bytes")
         for t, v in mod.get("prefill", {}).items():
-            bound = None
+            bound, nonmoe = None, at(mod.get("nonmoe_prefill_ms"), t)
             if "h2d_pinned_gb_s" in bw and store:
-                per_layer = max(store / (bw["h2d_pinned_gb_s"] * 1e6), 2 * int(t) * K * 3 * H * I / (bw["gemm_bf16_tflops"] * 1e9))
-                bound = int(t) * 1e3 / (mod["layers"] * per_layer)
+                copy = mod["layers"] * store / (bw["h2d_pinned_gb_s"] * 1e6)
+                gemm = mod["layers"] * 2 * int(t) * K * 3 * H * I / (bw["gemm_bf16_tflops"] * 1e9)
+                bound = int(t) * 1e3 / max(copy, (nonmoe or 0.0) + gemm)
             on = v.get("gpu_prefill_tok_s", float("nan"))
-            lines.append(f"| {t} | {on:.0f} | {bound or float('nan'):.0f} | {100 * on / bound if bound else float('nan'):.0f} | "
-                         f"{v.get('cpu_prefill_tok_s', float('nan')):.0f} | {v.get('rel_logits_gpu_vs_cpu_prefill', float('nan')):.1e} |")
+            lines.append(f"| {t} | {on:.0f} | {nonmoe or float('nan'):.1f} | {bound or float('nan'):.0f} | "
+                         f"{100 * on / bound if bound else float('nan'):.0f} | {v.get('cpu_prefill_tok_s', float('nan')):.0f} | "
+                         f"{v.get('rel_logits_gpu_vs_cpu_prefill', float('nan')):.1e} |")
     errs = [f"- {k}: {v['error']}" for k, v in r.items() if isinstance(v, dict) and "error" in v]
     if errs:
         lines += ["", "errors:"] + errs
