@@ -564,8 +564,8 @@ def check_model_dir(model: Path) -> Path:
     return model.resolve()
 
 
-def check_store(model: Path, store: Path) -> None:
-    """StoreError unless `store` is a complete expert store made from this model's config.json."""
+def check_store(model: Path, store: Path):
+    """The store's manifest; StoreError unless `store` is a complete expert store made from this model's config."""
     from .store import ExpertStore
 
     if not (store / "lvllm.json").is_file():
@@ -579,6 +579,7 @@ def check_store(model: Path, store: Path) -> None:
             f"expert store {store} was made from another model ({manifest.source_path}, {manifest.model_type})",
             f"pass the store of {model.name} or make one with `{quantize_command(model, store.with_name(model.name + '-store'))}`",
         )
+    return manifest
 
 
 def check_plan(plan: Mapping[str, Any], plan_path: Path, model: Path, store: Path | None) -> None:
@@ -646,13 +647,15 @@ def prepare(
     stage("store", str(chosen))
     if quantize and not (chosen / "lvllm.json").is_file():
         make_store(model, chosen, lambda detail: stage("store", detail))
-    check_store(model, chosen)
+    manifest = check_store(model, chosen)
     chosen = chosen.resolve()
 
     made = plan is None
     if plan is None:
         stage("plan", "planning for this machine")
         plan, plan_path = make_serve_plan(model, chosen, recipe)
+    else:
+        plan, plan_path = fit_plan_to_store(plan, Path(plan_path), chosen, manifest, model)
     assert plan_path is not None
     if not plan.get("fits", True):
         from .errors import DoesNotFit
@@ -670,6 +673,28 @@ def prepare(
     )
     log_path = run_dir(model) / f"vllm-{command.port}.log"
     return ServeSetup(command, plan, Path(plan_path), chosen, log_path, made)
+
+
+def fit_plan_to_store(plan: dict, plan_path: Path, store: Path, manifest, model: Path) -> tuple[dict, Path]:
+    """A given plan must describe the store it will run on. A plan made before the store existed (no path) gets the
+    path filled in, saved as a copy under run_dir(model); one made for another format or node split is refused."""
+    planned = plan.get("store", {})
+    want = (planned.get("weight_format"), planned.get("group_size"), planned.get("numa_nodes"))
+    have = (manifest.weight_format, manifest.group_size, manifest.numa_nodes)
+    if want != have:
+        raise BadInput(
+            f"plan {plan_path} expects a {want[0]} store (group {want[1]}, {want[2]} node slices); {store} is {have[0]} "
+            f"(group {have[1]}, {have[2]} node slices)",
+            "drop --plan to plan for this store, or re-plan with `lvllm plan MODEL --store STORE`",
+        )
+    if planned.get("path"):
+        return plan, plan_path
+    from .plan import save_plan
+
+    plan = {**plan, "store": {**planned, "path": str(store), "exists": True}}
+    path = run_dir(model) / "plan.json"
+    save_plan(plan, path)
+    return plan, path
 
 
 def make_serve_plan(model: Path, store: Path, recipe: Mapping[str, Any] | None) -> tuple[dict, Path]:

@@ -145,6 +145,22 @@ def test_plan_of_another_model(model_and_store, zoo, cache, tmp_path, invoke):
     assert r.exit_code == 1 and "was made for another model" in r.stderr, r.output
 
 
+def test_plan_made_before_the_store(model_and_store, cache, tmp_path, invoke):
+    model, store = model_and_store
+    early = planner.make_plan(model, topology.probe(), planner.PlanOptions(expert_format="int4", numa_nodes=1))
+    assert early["store"]["path"] == ""
+    save_plan(early, tmp_path / "early.json")
+    r = invoke(str(model), "--store", str(store), "--plan", str(tmp_path / "early.json"), "--dry-run")
+    assert r.exit_code == 0, r.output
+    used = Path(json.loads(value_of(shlex.split(r.stdout), "--additional-config")[0])["lvllm_plan"])
+    assert used != tmp_path / "early.json" and json.loads(used.read_text())["store"]["path"] == str(store.resolve())
+
+    bf16 = planner.make_plan(model, topology.probe(), planner.PlanOptions(expert_format="bf16", numa_nodes=1))
+    save_plan(bf16, tmp_path / "bf16.json")
+    r = invoke(str(model), "--store", str(store), "--plan", str(tmp_path / "bf16.json"), "--dry-run")
+    assert r.exit_code == 1 and "expects a bf16 store" in r.stderr, r.output
+
+
 def test_unknown_recipe_suggests_closest(model_and_store, cache, invoke):
     model, store = model_and_store
     r = invoke(str(model), "--store", str(store), "--recipe", "qwen3-coder-30b", "--dry-run")
