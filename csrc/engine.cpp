@@ -131,14 +131,10 @@ void Engine::repack_expert(const ShardIn& in, NodeWeights& w, int e) const {
         for (int64_t r = 0; r < rows; ++r) {
             const int32_t* s = src + r * (K / 8);
             uint8_t* d = dst + r * (K / 2);
-            for (int64_t b = 0; b < K / kInt4Block; ++b) {
-                uint32_t out[4] = {0, 0, 0, 0};
-                for (int c = 0; c < kInt4Block; ++c) {
-                    const uint32_t u = (static_cast<uint32_t>(s[b * 4 + c / 8]) >> (4 * (c % 8))) & 0xF;
-                    out[c % 4] |= u << (4 * (c / 4));
-                }
-                std::memcpy(d + b * kInt4BlockBytes, out, sizeof out);
-            }
+            auto u = [&](int64_t c) { return (static_cast<uint32_t>(s[c / 8]) >> (4 * (c % 8))) & 0xF; };
+            for (int64_t b = 0; b < K / kInt4Block; ++b)
+                for (int i = 0; i < 16; ++i)
+                    d[b * kInt4BlockBytes + i] = static_cast<uint8_t>(u(32 * b + i) | (u(32 * b + 16 + i) << 4));
             for (int64_t j = 0; j < K / g; ++j) sdst[r * (K / g) + j] = bf16_to_float(ssrc[r * (K / g) + j]);
         }
     };

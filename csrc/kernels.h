@@ -13,13 +13,12 @@ namespace lvllm {
 enum class Act : int { SiluGlu = 0, Relu2 = 1, GptossGlu = 2, GeluTanhGlu = 3 };
 
 // INT4 kernel layout (the store's `pack-quantized` int32 words are repacked into it at load): per row K/2 bytes in
-// blocks of 32 columns = 16 bytes = four little-endian 32-bit words; in block b, word l (0..3), nibble m (0..7) holds
-// column 32*b + 4*m + l as u = q + 8. One 128-bit load broadcast to every lane, one variable shift and a mask give
-// 8 (AVX2) or 16 (AVX-512) consecutive columns. Scales: fp32, row-major [rows, K/g].
+// blocks of 32 columns = 16 bytes; byte b of block B holds column 32B + b in its low nibble and column 32B + 16 + b
+// in its high nibble, as u = q + 8. One zero-extending byte load, then a mask or a shift, gives 8 (AVX2) or 16
+// (AVX-512) consecutive columns. Scales: fp32, row-major [rows, K/g].
 constexpr int kInt4Block = 32;
 constexpr int kInt4BlockBytes = 16;
 static_assert(kInt4Block / 2 == kInt4BlockBytes, "two columns per byte");
-static_assert(kInt4BlockBytes == 4 * sizeof(uint32_t), "four words per block");
 
 struct Int4Mat {
     const uint8_t* q;  // [rows, K/2] kernel layout above
@@ -57,11 +56,9 @@ const KernelTable* kernels_amx();
 
 // Column c of row `row` (kernel layout) as the stored unsigned nibble u = q + 8; used by the reference kernel.
 inline int int4_nibble(const uint8_t* row, int64_t c) {
-    const uint8_t* blk = row + (c / kInt4Block) * kInt4BlockBytes;
     const int w = static_cast<int>(c % kInt4Block);
-    const int l = w % 4, m = w / 4;
-    const uint8_t byte = blk[4 * l + m / 2];  // little-endian word l, nibble m
-    return (m % 2) ? (byte >> 4) : (byte & 0xF);
+    const uint8_t byte = row[(c / kInt4Block) * kInt4BlockBytes + w % 16];
+    return w < 16 ? (byte & 0xF) : (byte >> 4);
 }
 
 inline float bf16_to_float(uint16_t v) {

@@ -2,6 +2,7 @@
 // (vector type, lane count W, loads, FMA, INT4 block unpack, BF16 load, exp) and compiles it with its own ISA flags.
 #pragma once
 #include <algorithm>
+#include <vector>
 
 #include "kernels.h"
 
@@ -10,10 +11,15 @@ namespace simd {
 
 // NR weight rows x NT tokens per tile: decode (NT=1) keeps four rows in flight so four FMA chains hide latency;
 // prefill widens over tokens so each unpacked weight vector feeds up to 8 FMAs.
+// Few tokens (NT <= 2): per group g accumulate u.x with u = q + 8 unscaled, add scale * that per group, and apply the
+// "- 8" once per row from the per-group sums of x (xsum[t][g]): one convert + one FMA per weight vector.
+// More tokens: dequantize each weight vector once, w = u * s - 8 s, and share it across the tokens (the per-group
+// accumulators would no longer fit in registers).
 template <class S, int NR, int NT>
-inline void int4_tile(const Int4Mat& m, int r, const float* const* x, float* y, int ldy) {
+inline void int4_tile(const Int4Mat& m, int r, const float* const* x, const float* xsum, float* y, int ldy) {
     using V = typename S::V;
     constexpr int PB = kInt4Block / S::W;
+    constexpr bool kGroupAcc = NT <= 2;
     const int64_t rb = m.K / 2, ng = m.K / m.g;
     const int bpg = m.g / kInt4Block;
     V acc[NR][NT];
@@ -26,10 +32,12 @@ inline void int4_tile(const Int4Mat& m, int r, const float* const* x, float* y, 
         sc[i] = m.s + (r + i) * ng;
     }
     for (int64_t gi = 0; gi < ng; ++gi) {
-        V s[NR], off[NR];
+        V ga[NR][kGroupAcc ? NT : 1], s[NR], off[NR];
         for (int i = 0; i < NR; ++i) {
             s[i] = S::set1(sc[i][gi]);
             off[i] = S::set1(-8.f * sc[i][gi]);
+            if (kGroupAcc)
+                for (int t = 0; t < NT; ++t) ga[i][t] = S::zero();
         }
         for (int bb = 0; bb < bpg; ++bb) {
             const int64_t b = gi * bpg + bb;
@@ -39,14 +47,27 @@ inline void int4_tile(const Int4Mat& m, int r, const float* const* x, float* y, 
                 V xv[NT];
                 for (int t = 0; t < NT; ++t) xv[t] = S::loadu(x[t] + b * kInt4Block + j * S::W);
                 for (int i = 0; i < NR; ++i) {
-                    const V w = S::fma(S::int4_part(raw[i], j), s[i], off[i]);
-                    for (int t = 0; t < NT; ++t) acc[i][t] = S::fma(w, xv[t], acc[i][t]);
+                    const V u = S::int4_part(raw[i], j);
+                    if (kGroupAcc) {
+                        for (int t = 0; t < NT; ++t) ga[i][t] = S::fma(u, xv[t], ga[i][t]);
+                    } else {
+                        const V w = S::fma(u, s[i], off[i]);
+                        for (int t = 0; t < NT; ++t) acc[i][t] = S::fma(w, xv[t], acc[i][t]);
+                    }
                 }
             }
         }
+        if (kGroupAcc)
+            for (int i = 0; i < NR; ++i)
+                for (int t = 0; t < NT; ++t) acc[i][t] = S::fma(ga[i][t], s[i], acc[i][t]);
     }
     for (int i = 0; i < NR; ++i)
-        for (int t = 0; t < NT; ++t) y[t * ldy + i] = S::hsum(acc[i][t]);
+        for (int t = 0; t < NT; ++t) {
+            float corr = 0.f;
+            if (kGroupAcc)
+                for (int64_t gi = 0; gi < ng; ++gi) corr += sc[i][gi] * xsum[t * ng + gi];
+            y[t * ldy + i] = S::hsum(acc[i][t]) - 8.f * corr;
+        }
 }
 
 template <class S, int NR, int NT>
@@ -72,36 +93,58 @@ inline void bf16_tile(const Bf16Mat& m, int r, const float* const* x, float* y, 
 // Tile functions behind one name so a single dispatcher serves both weight formats.
 struct Int4Tiles {
     template <class S, int NR, int NT>
-    static void run(const Int4Mat& m, int r, const float* const* x, float* y, int ldy) { int4_tile<S, NR, NT>(m, r, x, y, ldy); }
+    static void run(const Int4Mat& m, int r, const float* const* x, const float* xsum, float* y, int ldy) {
+        int4_tile<S, NR, NT>(m, r, x, xsum, y, ldy);
+    }
+    // Per token, per group: sum of x over the group's columns (the "- 8" of every row in one place).
+    template <class S>
+    static void prepare(const Int4Mat& m, const float* const* x, int nt, float* xsum) {
+        const int64_t ng = m.K / m.g;
+        for (int t = 0; t < nt; ++t)
+            for (int64_t gi = 0; gi < ng; ++gi) {
+                auto v = S::zero();
+                for (int c = 0; c < m.g; c += S::W) v = S::add(v, S::loadu(x[t] + gi * m.g + c));
+                xsum[t * ng + gi] = S::hsum(v);
+            }
+    }
 };
 struct Bf16Tiles {
     template <class S, int NR, int NT>
-    static void run(const Bf16Mat& m, int r, const float* const* x, float* y, int ldy) { bf16_tile<S, NR, NT>(m, r, x, y, ldy); }
+    static void run(const Bf16Mat& m, int r, const float* const* x, const float*, float* y, int ldy) {
+        bf16_tile<S, NR, NT>(m, r, x, y, ldy);
+    }
+    template <class S>
+    static void prepare(const Bf16Mat&, const float* const*, int, float*) {}
 };
 
 // Rows in steps of NR (tail one by one) for one block of NT tokens.
 template <class S, class Tiles, class M, int NR, int NT>
-inline void rows_block(const M& m, int r0, int r1, const float* const* x, float* y, int ldy) {
+inline void rows_block(const M& m, int r0, int r1, const float* const* x, const float* xs, float* y, int ldy) {
     int r = r0;
-    for (; r + NR <= r1; r += NR) Tiles::template run<S, NR, NT>(m, r, x, y + (r - r0), ldy);
-    for (; r < r1; ++r) Tiles::template run<S, 1, NT>(m, r, x, y + (r - r0), ldy);
+    for (; r + NR <= r1; r += NR) Tiles::template run<S, NR, NT>(m, r, x, xs, y + (r - r0), ldy);
+    for (; r < r1; ++r) Tiles::template run<S, 1, NT>(m, r, x, xs, y + (r - r0), ldy);
 }
 
 // Tokens in blocks of at most 8; few tokens -> more rows per tile (independent FMA chains), many -> more tokens.
 template <class S, class Tiles, class M>
 void rows(const M& m, int r0, int r1, const float* const* x, int nt, float* y, int ldy) {
+    thread_local std::vector<float> xsum;  // [8, K/32] at most
     for (int t0 = 0; t0 < nt; t0 += 8) {
+        const int n = std::min(8, nt - t0);
         const float* const* xt = x + t0;
         float* yt = y + t0 * ldy;
-        switch (std::min(8, nt - t0)) {
-            case 1: rows_block<S, Tiles, M, 4, 1>(m, r0, r1, xt, yt, ldy); break;
-            case 2: rows_block<S, Tiles, M, 4, 2>(m, r0, r1, xt, yt, ldy); break;
-            case 3: rows_block<S, Tiles, M, 2, 3>(m, r0, r1, xt, yt, ldy); break;
-            case 4: rows_block<S, Tiles, M, 2, 4>(m, r0, r1, xt, yt, ldy); break;
-            case 5: rows_block<S, Tiles, M, 1, 5>(m, r0, r1, xt, yt, ldy); break;
-            case 6: rows_block<S, Tiles, M, 1, 6>(m, r0, r1, xt, yt, ldy); break;
-            case 7: rows_block<S, Tiles, M, 1, 7>(m, r0, r1, xt, yt, ldy); break;
-            default: rows_block<S, Tiles, M, 1, 8>(m, r0, r1, xt, yt, ldy); break;
+        xsum.resize(size_t(8) * (m.K / kInt4Block));
+        if (n <= 2) Tiles::template prepare<S>(m, xt, n, xsum.data());  // only the group-accumulating tiles use it
+        const float* xs = xsum.data();
+        switch (n) {
+            case 1: rows_block<S, Tiles, M, 4, 1>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 2: rows_block<S, Tiles, M, S::kNR2, 2>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 3: rows_block<S, Tiles, M, 2, 3>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 4: rows_block<S, Tiles, M, 2, 4>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 5: rows_block<S, Tiles, M, 1, 5>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 6: rows_block<S, Tiles, M, 1, 6>(m, r0, r1, xt, xs, yt, ldy); break;
+            case 7: rows_block<S, Tiles, M, 1, 7>(m, r0, r1, xt, xs, yt, ldy); break;
+            default: rows_block<S, Tiles, M, 1, 8>(m, r0, r1, xt, xs, yt, ldy); break;
         }
     }
 }

@@ -8,7 +8,7 @@ namespace {
 
 struct Avx2 {
     using V = __m256;
-    using R = __m256i;  // one INT4 block, broadcast and pre-shifted so part j is (R >> 8j) & 0xF
+    static constexpr int kNR2 = 2;  // rows per tile at two tokens: 16 ymm registers hold 2x2x2 accumulators
     static constexpr int W = 8;
     static V zero() { return _mm256_setzero_ps(); }
     static V set1(float f) { return _mm256_set1_ps(f); }
@@ -27,14 +27,17 @@ struct Avx2 {
         s = _mm_add_ss(s, _mm_movehdup_ps(s));
         return _mm_cvtss_f32(s);
     }
-    // Lanes 0-3 read nibbles 0,2,4,6 of words 0-3 and lanes 4-7 nibbles 1,3,5,7: columns 8j..8j+7 for part j.
+    // Bytes 0-7 and 8-15 of a block zero-extended to 32 bits: part j = columns 8j..8j+7 (kernels.h layout).
+    struct R {
+        __m256i lo, hi;
+    };
     static R int4_load(const uint8_t* p) {
-        const __m256i b = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        return _mm256_srlv_epi32(b, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+        return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+                _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
     }
-    static V int4_part(R raw, int j) {
-        const __m256i u = _mm256_and_si256(_mm256_srl_epi32(raw, _mm_cvtsi32_si128(8 * j)), _mm256_set1_epi32(0xF));
-        return _mm256_cvtepi32_ps(u);
+    static V int4_part(const R& raw, int j) {  // u = q + 8 as float
+        const __m256i b = (j & 1) ? raw.hi : raw.lo;
+        return _mm256_cvtepi32_ps(j < 2 ? _mm256_and_si256(b, _mm256_set1_epi32(0xF)) : _mm256_srli_epi32(b, 4));
     }
     static V bf16_load(const uint16_t* p) {
         const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));

@@ -9,7 +9,8 @@ namespace {
 
 struct Avx512 {
     using V = __m512;
-    using R = __m512i;  // one INT4 block in all four 128-bit lanes, pre-shifted so part j is (R >> 16j) & 0xF
+    using R = __m512i;  // one INT4 block, bytes zero-extended to 32-bit lanes
+    static constexpr int kNR2 = 4;  // rows per tile at two tokens: 32 zmm registers hold 4x2x2 accumulators
     static constexpr int W = 16;
     static V zero() { return _mm512_setzero_ps(); }
     static V set1(float f) { return _mm512_set1_ps(f); }
@@ -23,14 +24,12 @@ struct Avx512 {
     static V min(V a, V b) { return _mm512_min_ps(a, b); }
     static V max(V a, V b) { return _mm512_max_ps(a, b); }
     static float hsum(V v) { return _mm512_reduce_add_ps(v); }
-    // Lane 4*mm + l reads nibble 4j + mm of word l: columns 16j..16j+15 for part j.
+    // The 16 bytes of a block zero-extended to 32 bits: low nibbles = columns 0-15, high nibbles = 16-31.
     static R int4_load(const uint8_t* p) {
-        const __m512i b = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-        return _mm512_srlv_epi32(b, _mm512_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4, 8, 8, 8, 8, 12, 12, 12, 12));
+        return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     }
-    static V int4_part(R raw, int j) {
-        const __m512i u = _mm512_and_si512(_mm512_srl_epi32(raw, _mm_cvtsi32_si128(16 * j)), _mm512_set1_epi32(0xF));
-        return _mm512_cvtepi32_ps(u);
+    static V int4_part(R raw, int j) {  // u = q + 8 as float
+        return _mm512_cvtepi32_ps(j == 0 ? _mm512_and_si512(raw, _mm512_set1_epi32(0xF)) : _mm512_srli_epi32(raw, 4));
     }
     static V bf16_load(const uint16_t* p) {
         const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
