@@ -48,7 +48,6 @@ _COMMON = dict(
     rms_norm_eps=1e-6,
 )
 
-# model_type -> config keyword arguments of the tiny model (on top of _COMMON). Expert I = 128 everywhere.
 _EXPERTS = dict(num_experts_per_tok=2)  # 8 experts top-2 everywhere; each family names the count its own way
 _DEEPSEEK_ROUTING = dict(n_routed_experts=8, n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
 
@@ -56,6 +55,8 @@ _VISION_TOKENS = dict(
     vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6, tie_word_embeddings=False
 )
 
+# model_type -> config keyword arguments of the tiny model (on top of _COMMON; multimodal families: of the
+# text_config). 8 experts, top-2, expert I = 128 everywhere.
 ZOO: dict[str, dict[str, Any]] = {
     "qwen3_moe": dict(
         _EXPERTS, num_hidden_layers=2, intermediate_size=256, moe_intermediate_size=128, num_experts=8,
@@ -74,6 +75,11 @@ ZOO: dict[str, dict[str, Any]] = {
     "glm4_moe": dict(
         **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, first_k_dense_replace=1, intermediate_size=256,
         moe_intermediate_size=128, use_qk_norm=True, norm_topk_prob=True,
+    ),
+    "glm4_moe_lite": dict(
+        **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, mlp_layer_types=["dense", "sparse", "sparse"],
+        intermediate_size=256, moe_intermediate_size=128, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32,
+        qk_nope_head_dim=32, v_head_dim=64, num_key_value_heads=2, head_dim=32, norm_topk_prob=True,
     ),
     "minimax_m2": dict(
         _EXPERTS, num_hidden_layers=2, intermediate_size=128, num_local_experts=8, scoring_func="sigmoid",
@@ -136,6 +142,16 @@ ZOO: dict[str, dict[str, Any]] = {
         ),
         tie_word_embeddings=True,
     ),
+}
+
+
+# arch.py families the zoo does not build, and why
+NOT_IN_ZOO = {
+    "kimi_k2": "transformers has no kimi_k2 model type (the hub config runs DeepSeek-V3 code); the deepseek_v3 model "
+    "has the same layout",
+    "kimi_k25": "transformers 5.19 saves it in its in-memory layout (fused experts under model.language_model), not "
+    "the hub's per-expert language_model.model layout; the deepseek_v3 model covers the same text architecture",
+    "qwen3_5_moe_text": "hub checkpoints are the multimodal qwen3_5_moe, which the zoo builds",
 }
 
 
