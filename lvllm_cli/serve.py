@@ -190,7 +190,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; 0.0.0.0 exposes the server to the network.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vLLM command and exit.")] = False,
-    quantize: Annotated[bool, typer.Option("--quantize", help="Make the expert store first when it is missing.")] = False,
+    quantize: Annotated[bool, typer.Option("--quantize", help="Make (or finish) the expert store first when it is missing or incomplete.")] = False,
     ready_timeout: Annotated[
         Optional[float], typer.Option(help="Give up when vLLM is not ready after this many seconds.")
     ] = None,

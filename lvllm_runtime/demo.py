@@ -72,7 +72,7 @@ def run_demo(
 
     stage("quantize", "expert store (INT4)")
     store = launcher.default_store_dir(model)
-    if not (store / "lvllm.json").is_file():
+    if not launcher.store_complete(store):
         launcher.make_store(model, store, lambda detail: stage("quantize", detail))
     lap("quantize")
 

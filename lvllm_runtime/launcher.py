@@ -552,10 +552,18 @@ def make_store(model: Path, store: Path, on_progress: Callable[[str], None] | No
         if on_progress is not None:
             on_progress(f"{p.stage} layer {p.layers_done}/{p.layers_total}, {p.bytes_written / 1e6:.1f} MB written")
 
-    result = quantize(model, store, QuantizeOptions(numa_nodes="auto"), progress)
+    # resume: an interrupted earlier run leaves an unfinished store that is checked and completed, not refused
+    result = quantize(model, store, QuantizeOptions(numa_nodes="auto", resume=True), progress)
     if not result.passed:
         raise StoreError(f"the new expert store {store} failed verification (max error {result.max_rel_error:.3g})",
                          f"inspect it with `lvllm quantize {model} {store} --verify`")
+
+
+def store_complete(store: Path) -> bool:
+    from .store import read_manifest
+
+    manifest = read_manifest(store)
+    return manifest is not None and manifest.complete
 
 
 def check_model_dir(model: Path) -> Path:
@@ -645,7 +653,7 @@ def prepare(
         check_plan(plan, plan_path, model, Path(store) if store else None)
     chosen = Path(store) if store else Path(plan["store"]["path"]) if plan and plan["store"].get("path") else default_store_dir(model)
     stage("store", str(chosen))
-    if quantize and not (chosen / "lvllm.json").is_file():
+    if quantize and not store_complete(chosen):
         make_store(model, chosen, lambda detail: stage("store", detail))
     manifest = check_store(model, chosen)
     chosen = chosen.resolve()

@@ -195,6 +195,14 @@ def test_quantize_makes_the_missing_store_first(model_and_store, cache, tmp_path
     plan = json.loads(Path(json.loads(value_of(shlex.split(r.stdout), "--additional-config")[0])["lvllm_plan"]).read_text())
     assert plan["store"]["path"] == str(new.resolve())
 
+    manifest = json.loads((new / "lvllm.json").read_text())  # as an interrupted quantize leaves it
+    (new / "lvllm.json").write_text(json.dumps({**manifest, "complete": False}))
+    r = invoke(str(model), "--store", str(new), "--dry-run")
+    assert r.exit_code == 1 and "incomplete" in r.stderr
+    r = invoke(str(model), "--store", str(new), "--quantize", "--dry-run")
+    assert r.exit_code == 0, r.output
+    assert ExpertStore.open(new).manifest.complete
+
 
 def test_store_of_another_model(model_and_store, zoo, cache, invoke):
     _, store = model_and_store
