@@ -116,7 +116,10 @@ class MoEModel:
         return f"{self._moe(layer)}.{self.router_bias}" if self.router_bias else None
 
     def correction_bias_name(self, layer: int) -> str | None:
-        return f"{self._moe(layer)}.{self.correction_bias}" if self.correction_bias else None
+        """The [E] float32 selection bias of noaux_tc routing; None when the routing uses none."""
+        if not (self.correction_bias and self.routing.correction_bias):
+            return None
+        return f"{self._moe(layer)}.{self.correction_bias}"
 
     def per_expert_scale_name(self, layer: int) -> str | None:
         return f"{self._moe(layer)}.{self.per_expert_scale}" if self.per_expert_scale else None
@@ -321,7 +324,6 @@ _FAMILIES: dict[str, _Family] = {
     "qwen3_vl_moe": _Family(
         _qwen3_vl, dict(layout="fused", layer_prefix=_LANGUAGE_MODEL, fused_transposed=True), text_config=True
     ),
-    "qwen3_5_moe_text": _Family(_qwen3_5, dict(layout="fused")),
     "mixtral": _Family(_mixtral, _MIXTRAL_NAMES),
     "minimax_m2": _Family(_minimax_m2, dict(_MIXTRAL_NAMES, correction_bias="e_score_correction_bias")),
     "deepseek_v3": _Family(_deepseek, _DEEPSEEK_NAMES),

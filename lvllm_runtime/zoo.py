@@ -151,7 +151,6 @@ NOT_IN_ZOO = {
     "has the same layout",
     "kimi_k25": "transformers 5.19 saves it in its in-memory layout (fused experts under model.language_model), not "
     "the hub's per-expert language_model.model layout; the deepseek_v3 model covers the same text architecture",
-    "qwen3_5_moe_text": "hub checkpoints are the multimodal qwen3_5_moe, which the zoo builds",
 }
 
 
