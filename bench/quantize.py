@@ -2,7 +2,8 @@
 
 Writes a BF16 and a DeepSeek-style FP8-block source (one shard per layer + index, experts only; >= 4 GB each by
 default), measures the sequential read speed of those same files, then runs `lvllm quantize --json` on each in a
-subprocess (its own peak RSS) and prints a table: source GB/s, output GB/s, peak RSS. llm-compressor's
+subprocess (its own peak RSS and CPU seconds: on a shared machine GB per CPU-second says what the cores would do
+alone) and prints a table: source GB/s, output GB/s, peak RSS. llm-compressor's
 `model_free_ptq` gets a column only when it is installed.
 
     python bench/quantize.py                      # 4 BF16 layers (4.8 GB) + 8 FP8 layers (4.9 GB), ~10 GB disk
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -100,13 +102,20 @@ def sequential_read(paths: list[Path]) -> float:
 
 
 def run_quantize(src: Path, out: Path, workers: int, fmt: str) -> dict:
+    """`lvllm quantize --json` in a subprocess; adds the CPU seconds it used and the load average around it."""
     shutil.rmtree(out, ignore_errors=True)
     cmd = [sys.executable, "-c", "from lvllm_cli.app import main; main()", "quantize", str(src), str(out),
            "--format", fmt, "--workers", str(workers), "--json"]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    load = os.getloadavg()[0]
     proc = subprocess.run(cmd, capture_output=True, text=True)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if proc.returncode != 0:
         raise SystemExit(f"lvllm quantize failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout)
+    res = json.loads(proc.stdout)
+    res["cpu_s"] = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+    res["load_avg"] = [round(load, 1), round(os.getloadavg()[0], 1)]
+    return res
 
 
 def model_free_ptq_available() -> str | None:
@@ -139,7 +148,8 @@ def main() -> None:
             "sequential_read_gb_s": round(read_gbs, 3),
             "source_gb_s": round(res["input_bytes"] / res["seconds"] / GB, 3),
             "output_gb_s": round(res["output_bytes"] / res["seconds"] / GB, 3),
-            "seconds": res["seconds"], "output_bytes": res["output_bytes"],
+            "seconds": res["seconds"], "output_bytes": res["output_bytes"], "cpu_s": round(res["cpu_s"], 1),
+            "source_gb_per_cpu_s": round(res["input_bytes"] / res["cpu_s"] / GB, 3), "load_avg": res["load_avg"],
             "peak_rss_mib": round(res["peak_rss_bytes"] / 2**20), "peak_anon_rss_mib": round(res["peak_anon_rss_bytes"] / 2**20),
             "max_rel_error": round(res["verify"]["max_rel_error"], 4),
         })
@@ -147,11 +157,14 @@ def main() -> None:
             shutil.rmtree(args.workdir / f"store-{name}", ignore_errors=True)
 
     ptq = model_free_ptq_available()
-    hdr = f"{'source':10} {'GB':>6} {'seq read GB/s':>13} {'source GB/s':>11} {'output GB/s':>11} {'s':>7} {'peak RSS MiB':>12} {'anon MiB':>8} {'rel err':>7}"
+    hdr = (f"{'source':10} {'GB':>6} {'seq read GB/s':>13} {'source GB/s':>11} {'output GB/s':>11} {'s':>7} {'CPU s':>7} "
+           f"{'GB/CPU-s':>8} {'load':>9} {'peak RSS MiB':>12} {'anon MiB':>8} {'rel err':>7}")
     print(hdr)
     for r in rows:
+        load = "%.0f->%.0f" % tuple(r["load_avg"])
         print(f"{r['source']:10} {r['source_bytes'] / GB:6.2f} {r['sequential_read_gb_s']:13.2f} {r['source_gb_s']:11.3f} "
-              f"{r['output_gb_s']:11.3f} {r['seconds']:7.1f} {r['peak_rss_mib']:12d} {r['peak_anon_rss_mib']:8d} {r['max_rel_error']:7.4f}")
+              f"{r['output_gb_s']:11.3f} {r['seconds']:7.1f} {r['cpu_s']:7.1f} {r['source_gb_per_cpu_s']:8.3f} {load:>9} "
+              f"{r['peak_rss_mib']:12d} {r['peak_anon_rss_mib']:8d} {r['max_rel_error']:7.4f}")
     print("model_free_ptq:", f"llmcompressor {ptq} is installed but not wired here" if ptq else "llmcompressor is not installed (no column)")
     doc = {
         "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version(),

@@ -207,10 +207,13 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
                     f"the checkpoint is INT4 with group {group}; passing it through cannot change the group to {opts.group_size}",
                     f"use --group-size auto (or {group})",
                 )
+            if group not in GROUP_SIZES:
+                raise BadInput(f"the checkpoint's INT4 group {group} is not one the engine runs ({list(GROUP_SIZES)})",
+                               "quantize from the BF16/FP8 checkpoint instead")
             bad = [d for d in (m.hidden_size, inter) if d % group or d % 8]
-            if bad or group not in GROUP_SIZES:
+            if bad:
                 raise BadInput(
-                    f"INT4 group {group} cannot be split over {nodes} nodes: dimensions {bad or [group]} do not divide",
+                    f"INT4 group {group} cannot be split over {nodes} nodes: dimensions {bad} do not divide",
                     "choose --numa-nodes so that intermediate_size / nodes is a multiple of the group size",
                 )
         else:
@@ -240,9 +243,10 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
 
 
 def _settings(man: StoreManifest) -> dict:
+    """What must match to resume into a store (the source may have moved: its config hash says it is the same)."""
     d = man.to_dict()
-    d.pop("files")
-    d.pop("complete")
+    for k in ("files", "complete", "source_path"):
+        d.pop(k)
     return d
 
 
