@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 import torch
 import torch.nn.functional as F
 
+from .errors import BadInput
 from .hybrid import LayerWeights, activate, join_node_slices
 from .quant import dequantize_int4
 
@@ -140,7 +141,8 @@ class StreamedPrefill:
                  device: torch.device | str, window: int = 1):
         first = next(iter(layers.values()))
         if first.weight_format != "int4":
-            raise ValueError("StreamedPrefill streams INT4 store bytes; this layer is " + first.weight_format)
+            raise BadInput(f"GPU prefill streams INT4 store bytes, this store is {first.weight_format}",
+                           "quantize the store with --format int4, or leave gpu_prefill_min_tokens unset in the plan")
         self.device, self.activation, self.gated = torch.device(device), activation, gated
         self.group = first.group_size
         self.window = max(int(window), 0)
@@ -175,13 +177,6 @@ class StreamedPrefill:
             done = torch.cuda.Event()
             done.record(self.stream)
         self.ready[layer] = (s, done)
-
-    def prefetch(self, layer: int) -> None:
-        """Start streaming `layer` and the `window - 1` after it (call before the attention of that layer)."""
-        if self.on_cuda:
-            pos = self.order.index(layer)
-            for nxt in self.order[pos: pos + max(self.window, 1)]:
-                self._issue(nxt)
 
     def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 bf16 [E, R, H], w2 bf16 [E, H, I]) of `layer` in the shared device buffer, valid until the next call;

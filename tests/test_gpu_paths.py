@@ -187,6 +187,12 @@ def test_streamed_prefill_cpu_over_layers():
         assert rel(alt, ref) < 1.5e-2
 
 
+def test_streamed_prefill_refuses_bf16_stores():
+    bf16 = LayerWeights({"w13": torch.zeros(E, 2 * I, H).bfloat16(), "w2": torch.zeros(E, H, I).bfloat16()}, "bf16")
+    with pytest.raises(BadInput, match="INT4"):
+        StreamedPrefill({0: bf16}, "silu_glu", True, "cpu")
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU (bench/gpu_hybrid.py)")
 def test_graph_replay_equals_eager_on_cuda():
     gen = torch.Generator().manual_seed(9)
