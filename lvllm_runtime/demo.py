@@ -11,7 +11,6 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass
-from pathlib import Path
 from typing import Any, Callable
 
 from . import launcher
