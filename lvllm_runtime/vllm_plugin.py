@@ -70,6 +70,28 @@ def register() -> None:
     except VllmUnsupported as e:
         unsupported = e  # raised only when a plan asks for lvllm; stock runs stay untouched
     RoutedExperts.register_oot(_routed_experts_class(RoutedExperts, unsupported))
+    _skip_expert_reads()
+
+
+def _skip_expert_reads() -> None:
+    """With a plan, make vLLM's loader skip per-expert checkpoint tensors before reading them from disk.
+
+    vLLM's expert-parallel filter already skips `.experts.<id>.` weights that are not local to a rank; an empty
+    local set skips them all. The one patch in this file: checked by name, absent -> tensors are read and dropped.
+    """
+    from vllm.model_executor.model_loader.default_loader import DefaultModelLoader
+
+    original = getattr(DefaultModelLoader, "_init_ep_weight_filter", None)
+    if original is None or getattr(original, "_lvllm", False):
+        return
+
+    def init_filter(self, model_config):
+        original(self, model_config)
+        if _plan_from_config() is not None:
+            self.local_expert_ids = set()
+
+    init_filter._lvllm = True
+    DefaultModelLoader._init_ep_weight_filter = init_filter
 
 
 def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> type:

@@ -26,7 +26,9 @@ DEEPSEEK_FOR_VLLM_CPU = dict(topk_method="noaux_tc", scoring_func="sigmoid", kv_
                              head_dim=64)
 ARCHS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {}, "deepseek_v3": DEEPSEEK_FOR_VLLM_CPU}
 INT4_KL_VS_STOCK = 0.05  # RTN INT4 g128 experts against BF16 ones, first-token distribution (nats)
-INT4_KL_VS_REFERENCE = 2e-3  # same dequantized weights: only kernel arithmetic differs
+# Same dequantized weights: only arithmetic differs, so the gap may not exceed vLLM's own gap to transformers on the
+# BF16 weights (stock vs reference) by more than this factor (+ an absolute floor for archs where that gap is ~0).
+INT4_REFERENCE_GAP_FACTOR, INT4_REFERENCE_FLOOR = 2.0, 1e-5
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -137,11 +139,13 @@ def e2e(zoo, tmp_path_factory):
     ]
     jobs_path, out_path = root / "jobs.json", root / "results.json"
     jobs_path.write_text(json.dumps(jobs, default=str))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1"}
     proc = subprocess.run([sys.executable, __file__, str(jobs_path), str(out_path)], env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0 and out_path.is_file(), proc.stderr[-4000:]
-    return json.loads(out_path.read_text()), paths
+    results = json.loads(out_path.read_text())
+    print("vLLM engine seconds per job:", {k: round(v.get("seconds", 0), 1) for k, v in results.items()})
+    return results, paths
 
 
 def _ok(results: dict, name: str) -> dict:
@@ -215,14 +219,15 @@ def test_int4_store_first_token_close_to_stock_and_reference(e2e, arch, record_p
     stock, lv = _ok(results, f"{arch}/stock"), _ok(results, f"{arch}/int4")
     assert lv["prompt_ids"] == stock["prompt_ids"]
     kl_stock = _kl(stock["first_logprobs"], lv["first_logprobs"])
-    ref = _reference_logprobs(paths[arch]["model"], paths[arch]["int4"], lv["prompt_ids"])
-    kl_ref = _kl(ref, lv["first_logprobs"])
-    record_property("kl_int4_vs_stock", kl_stock)
-    record_property("kl_int4_vs_reference", kl_ref)
-    print(f"{arch}: KL(stock || lvllm int4) = {kl_stock:.2e}, KL(transformers dequantized || lvllm int4) = {kl_ref:.2e}")
+    kl_ref = _kl(_reference_logprobs(paths[arch]["model"], paths[arch]["int4"], lv["prompt_ids"]), lv["first_logprobs"])
+    kl_gap = _kl(_reference_logprobs(paths[arch]["model"], paths[arch]["bf16"], lv["prompt_ids"]),
+                 stock["first_logprobs"])
+    for key, value in (("kl_int4_vs_stock", kl_stock), ("kl_int4_vs_reference", kl_ref), ("kl_stock_vs_reference", kl_gap)):
+        record_property(key, value)
+    print(f"{arch}: KL(stock || lvllm int4) = {kl_stock:.2e}, KL(transformers on dequantized INT4 || lvllm int4) = "
+          f"{kl_ref:.2e}, KL(transformers || stock) = {kl_gap:.2e}")
     assert 0 < kl_stock < INT4_KL_VS_STOCK
-    assert kl_ref < INT4_KL_VS_REFERENCE
-    assert kl_ref < kl_stock
+    assert kl_ref < INT4_REFERENCE_GAP_FACTOR * kl_gap + INT4_REFERENCE_FLOOR
 
 
 def test_hot_and_cold_experts_together_equal_stock(e2e):
