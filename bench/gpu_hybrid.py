@@ -36,7 +36,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from lvllm_runtime.arch import Routing  # noqa: E402
-from lvllm_runtime.cuda_graph_step import CpuStep, HybridDecodeLayer, blocking_sync, capture, profile  # noqa: E402
+from lvllm_runtime.cuda_graph_step import (CpuStep, HybridDecodeLayer, blocking_sync, capture, hot_experts,  # noqa: E402
+                                            profile)
 from lvllm_runtime.engine import Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
@@ -162,13 +163,8 @@ class LayerRig:
         for L in range(layers):
             self.host[L] = random_layer_int4(1000 + L)
             self.engine.load_layer(L, [self.host[L]])
-        self.hot_ids = list(range(hot))
-        self.slot = torch.full((E,), -1, dtype=torch.long, device=DEV)
-        self.slot[:hot] = torch.arange(hot, device=DEV)
-        self.hot = {}
-        for L, t in self.host.items():
-            self.hot[L] = (dequant_int4_bf16(t["w13.packed"][:hot].to(DEV), t["w13.scale"][:hot].to(DEV), G),
-                           dequant_int4_bf16(t["w2.packed"][:hot].to(DEV), t["w2.scale"][:hot].to(DEV), G))
+        # the plan's hot experts would go here; the first `hot` ids stand in (routing is uniform)
+        self.hot = {L: hot_experts(LayerWeights(t, "int4", G), range(hot), E, DEV) for L, t in self.host.items()}
 
     def reference(self, L: int, hidden, w, ids) -> torch.Tensor:
         """All-GPU f32 reference on the same dequantized weights (hybrid.experts_torch)."""
@@ -187,7 +183,7 @@ def stage_layer(args) -> dict:
     gen = torch.Generator(device=DEV).manual_seed(0)
     steps = {t: CpuStep(rig.engine, [0], t, H, K, torch.bfloat16, DEV) for t in (1, 4)}
     for t in (1, 4):
-        dec = HybridDecodeLayer(0, steps, "silu_glu", True, *rig.hot[0], rig.slot)
+        dec = HybridDecodeLayer(0, steps, "silu_glu", True, rig.hot[0])
         x = torch.zeros(t, H, dtype=torch.bfloat16, device=DEV)
         w = torch.zeros(t, K, device=DEV)
         ids = torch.zeros(t, K, dtype=torch.int32, device=DEV)
@@ -207,7 +203,7 @@ def stage_layer(args) -> dict:
             steps[t].check()
             r = rig.reference(0, x, w, ids)
             errs_ge.append(rel(g, e)), errs_gr.append(rel(g, r)), errs_er.append(rel(e, r))
-            c = ids[rig.slot[ids.long()] < 0]
+            c = ids[ids >= args.hot]  # cold picks (hot = the first ids)
             cold.append(int(torch.unique(c).numel()))
         # timings: eager split (events), eager step, graph replay
         split = [profile(steps[t], 0, lambda: dec(x, w, ids)) for _ in range(args.time_steps)]
@@ -337,15 +333,11 @@ class ModelRig:
         self.cpus = engine_cpus(args.engine_cpus)
         self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], args.max_tokens)
         self.host, self.hot, self.allgpu = {}, {}, None
-        self.slot = torch.full((E,), -1, dtype=torch.long, device=DEV)
-        self.slot[: args.hot] = torch.arange(args.hot, device=DEV)
         t0 = time.perf_counter()
         for L in range(layers):
             self.host[L] = random_layer_int4(2000 + L)
             self.engine.load_layer(L, [self.host[L]])
-            t = self.host[L]
-            self.hot[L] = (dequant_int4_bf16(t["w13.packed"][: args.hot].to(DEV), t["w13.scale"][: args.hot].to(DEV), G),
-                           dequant_int4_bf16(t["w2.packed"][: args.hot].to(DEV), t["w2.scale"][: args.hot].to(DEV), G))
+            self.hot[L] = hot_experts(LayerWeights(self.host[L], "int4", G), range(args.hot), E, DEV)
         log(f"model: {layers} layers, store in pinned RAM + engine loaded in {time.perf_counter() - t0:.1f}s")
         self.steps: dict[int, CpuStep] = {}
         self.dec = {}
@@ -371,7 +363,7 @@ class ModelRig:
         if self.gpu_prefill_on and t >= self.gpu_prefill_min:
             return self.prefill.forward(L, x, w, ids)
         self.step_for(t)
-        dec = self.dec.get(L) or HybridDecodeLayer(L, self.steps, "silu_glu", True, *self.hot[L], self.slot)
+        dec = self.dec.get(L) or HybridDecodeLayer(L, self.steps, "silu_glu", True, self.hot[L])
         self.dec[L] = dec
         return dec(x, w, ids)
 

@@ -21,7 +21,8 @@ import torch
 
 from .engine import Engine
 from .errors import EngineError
-from .gpu_prefill import grouped_experts
+from .gpu_prefill import dequant_int4_bf16, grouped_experts
+from .hybrid import LayerWeights
 
 _DTYPE_CODE = {torch.float32: 0, torch.bfloat16: 1, torch.int32: 2, torch.int64: 3}  # lvllm::Dtype
 
@@ -205,18 +206,38 @@ class CpuStep:
             c.check()
 
 
+HotWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+def hot_experts(weights: LayerWeights, experts: Sequence[int], num_experts: int, device: torch.device | str
+                ) -> HotWeights | None:
+    """A plan's hot experts of one layer, on the device: (w13 bf16 [Gh, R, H], w2 bf16 [Gh, H, I], slot int64 [E]:
+    global id -> row, -1 = cold), from store-format weights (node slices joined; INT4 dequantized on the device).
+    None when `experts` is empty."""
+    if not experts:
+        return None
+    t = weights.select(experts).to(device).tensors
+    if weights.weight_format == "int4":
+        w13 = dequant_int4_bf16(t["w13.packed"], t["w13.scale"], weights.group_size)
+        w2 = dequant_int4_bf16(t["w2.packed"], t["w2.scale"], weights.group_size)
+    else:
+        w13, w2 = t["w13"].to(torch.bfloat16), t["w2"].to(torch.bfloat16)
+    slot = torch.full((num_experts,), -1, dtype=torch.long)
+    slot[torch.tensor(list(experts), dtype=torch.long)] = torch.arange(len(experts))
+    return w13, w2, slot.to(device)
+
+
 class HybridDecodeLayer:
     """Routed experts of one MoE layer for decode, graph-capturable: hot experts on the GPU, the rest on the engine.
 
-    hot_w13 bf16 [Gh, R, H], hot_w2 bf16 [Gh, H, I] on the device with hot_slot int64 [E] (global id -> row, -1 =
-    cold), or all three None (every expert on the engine). steps: {T: CpuStep} shared by all layers of a model.
+    hot: `hot_experts(...)` of this layer, or None (every expert on the engine). steps: {T: CpuStep} shared by all
+    layers of a model.
     """
 
     def __init__(self, layer: int, steps: dict[int, CpuStep], activation: str, gated: bool,
-                 hot_w13: torch.Tensor | None = None, hot_w2: torch.Tensor | None = None,
-                 hot_slot: torch.Tensor | None = None):
+                 hot: HotWeights | None = None):
         self.layer, self.steps, self.activation, self.gated = layer, steps, activation, gated
-        self.hot_w13, self.hot_w2, self.hot_slot = hot_w13, hot_w2, hot_slot
+        self.hot_w13, self.hot_w2, self.hot_slot = hot if hot is not None else (None, None, None)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] bf16, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype.

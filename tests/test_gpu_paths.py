@@ -13,7 +13,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer
+from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer, hot_experts
 from lvllm_runtime.engine import Engine
 from lvllm_runtime.errors import BadInput, EngineError
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts
@@ -140,14 +140,8 @@ def test_decode_step_hostcall_with_hot_experts(nodes):
 
     layer = join_node_slices(shards, "int4", True, G)
     eng = make_engine(shards)
-    hot = [0, 3]
-    sel = layer.select(hot)
-    slot = torch.full((E,), -1, dtype=torch.long)
-    slot[torch.tensor(hot)] = torch.arange(len(hot))
     steps = {t: CpuStep(eng, [0], t, H, K, torch.bfloat16, "cpu") for t in (1, 4)}
-    dec = HybridDecodeLayer(0, steps, "silu_glu", True,
-                            dequant_int4_bf16(sel.tensors["w13.packed"], sel.tensors["w13.scale"], G),
-                            dequant_int4_bf16(sel.tensors["w2.packed"], sel.tensors["w2.scale"], G), slot)
+    dec = HybridDecodeLayer(0, steps, "silu_glu", True, hot_experts(layer, [0, 3], E, "cpu"))
     for step in range(6):
         t = (1, 4)[step % 2]
         hidden = torch.randn(t, H, generator=gen).bfloat16()
@@ -156,6 +150,19 @@ def test_decode_step_hostcall_with_hot_experts(nodes):
         assert got.shape == (t, H) and got.dtype == torch.bfloat16
         assert rel(got, reference(hidden, w, ids, layer)) < 2e-2
     assert steps[1].calls[0].last_run()[1] == 3 and steps[4].calls[0].last_run()[1] == 3
+
+
+def test_hot_experts_from_store_formats():
+    gen = torch.Generator().manual_seed(4)
+    layer = LayerWeights(random_layer(gen)[0], "int4", G)
+    w13, w2, slot = hot_experts(layer, [5, 2], E, "cpu")
+    assert slot.tolist() == [-1, -1, 1, -1, -1, 0, -1, -1]
+    assert torch.equal(w13[1], dequant_int4_bf16(layer.tensors["w13.packed"][2], layer.tensors["w13.scale"][2], G))
+    assert w2.shape == (2, H, I) and w2.dtype == torch.bfloat16
+    bf = LayerWeights({"w13": torch.randn(E, 2 * I, H, generator=gen), "w2": torch.randn(E, H, I, generator=gen)}, "bf16")
+    b13, _, _ = hot_experts(bf, [7], E, "cpu")
+    assert torch.equal(b13[0], bf.tensors["w13"][7].bfloat16())
+    assert hot_experts(layer, [], E, "cpu") is None
 
 
 def test_hostcall_reports_engine_errors_and_checks_buffers():
