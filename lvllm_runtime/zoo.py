@@ -337,6 +337,7 @@ def _write(model_type: str, out: Path, variant: str, seed: int, group_size: int 
         write_json(out / "config.json", config)
     (out / "model.safetensors").unlink()
     save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)  # save_file creates it 0600; the other files are 0644
     write_json(
         out / "generation_config.json",
         {"bos_token_id": 1, "eos_token_id": [2, 0], "pad_token_id": 0, "max_new_tokens": 64},
