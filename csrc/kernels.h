@@ -43,6 +43,9 @@ struct KernelTable {
                       const uint16_t* xb, int64_t ldxb);
     // out[i] = act(gate[i], up[i]) for i < n; gate is unused (may be null) for Relu2.
     void (*act)(Act a, const float* gate, const float* up, float* out, int n);
+    // Sum of n floats with the table's widest loads: the read-bandwidth probe (Engine::read_bandwidth) streams as the
+    // kernels do, so "% of read bandwidth" compares like with like.
+    float (*stream_sum)(const float* p, size_t n);
     bool wants_bf16_rows = false;
     // BF16 weights in a kernel-specific layout: called at load for each expert matrix [rows, K]; null = row-major.
     void (*repack_bf16)(const uint16_t* src, uint16_t* dst, int64_t rows, int64_t K) = nullptr;

@@ -56,10 +56,23 @@ void act_ref(Act a, const float* gate, const float* up, float* out, int n) {
     }
 }
 
+float stream_sum_ref(const float* p, size_t n) {
+    float a = 0.f, b = 0.f, c = 0.f, d = 0.f;
+    size_t i = 0;
+    for (; i + 4 <= n; i += 4) {
+        a += p[i];
+        b += p[i + 1];
+        c += p[i + 2];
+        d += p[i + 3];
+    }
+    for (; i < n; ++i) a += p[i];
+    return a + b + c + d;
+}
+
 }  // namespace
 
 const KernelTable& kernels_ref() {
-    static const KernelTable t{"ref", int4_rows_ref, bf16_rows_ref, act_ref};
+    static const KernelTable t{"ref", int4_rows_ref, bf16_rows_ref, act_ref, stream_sum_ref};
     return t;
 }
 

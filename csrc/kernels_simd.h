@@ -177,6 +177,21 @@ inline typename S::V exp(typename S::V x) {
 }
 
 template <class S>
+float stream_sum(const float* p, size_t n) {
+    typename S::V a = S::zero(), b = S::zero(), c = S::zero(), d = S::zero();
+    size_t i = 0;
+    for (; i + 4 * S::W <= n; i += 4 * S::W) {  // four chains: the loads, not the adds, set the pace
+        a = S::add(a, S::loadu(p + i));
+        b = S::add(b, S::loadu(p + i + S::W));
+        c = S::add(c, S::loadu(p + i + 2 * S::W));
+        d = S::add(d, S::loadu(p + i + 3 * S::W));
+    }
+    float s = S::hsum(S::add(S::add(a, b), S::add(c, d)));
+    for (; i < n; ++i) s += p[i];
+    return s;
+}
+
+template <class S>
 inline typename S::V sigmoid(typename S::V v) {
     const auto one = S::set1(1.f);
     return S::div(one, S::add(one, exp<S>(S::sub(S::zero(), v))));

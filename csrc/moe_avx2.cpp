@@ -52,7 +52,7 @@ struct Avx2 {
 }  // namespace
 
 const KernelTable* kernels_avx2() {
-    static const KernelTable t{"avx2", simd::int4_rows<Avx2>, simd::bf16_rows<Avx2>, simd::act<Avx2>};
+    static const KernelTable t{"avx2", simd::int4_rows<Avx2>, simd::bf16_rows<Avx2>, simd::act<Avx2>, simd::stream_sum<Avx2>};
     return &t;
 }
 

@@ -44,7 +44,7 @@ struct Avx512 {
 }  // namespace
 
 const KernelTable* kernels_avx512() {
-    static const KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>};
+    static const KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>, simd::stream_sum<Avx512>};
     return &t;
 }
 
