@@ -220,3 +220,18 @@ def test_bad_inputs_are_one_line(tmp_path, args, words):
     lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:"), p.stderr
     assert all(w in lines[0] for w in words), lines[0]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_predicted_host_memory_matches_vllm_cpu_rss(tmp_path):
+    """bench/plan_rss.py: what a CPU-only plan adds to the vLLM process (store + non-expert weights + KV) against
+    the measured growth of anonymous RSS over stock vLLM-CPU on the tiny model, within 15%."""
+    out = tmp_path / "rss.json"
+    bench = Path(__file__).resolve().parent.parent / "bench" / "plan_rss.py"
+    p = subprocess.run([sys.executable, str(bench), "--json", str(out)], capture_output=True, text=True, timeout=1500)
+    assert p.returncode == 0, p.stderr[-3000:]
+    row = json.loads(out.read_text())
+    print(f"\npredicted {row['predicted_added'] / 2**30:.3f} GiB, measured {row['measured_added_anon'] / 2**30:.3f} "
+          f"GiB anonymous RSS, ratio {row['ratio_anon']:.2f}")
+    assert 0.85 <= row["ratio_anon"] <= 1.15
