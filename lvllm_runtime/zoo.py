@@ -269,7 +269,7 @@ def build(
     **overrides: Any,
 ) -> Path:
     """Write the tiny `model_type` checkpoint in `variant` to `out_dir` and return it (a no-op when out_dir already
-    holds this exact build). Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
+    holds this exact build; another zoo build there is replaced, any other content refused). Files: config.json, model.safetensors, generation_config.json, tokenizer.json,
     tokenizer_config.json (with the chat template), special_tokens_map.json, and the completion marker.
 
     `overrides` are config keys of the (text) model. `group_size` (int4 only): the INT4 group; default the largest
@@ -281,12 +281,12 @@ def build(
         raise BadInput(f"group_size applies to the int4 variant, not {variant}", "drop group_size")
     out = Path(out_dir)
     spec = {"model_type": model_type, "variant": variant, "seed": seed, "group_size": group_size,
-            "overrides": overrides, "zoo_version": 1}
+            "overrides": overrides, "zoo_version": 2}
     if (out / MARKER).is_file():
-        if json.loads((out / MARKER).read_text()) == spec:
+        if _read_marker(out) == spec:
             return out
-        raise BadInput(f"{out} holds a different zoo build", "remove it or choose another directory")
-    if out.exists() and any(out.iterdir()):
+        # otherwise an older or different zoo build: regenerable, replaced below once the new one is complete
+    elif out.exists() and any(out.iterdir()):
         raise BadInput(f"{out} exists and is not a zoo build", "remove it or choose another directory")
     _config(model_type, overrides)  # unknown model_type: fail before any work
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
@@ -295,12 +295,19 @@ def build(
         _write(model_type, tmp, variant, seed, group_size, overrides)
         write_json(tmp / MARKER, spec)
         if out.exists():
-            out.rmdir()
+            shutil.rmtree(out) if (out / MARKER).is_file() else out.rmdir()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _read_marker(out: Path) -> dict | None:
+    try:
+        return json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _write(model_type: str, out: Path, variant: str, seed: int, group_size: int | None, overrides: dict) -> None:
