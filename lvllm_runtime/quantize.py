@@ -169,19 +169,26 @@ def free_disk_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
-def _rss_anon() -> int:
+def _proc_status_bytes(key: str) -> int:
+    """A kB field of /proc/self/status in bytes (0 where there is no procfs)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("RssAnon:"):
+                if line.startswith(key + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
     return 0
 
 
+def _rss_anon() -> int:
+    return _proc_status_bytes("RssAnon")
+
+
 def _peak_rss() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    """This process's peak resident set: VmHWM, not ru_maxrss, which Linux carries over from the parent across
+    fork+exec (a parent's big heap would show up as ours)."""
+    return _proc_status_bytes("VmHWM") or resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # --- planning: every check before anything is written ---------------------------------------------------------
