@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
 import sys
 import time
@@ -250,6 +249,6 @@ def show_overrides(command: launcher.ServeCommand) -> None:
     for o in command.overrides:
         if o.by == "yours":
             stderr.print(f"[yellow]conflict:[/] {escape(str(o))}", highlight=False)
-    if command.host not in ("127.0.0.1", "localhost", "::1") and not command.api_key and not os.environ.get("VLLM_API_KEY"):
+    if command.host not in ("127.0.0.1", "localhost", "::1") and not command.api_key:
         stderr.print(f"[yellow]warning:[/] the server listens on {command.host} without an API key; "
                      "add `-- --api-key KEY` (or set VLLM_API_KEY) before exposing it", highlight=False)

@@ -73,14 +73,15 @@ class ServeCommand:
 
     @property
     def api_key(self) -> str | None:
-        """The first `--api-key` value, which lvllm's own requests (readiness, demo) must send."""
+        """The key lvllm's own requests (readiness, demo) must send: the first `--api-key` value, else the
+        VLLM_API_KEY vLLM reads from its environment."""
         args = list(self.argv)
         for i, a in enumerate(args):
             if a == "--api-key" and i + 1 < len(args):
                 return args[i + 1]
             if a.startswith("--api-key="):
                 return a.split("=", 1)[1]
-        return None
+        return self.env.get("VLLM_API_KEY") or os.environ.get("VLLM_API_KEY") or None
 
     def display(self) -> str:
         """The copy-pasteable command line with secrets masked."""

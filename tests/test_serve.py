@@ -258,6 +258,14 @@ def test_plugin_stays_allowed():
     assert launcher.build_command("/m", plan_path="/p.json", environ={"VLLM_PLUGINS": "lvllm, x"}).env == {}
 
 
+def test_api_key_for_lvllms_own_requests(monkeypatch):
+    monkeypatch.delenv("VLLM_API_KEY", raising=False)
+    assert launcher.build_command("/m").api_key is None
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")  # vLLM reads it too, so readiness polling must send it
+    assert launcher.build_command("/m").api_key == "from-env"
+    assert launcher.build_command("/m", user_args=["--api-key", "k1", "k2"]).api_key == "k1"
+
+
 def fake_server(tmp_path: Path, code: str) -> launcher.VllmServer:
     cmd = launcher.ServeCommand(argv=(sys.executable, "-c", code), env={}, host="127.0.0.1",
                                 port=launcher.free_port(), served_model_name="x")
