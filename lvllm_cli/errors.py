@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import sys
 
+from rich.markup import escape
+
 from lvllm_runtime import envs
 from lvllm_runtime.errors import LvllmError
 
@@ -12,9 +14,9 @@ from .output import stderr
 
 def report(e: LvllmError) -> None:
     """Print the one-line form of a library error on stderr."""
-    line = f"[bold red]error:[/] {e.message}"
+    line = f"[bold red]error:[/] {escape(e.message)}"
     if e.fix:
-        line += f" [dim]->[/] {e.fix}"
+        line += f" [dim]->[/] {escape(e.fix)}"
     stderr.print(line, highlight=False, soft_wrap=True)
 
 
