@@ -22,7 +22,7 @@ def quantize(
     out_dir: Annotated[Path, typer.Argument(help="Expert store directory to write (new or empty, or one to --resume).")],
     weight_format: Annotated[str, typer.Option("--format", help="Store weights as int4 (RTN, or INT4 passed through) or bf16.")] = "int4",
     group_size: Annotated[str, typer.Option("--group-size", help="INT4 group: 128, 64, 32 or auto (largest that divides).")] = "auto",
-    numa_nodes: Annotated[str, typer.Option("--numa-nodes", help="Split each expert over N nodes, or auto (this machine's).")] = "1",
+    numa_nodes: Annotated[str, typer.Option("--numa-nodes", help="Split each expert over N NUMA nodes, or auto: this machine's count.")] = "auto",
     workers: Annotated[Optional[int], typer.Option("--workers", min=1, help="Threads converting experts (default: physical cores).")] = None,
     layers: Annotated[Optional[str], typer.Option("--layers", metavar="A-B", help="Only these layer indices (inclusive).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Keep finished layer files of an interrupted run, write the rest.")] = False,
