@@ -424,11 +424,14 @@ def quantize(
             "free some space or choose another output directory",
         )
 
-    (out / "layers").mkdir(parents=True, exist_ok=True)
-    for stale in (out / "layers").glob(".*.partial-*"):
-        stale.unlink()
     manifest = replace(target, files=dict(kept), complete=False)
-    write_manifest(out, manifest)
+    try:
+        (out / "layers").mkdir(parents=True, exist_ok=True)
+        for stale in (out / "layers").glob(".*.partial-*"):
+            stale.unlink()
+        write_manifest(out, manifest)
+    except OSError as e:
+        raise BadInput(f"cannot write the store into {out}: {e.strerror}", "choose a writable output directory") from None
 
     workers = options.workers or _physical_cores()
     run = _Run(ckpt, manifest, out, workers, progress)

@@ -15,6 +15,7 @@ is written last and only then says `complete: true`; while a conversion runs it 
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -25,7 +26,7 @@ import torch
 
 from .atomic import fsync_dir, temp_name, write_json
 from .checkpoint import DTYPES, SafetensorsFile
-from .errors import StoreError
+from .errors import DoesNotFit, StoreError
 from .quant import dequantize_int4
 
 FORMAT_VERSION = 1
@@ -177,6 +178,12 @@ class LayerFileWriter:
         try:
             os.posix_fallocate(self._fd, 0, self.size)
             os.pwrite(self._fd, raw, 0)
+        except OSError as e:
+            self.abort()
+            if e.errno == errno.ENOSPC:
+                raise DoesNotFit(f"the disk under {path.parent} filled up ({self.size} bytes needed for {path.name})",
+                                 "free some space, then re-run with --resume") from None
+            raise
         except BaseException:
             self.abort()
             raise
