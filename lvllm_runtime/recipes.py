@@ -16,7 +16,9 @@ from typing import Any
 
 from .errors import BadInput
 
-RECIPES_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# A source checkout (editable install) has recipes/ beside the packages; a wheel installs them inside the package.
+_CHECKOUT_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+RECIPES_DIR = _CHECKOUT_RECIPES if _CHECKOUT_RECIPES.is_dir() else Path(__file__).resolve().parent / "recipes"
 
 
 @dataclass(frozen=True)
