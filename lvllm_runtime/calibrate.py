@@ -288,6 +288,27 @@ def estimate_memory(ckpt: Checkpoint, method: str, samples: int, seq_len: int, m
     )
 
 
+def parse_memory(text: str) -> int:
+    """"24GB", "512MiB", "1.5G", "800M" or plain bytes -> bytes (K/M/G/T are powers of 1000, Ki/Mi/Gi/Ti of 1024)."""
+    hit = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?)b?\s*", text.lower())
+    if not hit:
+        raise BadInput(f"--max-memory {text!r} is not a size", "write it like 24GB, 512MiB or 1.5G")
+    number, unit, binary = hit.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * base ** " kmgt".index(unit or " "))
+
+
+def read_record(ckpt_dir: str | os.PathLike) -> dict | None:
+    """What `calibrate` recorded in a checkpoint it wrote (method, group, data, versions, memory, time), without
+    llm-compressor's quantization_config; None for any other checkpoint. For the store manifest."""
+    path = Path(ckpt_dir) / RESULT
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    record.pop("quantization_config", None)
+    return record
+
+
 # --- the run ----------------------------------------------------------------------------------------------------------
 
 

@@ -108,6 +108,18 @@ def test_pinning_needs_an_accelerator():
         torch.empty(4).pin_memory()
 
 
+@pytest.mark.parametrize("text, value", [("24GB", 24 * 10**9), ("512MiB", 512 << 20), ("1.5G", 1_500_000_000),
+                                         ("800m", 800 * 10**6), ("4096", 4096), ("2 GiB", 2 << 30)])
+def test_parse_memory(text, value):
+    assert calibrate.parse_memory(text) == value
+
+
+@pytest.mark.parametrize("text", ["", "lots", "12XB", "-1G"])
+def test_parse_memory_rejects(text):
+    with pytest.raises(BadInput, match="is not a size"):
+        calibrate.parse_memory(text)
+
+
 # --- llm-compressor runs --------------------------------------------------------------------------------------
 
 
@@ -183,6 +195,7 @@ def test_calibrated_store_is_what_llmcompressor_wrote(calibrated, model_type, me
     assert man.source_format == "int4_ct"
     assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
     record = json.loads((out / calibrate.RESULT).read_text())
+    assert calibrate.read_record(out) == {k: v for k, v in record.items() if k != "quantization_config"}
     assert record["method"] == method and record["calibration"]["source"] == "bundled"
     assert record["quantization_config"]["format"] == "pack-quantized"
     moe = store.manifest
