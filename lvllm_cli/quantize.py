@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from lvllm_runtime.quantize import Progress as QuantizeProgress
-from lvllm_runtime.quantize import QuantizeOptions, parse_layer_range, quantize as run_quantize
 
 from .output import emit_json, stderr, stdout
+
+if TYPE_CHECKING:
+    from lvllm_runtime.quantize import Progress as QuantizeProgress
 
 GB = 1e9
 
@@ -31,6 +32,9 @@ def quantize(
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
 ) -> None:
     """Stream a checkpoint's routed experts (BF16/FP16/FP8/INT4) into the NUMA-split expert store."""
+    # torch loads here, not at `lvllm` start-up: `lvllm doctor` and `--help` stay fast.
+    from lvllm_runtime.quantize import QuantizeOptions, parse_layer_range, quantize as run_quantize
+
     options = QuantizeOptions(
         weight_format=weight_format,
         group_size=group_size if group_size == "auto" else _int(group_size, "--group-size"),
