@@ -255,10 +255,12 @@ std::string Engine::submit(const ForwardArgs& a) {
     }
     xptr_.resize(S);
     for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
-    if (kt_->wants_bf16_rows && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);
+    const int most = count_.empty() ? 0 : *std::max_element(count_.begin(), count_.end());
+    rows_ = kt_->wants_bf16_rows && (!cfg_.int4 || most >= kt_->int4_rows_min_tokens);
+    if (rows_ && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);
     for (size_t n = 0; n < cfg_.nodes.size(); ++n) {
         grow(hbuf_[n], std::max<int64_t>(S, 1) * In);
-        if (kt_->wants_bf16_rows && hsb_[n].size() < size_t(S + 16) * In) hsb_[n].resize(size_t(S + 16) * In);
+        if (rows_ && hsb_[n].size() < size_t(S + 16) * In) hsb_[n].resize(size_t(S + 16) * In);
         grow(ybuf_[n], T * H);
         hptr_[n].resize(S);
         for (int64_t s = 0; s < S; ++s) hptr_[n][s] = hbuf_[n].data() + s * In;
@@ -281,7 +283,7 @@ void Engine::phase_a(int node, int gtid) {
     float* gt = scratch_[gtid].data();
     float* ut = gt + kTokBlock * kRowsA;
     float* hb = hbuf_[node].data();
-    const bool wb = kt_->wants_bf16_rows;
+    const bool wb = rows_;
     const int64_t H = cfg_.hidden;
     uint16_t* hsb = wb ? hsb_[node].data() : nullptr;
     auto rows = [&](int e, int r0, int r1, const float* const* xs, const uint16_t* xb, int n, float* y) {
@@ -326,7 +328,7 @@ void Engine::phase_b(int node, int gtid) {
             for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
                 const int n = std::min(kTokBlock, cnt - t0);
                 const float* const* hs = hptr_[node].data() + off + t0;
-                const uint16_t* hb = kt_->wants_bf16_rows ? hsb_[node].data() + int64_t(off + t0) * In : nullptr;
+                const uint16_t* hb = rows_ ? hsb_[node].data() + int64_t(off + t0) * In : nullptr;
                 if (cfg_.int4) kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
                 else kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
                 for (int t = 0; t < n; ++t) {
@@ -346,7 +348,7 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
-    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->kt_->wants_bf16_rows;
+    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_;
     if (in_bf16 || wb) {  // phase 0: fp32 rows per token and/or bf16 rows per slot
         const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), items = (in_bf16 ? T : 0) + (wb ? S : 0);
         for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {

@@ -139,7 +139,8 @@ private:
     std::vector<const float*> xptr_;             // [S] rows of X per slot
     std::vector<std::vector<const float*>> hptr_;  // per node [S] rows of h per slot
     std::vector<std::vector<float>> hbuf_;       // per node [S, In]
-    std::vector<uint16_t> xsb_;                  // [S + 16, H] bf16 rows of X in slot order (wants_bf16_rows tables)
+    bool rows_ = false;                          // this forward prepares bf16 rows (see KernelTable::wants_bf16_rows)
+    std::vector<uint16_t> xsb_;                  // [S + 16, H] bf16 rows of X in slot order
     std::vector<std::vector<uint16_t>> hsb_;     // per node [S + 16, In] bf16 copy of h
     std::vector<std::vector<float>> ybuf_;       // per node [T, H]
     std::vector<std::vector<float>> scratch_;    // per thread

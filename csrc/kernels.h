@@ -47,6 +47,9 @@ struct KernelTable {
     // kernels do, so "% of read bandwidth" compares like with like.
     float (*stream_sum)(const float* p, size_t n);
     bool wants_bf16_rows = false;
+    // INT4 kernels use the bf16 rows only when a call has at least this many tokens; a forward where no expert has
+    // that many skips preparing them (decode: the GEMV reads fp32 x).
+    int int4_rows_min_tokens = 0;
     // BF16 weights in a kernel-specific layout: called at load for each expert matrix [rows, K]; null = row-major.
     void (*repack_bf16)(const uint16_t* src, uint16_t* dst, int64_t rows, int64_t K) = nullptr;
 };

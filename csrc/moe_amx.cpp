@@ -180,7 +180,7 @@ const KernelTable* kernels_amx() {
 #else
     const KernelTable* base = kernels_avx512();
 #endif
-    static const KernelTable t{"amx", int4_rows_amx, bf16_rows_amx, base->act, base->stream_sum, true, repack_vnni};
+    static const KernelTable t{"amx", int4_rows_amx, bf16_rows_amx, base->act, base->stream_sum, true, kTileRows, repack_vnni};
     return &t;
 }
 
