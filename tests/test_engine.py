@@ -325,6 +325,7 @@ def test_bad_forward_inputs():
         (dict(x=torch.randn(2, 32)), r"hidden has shape \[2, 32\]"),
         (dict(x=torch.randn(64, 2).T), "not C-contiguous"),
         (dict(out=x), "must not alias"),
+        (dict(ids=torch.zeros(2, 5, dtype=torch.int32), w=torch.ones(2, 5)), r"top-k=5 must be in \[1, num_experts=4\]"),
         (dict(ids=[[0, 1], [2, 3]]), "torch tensor or numpy|incompatible|not an array|dlpack|DLPack"),
     ]
     for over, match in bad:
@@ -334,3 +335,5 @@ def test_bad_forward_inputs():
             eng.forward(a["layer"], a["x"], a["ids"], a["w"], a["out"])
     eng.forward(0, x, ids, w, out)  # the engine is still usable after every refusal
     assert not torch.isnan(out).any()
+    empty = torch.zeros(0, 64)
+    eng.forward(0, empty, torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2), torch.zeros(0, 64))  # T=0: no-op
