@@ -124,6 +124,9 @@ def require_llmcompressor() -> str:
     version = llmcompressor_version()
     if version is None:
         raise BadInput("--method gptq/awq needs llm-compressor, which is not installed", INSTALL_FIX)
+    # llm-compressor logs every module it quantizes at INFO, and a warning per call without an accelerator; lvllm
+    # reports its own progress, so only its errors reach stderr unless the user set its level.
+    os.environ.setdefault("LLM_COMPRESSOR_LOG_LEVEL", "ERROR")
     try:
         import llmcompressor  # noqa: F401
     except Exception as e:  # a broken install fails in many ways; say which
@@ -414,9 +417,11 @@ def calibrate(
     seq_len: int = DEFAULT_SEQ_LEN,
     max_memory: int | None = None,
     progress: Callable[[Progress], None] | None = None,
+    numa_nodes: int = 1,
 ) -> Path:
     """Calibrate the routed experts of `model_dir` to INT4 with `method`; write the compressed-tensors checkpoint
-    to `work_dir` (new or empty) and return it (see the module docstring for what it holds)."""
+    to `work_dir` (new or empty) and return it (see the module docstring for what it holds). `group_size` "auto"
+    picks the largest group that still divides each node's slice of the store made with `numa_nodes`."""
     t0 = time.monotonic()
     say = progress or (lambda p: None)
     if method not in METHODS:
@@ -431,7 +436,10 @@ def calibrate(
         raise UnsupportedArchitecture(
             f"{m.model_type} keeps its experts fused on disk; calibrated experts are written per expert",
             "use --method rtn for this model")
-    group = pick_group_size([m.hidden_size, m.intermediate_size], group_size)
+    if m.intermediate_size % numa_nodes:
+        raise BadInput(f"expert intermediate size {m.intermediate_size} does not split over {numa_nodes} NUMA nodes",
+                       "choose --numa-nodes that divides it")
+    group = pick_group_size([m.hidden_size, m.intermediate_size // numa_nodes], group_size)
     out = Path(work_dir).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise BadInput(f"{out} is not empty", "choose a new or empty directory for the calibrated checkpoint")
