@@ -152,8 +152,7 @@ void run(Engine& e, const ForwardArgs& a, bool block) {
     std::string err;
     {
         nb::gil_scoped_release nogil;
-        err = e.submit(a);
-        if (err.empty() && block) e.wait();
+        err = block ? e.forward(a) : e.submit(a);
     }
     if (!err.empty()) fail(err);
 }

@@ -156,6 +156,7 @@ void Engine::load_layer(int layer, const std::vector<ShardIn>& shards) {
     if (shards.size() != cfg_.nodes.size())
         throw std::invalid_argument("load_layer got " + str(shards.size()) + " shards for " + str(cfg_.nodes.size()) +
                                     " nodes: pass one dict per node, in node order");
+    std::lock_guard<std::mutex> g(api_mu_);
     pool_->wait();
     const size_t E = cfg_.experts, H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
     Layer fresh;
@@ -198,6 +199,19 @@ Bf16Mat Engine::bmat2(const NodeWeights& w, int e) const {
 }
 
 std::string Engine::submit(const ForwardArgs& a) {
+    std::lock_guard<std::mutex> g(api_mu_);
+    return submit_locked(a);
+}
+
+std::string Engine::forward(const ForwardArgs& a) {
+    std::lock_guard<std::mutex> g(api_mu_);
+    pool_->wait();
+    std::string err = submit_locked(a);
+    pool_->wait();
+    return err;
+}
+
+std::string Engine::submit_locked(const ForwardArgs& a) {
     if (pool_->busy()) return "a forward is still in flight: call wait() before the next submit()";
     auto it = layers_.find(a.layer);
     if (it == layers_.end()) return "layer " + str(a.layer) + " is not loaded: call load_layer(" + str(a.layer) + ", shards) first";
@@ -404,6 +418,7 @@ void Engine::read_job(void* ctx, int node, int tid, int) {
 }
 
 double Engine::read_bandwidth(size_t bytes_per_node, int reps) {
+    std::lock_guard<std::mutex> g(api_mu_);
     pool_->wait();
     bw_bufs_.clear();
     for (size_t n = 0; n < cfg_.nodes.size(); ++n) bw_bufs_.emplace_back(bytes_per_node);
@@ -427,13 +442,15 @@ double Engine::read_bandwidth(size_t bytes_per_node, int reps) {
 
 void Engine::callback_submit(void* engine) {
     Engine* self = static_cast<Engine*>(engine);
-    std::string err = self->submit(self->armed_);
+    std::lock_guard<std::mutex> g(self->api_mu_);
+    std::string err = self->submit_locked(self->armed_);
     if (!err.empty()) self->error_ = std::move(err);
 }
 
 void Engine::callback_wait(void* engine) { static_cast<Engine*>(engine)->wait(); }
 
 std::string Engine::take_error() {
+    std::lock_guard<std::mutex> g(api_mu_);
     std::string e;
     e.swap(error_);
     return e;

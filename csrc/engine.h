@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <map>
 #include <memory>
+#include <mutex>
 #include <string>
 #include <vector>
 
@@ -73,12 +74,20 @@ public:
 
     // Validates, routes and launches; returns at once. Returns "" or the error (nothing launched then).
     std::string submit(const ForwardArgs& a);
-    void wait() { pool_->wait(); }
+    // Waits for any forward in flight, runs this one, waits for it: safe from several host threads at once.
+    std::string forward(const ForwardArgs& a);
+    void wait() {
+        std::lock_guard<std::mutex> g(api_mu_);
+        pool_->wait();
+    }
     bool busy() const { return pool_->busy(); }
 
     // For a CUDA host callback (no Python, no exceptions): arm() stores the arguments, callback_submit(engine)
     // submits them, callback_wait(engine) waits; the last error, if any, is kept for last_error().
-    void arm(const ForwardArgs& a) { armed_ = a; }
+    void arm(const ForwardArgs& a) {
+        std::lock_guard<std::mutex> g(api_mu_);
+        armed_ = a;
+    }
     static void callback_submit(void* engine);
     static void callback_wait(void* engine);
     std::string take_error();
@@ -111,6 +120,7 @@ private:
     static void read_job(void* ctx, int node, int tid, int gtid);
     static void forward_job(void* ctx, int node, int tid, int gtid);
     void repack_expert(const ShardIn& in, NodeWeights& w, int e) const;
+    std::string submit_locked(const ForwardArgs& a);
     void phase_a(int node, int tid);
     void phase_b(int node, int tid);
     void grow(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
@@ -121,6 +131,7 @@ private:
 
     EngineConfig cfg_;
     const KernelTable* kt_;
+    std::mutex api_mu_;  // submit/wait/load_layer/read_bandwidth from several host threads take turns
     std::unique_ptr<ThreadPool> pool_;
     std::map<int, Layer> layers_;
 

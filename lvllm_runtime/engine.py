@@ -104,9 +104,8 @@ class Engine:
         """out [T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) over every node's slice.
 
         hidden [T, H] f32|bf16, topk_ids [T, k] int32|int64 (-1 = skip), topk_weights [T, k] f32,
-        out [T, H] with hidden's dtype. Blocks until done.
+        out [T, H] with hidden's dtype. Blocks until done; safe to call from several threads (they take turns).
         """
-        self.wait()
         try:
             self._e.forward(int(layer), hidden, topk_ids, topk_weights, out)
         except (ValueError, TypeError) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -245,6 +246,34 @@ def test_c_callback_pointers_drive_a_forward():
     proto(wait_fn)(ctx)
     eng.wait()
     check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+
+
+def test_forward_from_two_threads():
+    """Blocking forwards from several host threads take turns (the GIL is released inside)."""
+    eng, _, dense = small_engine()
+    gen = torch.Generator().manual_seed(8)
+    jobs = []
+    for _ in range(2):
+        ids, w = route(5, 2, 4, gen, skip=False)
+        x = torch.randn(5, 64, generator=gen)
+        jobs.append((x, ids, w, reference_fast(x, ids, w, dense, "silu_glu", True)))
+    errors = []
+
+    def worker(x, ids, w, ref):
+        try:
+            for _ in range(30):
+                out = torch.full((5, 64), float("nan"))
+                eng.forward(0, x, ids, w, out)
+                check_close(out, ref, ids, 2e-4)
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=j) for j in jobs]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
 
 
 def test_unpinnable_cpu_is_not_an_error():
