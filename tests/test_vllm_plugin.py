@@ -290,8 +290,11 @@ def test_unsupported_vllm_version_is_named():
     from lvllm_runtime.vllm_plugin import check_vllm_version
 
     check_vllm_version("0.32.0")
-    with pytest.raises(VllmUnsupported, match="0.31.2 is outside"):
-        check_vllm_version("0.31.2")
+    check_vllm_version("0.25.0")
+    with pytest.raises(VllmUnsupported, match="0.24.1 is outside"):
+        check_vllm_version("0.24.1")
+    with pytest.raises(VllmUnsupported, match="0.34.0 is outside"):
+        check_vllm_version("0.34.0")
 
 
 if __name__ == "__main__":
