@@ -23,3 +23,14 @@ def zoo(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
         return zoo_module.build(model_type, root / f"{model_type}-{variant}-s{seed}-{tag}", variant, seed, **overrides)
 
     return get
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """The thread budget (engine.py): torch's OpenMP threads spinning on the engine's pinned cores slow both ~50x."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

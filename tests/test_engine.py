@@ -21,13 +21,7 @@ from lvllm_runtime.errors import BadInput, EngineError
 TOKENS = (1, 2, 7, 64, 513)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The thread budget (engine.py): torch's OpenMP threads spinning on the engine's cores slow both ~50x here."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def dequant(packed: torch.Tensor, scale: torch.Tensor, g: int) -> torch.Tensor:

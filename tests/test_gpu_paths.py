@@ -23,13 +23,7 @@ from lvllm_runtime.quant import dequantize_int4
 H, I, E, K, G = 128, 64, 8, 2, 32
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """The engine's pinned threads and torch's OpenMP threads must not spin on the same cores (engine.py)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def random_layer(gen: torch.Generator, nodes: int = 1) -> list[dict[str, torch.Tensor]]:
