@@ -1,0 +1,371 @@
+"""Tensor parallelism over 2 GPUs, one NUMA slice per rank (issue 9): bench/gpu_hybrid.py's full-model harness as two
+processes (torch.distributed: NCCL on CUDA, gloo on the CPU) vs one process holding both slices, same weights and inputs.
+
+    python bench/gpu_tp.py --out $OUT [--layers 8] [--tp 1,2] [--device cuda|cpu --small]
+
+Weights: attention, router, norms, embeddings and lm_head are REPLICATED on every rank (same seeds, so identical); the
+routed experts of each layer are gpu_hybrid.random_layer_int4 (random INT4 nibbles and scales) split as a numa_nodes=2
+store splits them (node n: rows [n In, (n+1) In) of gate and of up, the same columns of down; In = I / 2).
+  TP=2: rank r (GPU r) holds node r's slice only: an Engine of In-wide experts with one node on half r of the box's
+        cpus (half r's first cpu runs the rank's Python thread), the slice's hot experts on its GPU, the slice streamed
+        for GPU prefill; each MoE block's partial output is all_reduced (f32) and added to the residual on both ranks.
+  TP=1: one process on GPU 0, one Engine with the two slices as two nodes (the two halves), both slices joined for
+        hot experts and GPU prefill.
+Measured (rank 0): one layer's MoE output TP=2 vs TP=1 (decode path T=1,4; GPU-prefill path T=1024), decode logits,
+decode tok/s at batch 1 eager and as one CUDA graph (NCCL all_reduce captured), prefill tok/s with GPU prefill at
+--prefill-tokens. Writes gpu_tp.json + gpu_tp.md under --out. --small shrinks every shape for a CPU/gloo check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import socket
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import gpu_hybrid as gh  # noqa: E402
+from lvllm_runtime.arch import Routing  # noqa: E402
+from lvllm_runtime.cuda_graph_step import hot_experts  # noqa: E402
+from lvllm_runtime.engine import Engine  # noqa: E402
+from lvllm_runtime.gpu_prefill import StreamedPrefill  # noqa: E402
+from lvllm_runtime.hybrid import LayerWeights, join_node_slices  # noqa: E402
+
+NODES = 2
+SMALL = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=4,
+             num_key_value_heads=2, head_dim=64, num_experts=16, num_experts_per_tok=4, vocab_size=1024)
+
+
+def use_shapes(small: bool) -> None:
+    """Point gpu_hybrid's shape globals (read at call time by its helpers) at the small CPU-check shapes."""
+    if not small:
+        return
+    gh.Q3 = {**gh.Q3, **SMALL}
+    gh.H, gh.I, gh.E, gh.K, gh.G = 256, 256, 16, 4, 64
+    gh.ROUTING = Routing(scoring="softmax", top_k=gh.K, renormalize=True)
+
+
+def node_slices(full: dict[str, torch.Tensor], nodes: int = NODES) -> list[dict[str, torch.Tensor]]:
+    """One INT4 layer (I whole) -> the store's per-node slices (In = I / nodes), the inverse of join_node_slices:
+    w13.* [E, 2I, .] -> [E, 2In, .] (gate rows then up rows of the slice); w2.* [E, H, I/d] -> [E, H, In/d]."""
+    out = []
+    for n in range(nodes):
+        s = {}
+        for k in ("w13.packed", "w13.scale"):
+            gate, up = full[k].chunk(2, dim=1)
+            r = gate.shape[1] // nodes
+            s[k] = torch.cat([gate[:, n * r:(n + 1) * r], up[:, n * r:(n + 1) * r]], dim=1)
+        for k in ("w2.packed", "w2.scale"):
+            c = full[k].shape[2] // nodes
+            s[k] = full[k][:, :, n * c:(n + 1) * c].contiguous()
+        out.append(s)
+    return out
+
+
+def cpu_plan(world: int, rank: int) -> tuple[int, list[list[int]]]:
+    """(cpu for this process's Python thread, engine nodes): the box's cpus as two halves ("virtual NUMA nodes"); a
+    half's first cpu runs the rank's Python thread and the CUDA callback thread, the rest its engine threads."""
+    cpus = sorted(os.sched_getaffinity(0))
+    half = max(len(cpus) // 2, 1)
+    halves = [cpus[:half], cpus[half:] or cpus[:half]]
+    eng = [h[1:] or h for h in halves]
+    return (halves[rank][0], [eng[rank]]) if world > 1 else (halves[0][0], eng)
+
+
+def sync() -> None:
+    if gh.DEV.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, n: int, warm: int = 1) -> float:
+    for _ in range(warm):
+        fn()
+    sync()
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+class TPRig(gh.ModelRig):
+    """gpu_hybrid.ModelRig with this rank's MoE slice: its own engine / hot experts / streamed prefill, and the
+    partial MoE outputs summed over ranks. Forward, decode setup and mode switching are ModelRig's."""
+
+    def __init__(self, args, world: int, rank: int, nodes: list[list[int]]):
+        from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+        layers, dev = args.layers, gh.DEV
+        torch.manual_seed(args.seed)  # replicated dense weights: the same draws on every rank
+        cfg = Qwen3MoeConfig(**{**gh.Q3, "num_hidden_layers": layers})
+        cfg._attn_implementation = "sdpa"
+        with torch.device("meta"):
+            model = Qwen3MoeForCausalLM(cfg)
+        for i, layer in enumerate(model.model.layers):
+            layer.mlp = gh.HybridBlock(i, self)
+        model = model.to_empty(device=dev).to(torch.bfloat16)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "norm" in name:
+                    p.fill_(1.0)
+                else:
+                    p.normal_(0.0, 0.02)
+        model.model.rotary_emb = type(model.model.rotary_emb)(config=cfg).to(dev)
+        self.model, self.cfg, self.layers = model.eval(), cfg, layers
+        params = set(__import__("inspect").signature(model.model.layers[0].forward).parameters)
+        self.kv_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
+        self.world = world
+        mine = range(NODES) if world == 1 else [rank]
+        i_local = gh.I // NODES * len(mine)
+        self.engine = Engine(gh.H, gh.I // NODES, gh.E, "silu_glu", True, "int4", gh.G, nodes, args.max_tokens)
+        self.host, self.hot, self.allgpu = {}, {}, None
+        streamed = {}
+        t0 = time.perf_counter()
+        for L in range(layers):
+            full = gh.random_layer_int4(2000 + L)
+            sl = node_slices(full)
+            if L == 0:  # the split is the store's: joining it back gives the layer
+                back = join_node_slices(sl, "int4", True, gh.G).tensors
+                assert all(torch.equal(back[k], full[k]) for k in full), "node_slices is not join_node_slices' inverse"
+            del full
+            shards = [sl[n] for n in mine]
+            self.engine.load_layer(L, shards)
+            lw = join_node_slices(shards, "int4", True, gh.G)
+            assert lw.tensors["w2.packed"].shape[2] * 8 == i_local
+            self.hot[L] = hot_experts(lw, range(args.hot), gh.E, dev)
+            streamed[L] = lw
+        self.load_s = time.perf_counter() - t0
+        self.steps, self.dec = {}, {}
+        self.prefill = StreamedPrefill(streamed, "silu_glu", True, dev, args.window)
+        self.mode, self.gpu_prefill_min, self.gpu_prefill_on, self.layers_used = "hybrid", args.gpu_prefill_min, True, layers
+
+    def experts(self, L: int, x, w, ids) -> torch.Tensor:
+        """This rank's slice of the routed experts, summed over ranks (f32 all_reduce): [T, H] x's dtype."""
+        out = super().experts(L, x, w, ids)
+        if self.world == 1:
+            return out
+        part = out.float()
+        dist.all_reduce(part)
+        return part.to(out.dtype)
+
+
+def worker(rank: int, world: int, args) -> None:
+    res: dict = {"world": world, "rank": rank}
+    tensors: dict = {}
+    out = Path(args.out)
+
+    def save() -> None:
+        torch.save(tensors, out / f"tp{world}_r{rank}.pt")
+        if rank == 0:
+            tmp = out / f"tp{world}.json.tmp"
+            tmp.write_text(json.dumps(res, indent=1, default=str))
+            tmp.replace(out / f"tp{world}.json")
+
+    main_cpu, nodes = cpu_plan(world, rank)
+    os.sched_setaffinity(0, [main_cpu])  # before CUDA starts its threads
+    torch.set_num_threads(1)  # the engine owns the other cores (engine.py thread budget)
+    use_shapes(args.small)
+    if args.device == "cuda":
+        torch.cuda.set_device(rank)
+        gh.DEV = torch.device("cuda", rank)
+    else:
+        gh.DEV = torch.device("cpu")
+    dev = gh.DEV
+    if world > 1:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{args.port}",
+                                rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.pg_timeout),
+                                **({"device_id": dev} if dev.type == "cuda" else {}))
+    res["main_cpu"], res["engine_nodes"] = main_cpu, nodes
+    if dev.type == "cuda":
+        res["device"] = torch.cuda.get_device_name(dev)
+    t0 = time.perf_counter()
+    rig = TPRig(args, world, rank, nodes)
+    res["build_s"], res["store_and_engine_load_s"] = time.perf_counter() - t0, rig.load_s
+    res["engine_isa"] = rig.engine.isa
+    res["gpu_mem_gib"] = round(torch.cuda.memory_allocated(dev) / 2**30, 2) if dev.type == "cuda" else None
+    gh.log(f"tp{world} r{rank}: built in {res['build_s']:.1f}s, engine nodes {nodes}")
+    V = gh.Q3["vocab_size"]
+    with torch.no_grad():
+        # one layer's MoE output on fresh inputs: the decode path (engine + hot) and the GPU-prefill path
+        gen = torch.Generator(device=dev).manual_seed(7)
+        for t in (1, 4, args.check_prefill):
+            x = torch.randn(t, gh.H, device=dev, generator=gen).bfloat16()
+            w, ids = gh.fresh_routing(t, gen)
+            tensors[f"layer0_T{t}"] = rig.experts(0, x, w, ids).float().cpu()
+        sync()
+        save()
+        # decode, batch 1, eager then one CUDA graph for the whole step
+        tok_seq = torch.randint(0, V, (args.decode_steps,), device=dev, generator=gen)
+        kv, tok, step = gh.decode_setup(rig, 1, args)
+
+        def run_steps(fn) -> list[torch.Tensor]:
+            logits = []
+            for s in range(args.decode_steps):
+                kv.pos.fill_(args.context + s)
+                tok.copy_(tok_seq[s].view(1, 1))
+                logits.append(fn().clone())
+            return logits
+
+        run_steps(step)  # warm-up (first calls allocate, pick kernels)
+        sync()
+        t0 = time.perf_counter()
+        eager = run_steps(step)
+        sync()
+        ms = (time.perf_counter() - t0) * 1e3 / args.decode_steps
+        res["decode_eager_ms"], res["decode_eager_tok_s"] = ms, 1e3 / ms
+        tensors["decode_eager"] = torch.stack(eager).cpu()
+        rerun = run_steps(step)
+        res["decode_eager_rerun_max_rel"] = max(gh.rel(a, b) for a, b in zip(rerun, eager))
+        gh.log(f"tp{world} r{rank}: decode eager {ms:.2f} ms/step")
+        save()
+        # prefill with GPU prefill (whole layers streamed), logits of the last 8 positions
+        for t in args.prefill_tokens:
+            ids = torch.randint(0, V, (1, t), device=dev, generator=gen)
+            pos = torch.arange(t, device=dev).view(1, t)
+            last = {}
+
+            def run_on():
+                last["logits"] = rig.forward(ids, None, None, pos).float()
+            ms = median_ms(run_on, args.prefill_reps)
+            res[f"prefill_{t}_ms"], res[f"prefill_{t}_tok_s"] = ms, t * 1e3 / ms
+            tensors[f"prefill_{t}"] = last["logits"].cpu()
+            gh.log(f"tp{world} r{rank}: prefill {t} tokens {ms:.1f} ms")
+            save()
+        if dev.type == "cuda" and not args.no_graph:
+            try:
+                kv.pos.fill_(args.context)
+                graph, gout = gh.capture(step, warmup=1)
+                graphed = run_steps(lambda: (graph.replay(), gout)[1])
+                sync()
+                rig.steps[1].check()
+                res["decode_graph_vs_eager_max_rel"] = max(gh.rel(a, b) for a, b in zip(graphed, eager))
+                ms = median_ms(graph.replay, args.decode_steps)
+                res["decode_graph_ms"], res["decode_graph_tok_s"] = ms, 1e3 / ms
+                tensors["decode_graph"] = torch.stack(graphed).cpu()
+                gh.log(f"tp{world} r{rank}: decode graph {ms:.2f} ms/step")
+                del graph
+            except Exception as e:  # recorded; the eager numbers stand
+                traceback.print_exc()
+                res["decode_graph_error"] = f"{type(e).__name__}: {e}"
+        save()
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def compare(out: Path, worlds: list[int]) -> dict:
+    """TP=2 vs TP=1 on every tensor both runs saved (max relative error over rows for logits), rank 1 vs rank 0."""
+    runs = {w: json.loads((out / f"tp{w}.json").read_text()) for w in worlds if (out / f"tp{w}.json").exists()}
+    cmp: dict = {}
+    if 1 in worlds and 2 in worlds and (out / "tp1_r0.pt").exists() and (out / "tp2_r0.pt").exists():
+        a, b = torch.load(out / "tp2_r0.pt"), torch.load(out / "tp1_r0.pt")
+        for k in sorted(set(a) & set(b)):
+            rows = zip(a[k].reshape(-1, a[k].shape[-1]), b[k].reshape(-1, b[k].shape[-1]))
+            cmp[f"rel_tp2_vs_tp1_{k}"] = max(gh.rel(x, y) for x, y in rows)
+        if (out / "tp2_r1.pt").exists():
+            c = torch.load(out / "tp2_r1.pt")
+            cmp["rel_rank1_vs_rank0_max"] = max(gh.rel(c[k], a[k]) for k in set(a) & set(c))
+    return {"runs": runs, "compare": cmp}
+
+
+def table(r: dict, args) -> str:
+    runs, cmp = r["runs"], r["compare"]
+    env = r["env"]
+    lines = [f"# gpu_tp {env['date_utc']} on {env.get('devices', '?')}", "",
+             f"{args.layers} layers of {'SMALL test' if args.small else 'Qwen3-30B-A3B'} shapes, {args.hot} hot experts "
+             f"per layer (of the rank's slice), context {args.context}; dense weights replicated; TP=2 all_reduces "
+             "each MoE block's partial output (f32)", "",
+             "| TP | engine nodes (cpus) | decode eager tok/s | decode graph tok/s | "
+             + " | ".join(f"prefill {t} tok/s" for t in args.prefill_tokens) + " | build s |",
+             "|" + "---|" * (5 + len(args.prefill_tokens))]
+    for w, v in sorted(runs.items(), key=lambda kv: int(kv[0])):
+        f = lambda k, p=".1f": format(v[k], p) if k in v else "-"  # noqa: E731
+        plan = [cpu_plan(int(w), k)[1] for k in range(int(w))] if int(w) > 1 else [cpu_plan(1, 0)[1]]
+        nodes = " / ".join(" + ".join(f"{n[0]}-{n[-1]}" for n in p) for p in plan)
+        pf = " | ".join(f(f"prefill_{t}_tok_s", ".0f") for t in args.prefill_tokens)
+        lines.append(f"| {w} | {nodes}{' (rank 0 / rank 1)' if int(w) > 1 else ''} | {f('decode_eager_tok_s')} | "
+                     f"{f('decode_graph_tok_s')} | {pf} | {f('build_s')} |")
+    if cmp:
+        lines += ["", "| TP=2 vs TP=1 (max rel. error over rows) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2e} |" for k, v in cmp.items()]
+    noise = {w: v.get("decode_eager_rerun_max_rel") for w, v in runs.items()}
+    lines += ["", f"eager rerun noise (same run, same inputs) max rel logits: {noise}"]
+    errs = [f"- TP={w}: {v['decode_graph_error']}" for w, v in runs.items() if "decode_graph_error" in v]
+    errs += [f"- {e}" for e in r.get("errors", [])]
+    if errs:
+        lines += ["", "errors:"] + errs
+    return "\n".join(lines) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
+    ap.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU/gloo check of the whole flow)")
+    ap.add_argument("--tp", type=lambda s: [int(x) for x in s.split(",")], default=[1, 2])
+    ap.add_argument("--layers", type=int, default=8)
+    ap.add_argument("--hot", type=int, default=16)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--context", type=int, default=1024)
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192])
+    ap.add_argument("--prefill-reps", type=int, default=2)
+    ap.add_argument("--check-prefill", type=int, default=1024, help="tokens of the GPU-prefill-path layer check")
+    ap.add_argument("--gpu-prefill-min", type=int, default=256)
+    ap.add_argument("--max-tokens", type=int, default=8192)
+    ap.add_argument("--window", type=int, default=1)
+    ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--pg-timeout", type=int, default=120)
+    args = ap.parse_args()
+    if args.device == "cuda" and torch.cuda.device_count() < max(args.tp):
+        print(f"bench/gpu_tp.py: TP={max(args.tp)} needs {max(args.tp)} GPUs, this host has "
+              f"{torch.cuda.device_count()}; run on nvidia-h100-x2, or --device cpu --small to check the flow",
+              file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    r: dict = {"env": {"date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                       "torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+                       "nccl": ".".join(map(str, torch.cuda.nccl.version())) if args.device == "cuda" else None,
+                       "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+                       if args.device == "cuda" else "cpu"},
+               "args": vars(args), "errors": []}
+    for world in args.tp:
+        args.port = free_port()
+        gh.log(f"TP={world}")
+        try:
+            mp.spawn(worker, args=(world, args), nprocs=world, join=True)
+        except Exception as e:  # recorded; the other TP size still runs
+            r["errors"].append(f"TP={world}: {type(e).__name__}: {str(e)[-800:]}")
+            gh.log(r["errors"][-1])
+    r.update(compare(out, args.tp))
+    (out / "gpu_tp.json").write_text(json.dumps(r, indent=1, default=str))
+    md = table(r, args)
+    (out / "gpu_tp.md").write_text(md)
+    print(md)
+    return 0 if not r["errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
