@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpu_hybrid as gh  # noqa: E402
 from lvllm_runtime.arch import Routing  # noqa: E402
-from lvllm_runtime.cuda_graph_step import hot_experts  # noqa: E402
+from lvllm_runtime.cuda_graph_step import blocking_sync, hot_experts  # noqa: E402
 from lvllm_runtime.engine import Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, join_node_slices  # noqa: E402
@@ -75,14 +75,16 @@ def node_slices(full: dict[str, torch.Tensor], nodes: int = NODES) -> list[dict[
     return out
 
 
-def cpu_plan(world: int, rank: int) -> tuple[int, list[list[int]]]:
-    """(cpu for this process's Python thread, engine nodes): the box's cpus as two halves ("virtual NUMA nodes"); a
-    half's first cpu runs the rank's Python thread and the CUDA callback thread, the rest its engine threads."""
+def cpu_plan(world: int, rank: int, main: int = 2) -> tuple[list[int], list[list[int]]]:
+    """(cpus for this process's Python and CUDA callback threads, engine nodes): the box's cpus as two halves
+    ("virtual NUMA nodes"); a half's first `main` cpus run the rank's Python thread and the CUDA host-callback thread
+    (one cpu for both starves the callback: bench/README.md), the rest its engine threads. TP=1 uses the same engine
+    cpus (both halves), so both sizes have as many engine threads."""
     cpus = sorted(os.sched_getaffinity(0))
     half = max(len(cpus) // 2, 1)
     halves = [cpus[:half], cpus[half:] or cpus[:half]]
-    eng = [h[1:] or h for h in halves]
-    return (halves[rank][0], [eng[rank]]) if world > 1 else (halves[0][0], eng)
+    eng = [h[main:] or h for h in halves]
+    return (halves[rank][:main], [eng[rank]]) if world > 1 else (halves[0][:main], eng)
 
 
 def sync() -> None:
@@ -148,6 +150,7 @@ class TPRig(gh.ModelRig):
             lw = join_node_slices(shards, "int4", True, gh.G)
             assert lw.tensors["w2.packed"].shape[2] * 8 == i_local
             self.hot[L] = hot_experts(lw, range(args.hot), gh.E, dev)
+            self.host[L] = lw.tensors  # ModelRig.build_allgpu dequantizes these
             streamed[L] = lw
         self.load_s = time.perf_counter() - t0
         self.steps, self.dec = {}, {}
@@ -176,8 +179,10 @@ def worker(rank: int, world: int, args) -> None:
             tmp.write_text(json.dumps(res, indent=1, default=str))
             tmp.replace(out / f"tp{world}.json")
 
-    main_cpu, nodes = cpu_plan(world, rank)
-    os.sched_setaffinity(0, [main_cpu])  # before CUDA starts its threads
+    main_cpu, nodes = cpu_plan(world, rank, args.main_cpus)
+    os.sched_setaffinity(0, main_cpu)  # before CUDA starts its threads
+    if args.device == "cuda" and not args.spin:
+        res["blocking_sync"] = blocking_sync()  # waiting threads sleep instead of spinning (bench/README.md)
     torch.set_num_threads(1)  # the engine owns the other cores (engine.py thread budget)
     use_shapes(args.small)
     if args.device == "cuda":
@@ -190,7 +195,7 @@ def worker(rank: int, world: int, args) -> None:
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{args.port}",
                                 rank=rank, world_size=world, timeout=datetime.timedelta(seconds=args.pg_timeout),
                                 **({"device_id": dev} if dev.type == "cuda" else {}))
-    res["main_cpu"], res["engine_nodes"] = main_cpu, nodes
+    res["main_cpus"], res["engine_nodes"] = main_cpu, nodes
     if dev.type == "cuda":
         res["device"] = torch.cuda.get_device_name(dev)
     t0 = time.perf_counter()
@@ -207,6 +212,9 @@ def worker(rank: int, world: int, args) -> None:
             x = torch.randn(t, gh.H, device=dev, generator=gen).bfloat16()
             w, ids = gh.fresh_routing(t, gen)
             tensors[f"layer0_T{t}"] = rig.experts(0, x, w, ids).float().cpu()
+        x = torch.randn(1, gh.H, device=dev, generator=gen).bfloat16()
+        w, ids = gh.fresh_routing(1, gen)
+        tensors["layers_T1"] = torch.stack([rig.experts(L, x, w, ids).float().cpu() for L in range(args.layers)])
         sync()
         save()
         # decode, batch 1, eager then one CUDA graph for the whole step
@@ -263,6 +271,14 @@ def worker(rank: int, world: int, args) -> None:
                 traceback.print_exc()
                 res["decode_graph_error"] = f"{type(e).__name__}: {e}"
         save()
+        if not args.no_allgpu:  # the rank's slice dequantized to bf16 on its GPU: the yardstick for the hybrid path
+            rig.steps, rig.dec, rig.hot, rig.prefill = {}, {}, {}, None
+            rig.build_allgpu(args.layers)
+            rig.mode = "allgpu"
+            allgpu = run_steps(step)
+            res["decode_hybrid_vs_allgpu_max_rel"] = max(gh.rel(a, b) for a, b in zip(eager, allgpu))
+            tensors["decode_allgpu"] = torch.stack(allgpu).cpu()
+            save()
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
@@ -301,7 +317,8 @@ def table(r: dict, args) -> str:
              "|" + "---|" * (5 + len(args.prefill_tokens))]
     for w, v in sorted(runs.items(), key=lambda kv: int(kv[0])):
         f = lambda k, p=".1f": format(v[k], p) if k in v else "-"  # noqa: E731
-        plan = [cpu_plan(int(w), k)[1] for k in range(int(w))] if int(w) > 1 else [cpu_plan(1, 0)[1]]
+        plan = [cpu_plan(int(w), k, args.main_cpus)[1] for k in range(int(w))] if int(w) > 1 else [
+            cpu_plan(1, 0, args.main_cpus)[1]]
         nodes = " / ".join(" + ".join(f"{n[0]}-{n[-1]}" for n in p) for p in plan)
         pf = " | ".join(f(f"prefill_{t}_tok_s", ".0f") for t in args.prefill_tokens)
         lines.append(f"| {w} | {nodes}{' (rank 0 / rank 1)' if int(w) > 1 else ''} | {f('decode_eager_tok_s')} | "
@@ -309,8 +326,8 @@ def table(r: dict, args) -> str:
     if cmp:
         lines += ["", "| TP=2 vs TP=1 (max rel. error over rows) | value |", "|---|---|"]
         lines += [f"| {k} | {v:.2e} |" for k, v in cmp.items()]
-    noise = {w: v.get("decode_eager_rerun_max_rel") for w, v in runs.items()}
-    lines += ["", f"eager rerun noise (same run, same inputs) max rel logits: {noise}"]
+    for k in ("decode_eager_rerun_max_rel", "decode_graph_vs_eager_max_rel", "decode_hybrid_vs_allgpu_max_rel"):
+        lines += ["", f"{k} (within each TP size): " + ", ".join(f"TP={w}: {v.get(k, '-')}" for w, v in runs.items())]
     errs = [f"- TP={w}: {v['decode_graph_error']}" for w, v in runs.items() if "decode_graph_error" in v]
     errs += [f"- {e}" for e in r.get("errors", [])]
     if errs:
@@ -336,6 +353,9 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=8192)
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--main-cpus", type=int, default=2, help="cpus of each half kept for Python + the CUDA callback")
+    ap.add_argument("--spin", action="store_true", help="no cudaDeviceScheduleBlockingSync (waiting threads spin)")
+    ap.add_argument("--no-allgpu", action="store_true", help="skip the all-GPU (bf16 experts of the slice) decode")
     ap.add_argument("--pg-timeout", type=int, default=120)
     args = ap.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < max(args.tp):
