@@ -30,10 +30,15 @@ def quantize(
     verify: Annotated[bool, typer.Option("--verify", help="Check every stored expert against the source (exit 1 over the threshold).")] = False,
     threshold: Annotated[Optional[float], typer.Option("--verify-threshold", help="Max relative error per expert (default 0.2 int4, 0.01 bf16).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the summary as JSON on stdout.")] = False,
+    method: Annotated[str, typer.Option("--method", help="INT4 method: rtn (round-to-nearest while streaming), or gptq / awq (llm-compressor calibration first; needs the calibrate extra).")] = "rtn",
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help='JSONL of {"text": ...} or {"messages": [...]} records (default: the bundled multilingual text + code set).')] = None,
+    calibration_samples: Annotated[int, typer.Option("--calibration-samples", min=1, help="Calibration samples.")] = 16,
+    calibration_seq_len: Annotated[int, typer.Option("--calibration-seq-len", min=8, help="Tokens per calibration sample.")] = 256,
+    max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="RAM calibration may use, e.g. 24GB (default: what is free); weights beyond it are offloaded to disk.")] = None,
 ) -> None:
     """Stream a checkpoint's routed experts (BF16/FP16/FP8/INT4) into the NUMA-split expert store."""
     # torch loads here, not at `lvllm` start-up: `lvllm doctor` and `--help` stay fast.
-    from lvllm_runtime.quantize import QuantizeOptions, parse_layer_range, quantize as run_quantize
+    from lvllm_runtime.quantize import QuantizeOptions, parse_layer_range, quantize as run_quantize, resolve_numa_nodes
 
     options = QuantizeOptions(
         weight_format=weight_format,
@@ -45,8 +50,21 @@ def quantize(
         verify=verify,
         verify_threshold=threshold,
     )
+    source = model_dir
+    if method != "rtn":
+        from lvllm_runtime.calibrate import calibrate, parse_memory
+
+        if weight_format != "int4":
+            from lvllm_runtime.errors import BadInput
+
+            raise BadInput(f"--method {method} makes INT4 experts, not {weight_format}", "drop --format or use --method rtn")
+        work = out_dir.parent / f"{out_dir.name}.calibrated"  # kept: the store's source_path points at it
+        source = calibrate(model_dir, work, method, options.group_size, calibration, calibration_samples,
+                           calibration_seq_len, parse_memory(max_memory) if max_memory else None,
+                           progress=lambda p: stderr.print(f"[dim]calibrate: {p.stage} {p.detail}[/]", highlight=False),
+                           numa_nodes=resolve_numa_nodes(options.numa_nodes))
     with _ProgressView() as view:
-        result = run_quantize(model_dir, out_dir, options, progress=view.update)
+        result = run_quantize(source, out_dir, options, progress=view.update)
     summary = result.to_dict()
     if json_out:
         emit_json(summary)

@@ -28,6 +28,7 @@ from typing import Callable
 
 import torch
 
+from .calibrate import read_record
 from .checkpoint import Checkpoint
 from .errors import BadInput, DoesNotFit, StoreError
 from .quant import GROUP_SIZES, pick_group_size, quantize_int4
@@ -246,6 +247,7 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
         gated=m.gated,
         moe_layers=layers,
         source_format=ckpt.source_format,
+        calibration=read_record(ckpt.path),
     )
 
 

@@ -71,6 +71,7 @@ class StoreManifest:
     complete: bool = False
     source_format: str = ""
     split_axis: str = "intermediate"
+    calibration: dict | None = None  # calibrate.read_record of a GPTQ/AWQ source (method, data, versions); None: RTN
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:
