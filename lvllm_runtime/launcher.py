@@ -192,6 +192,9 @@ def plan_options(plan: Mapping[str, Any]) -> Options:
             "gpu_memory_utilization": v.get("gpu_memory_utilization"),
             "kv_cache_dtype": v.get("kv_cache_dtype"),
             "max_num_batched_tokens": v.get("max_num_batched_tokens", rt.get("max_batch_tokens")),
+            # the KV room the plan reserved; without it vLLM sizes KV from gpu_memory_utilization and can claim the
+            # memory the plan gave to hot experts, staging buffers or (on the CPU backend) the expert store
+            "kv_cache_memory_bytes": v.get("kv_cache_memory_bytes"),
         }
     )
 

@@ -98,6 +98,7 @@ def test_dry_run_recipe_plan_and_user_overrides(model_and_store, cache, tmp_path
     assert value_of(argv, "--model") == [str(model.resolve())]
     assert value_of(argv, "--max-num-seqs") == ["2"]  # the user's value wins over the plan's 3
     assert value_of(argv, "--max-model-len") == ["1024"]  # from the plan
+    assert value_of(argv, "--kv-cache-memory-bytes") == [str(plan["vllm"]["kv_cache_memory_bytes"])]
     assert value_of(argv, "--tool-call-parser") == ["qwen3_coder"]  # from the recipe
     assert value_of(argv, "--served-model-name") == ["qwen3-coder-30b-a3b-instruct"]
     assert value_of(argv, "--host") == ["127.0.0.1"] and value_of(argv, "--port") == ["8123"]
