@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lvllm_runtime.store import file_layout  # noqa: E402
+from lvllm_runtime.manifest import file_layout  # noqa: E402
 
 E, H, I = 128, 2048, 768
 FP8_BLOCK = 128
@@ -71,11 +71,11 @@ def write_checkpoint(out: Path, layers: int, fp8: bool) -> int:
                 n = shape[0] * shape[1]
                 start = (layer * 7919 + e * 104729 + len(proj) * 15485863) % (pool.numel() - n)
                 w = pool[start : start + n].view(shape)
-                specs.append((base + ".weight", w.dtype, shape))
+                specs.append((base + ".weight", "F8_E4M3" if fp8 else "BF16", shape))
                 data.append(w)
                 if fp8:
                     s = torch.rand(-(-shape[0] // FP8_BLOCK), -(-shape[1] // FP8_BLOCK), generator=scale_g) * 1e-4 + 1e-4
-                    specs.append((base + ".weight_scale_inv", torch.float32, tuple(s.shape)))
+                    specs.append((base + ".weight_scale_inv", "F32", tuple(s.shape)))
                     data.append(s)
         raw, _, size = file_layout(specs, {"format": "pt"})
         with open(out / fname, "wb") as f:

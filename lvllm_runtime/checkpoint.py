@@ -1,7 +1,7 @@
 """Lazy reader of a Hugging Face MoE checkpoint's routed experts: one expert at a time, read with pread from each
 safetensors file (index or single file), dequantized from BF16/FP16/FP32, FP8 block (`weight_scale_inv`), FP8
 compressed-tensors (`weight_scale`, per tensor / channel / block), or kept packed for compressed-tensors INT4
-`pack-quantized`.
+`pack-quantized`; gpt-oss expert biases are read beside the weights, de-interleaved the same way.
 
 Everything a later step would trip over (missing index and file, a corrupt header, a tensor the index promises but
 the file lacks, an unsupported architecture) is found by `Checkpoint.open`, before any output is written. Only the
@@ -202,11 +202,6 @@ class Checkpoint:
     def _detect(self) -> tuple[str, int | None]:
         """Source format from the first MoE layer's first expert (a checkpoint converts its experts one way)."""
         layer = self.model.moe_layers[0]
-        if self.model.expert_bias:
-            raise BadInput(
-                f"{self.model.model_type} experts carry biases, which the expert store does not hold yet",
-                "serve this model without lvllm's CPU experts",
-            )
         if self.model.layout == "fused":
             name = self.model.fused_names(layer)["gate_up"]
             self._need(name)
@@ -233,10 +228,16 @@ class Checkpoint:
             raise CorruptCheckpoint(f"{base}.weight is FP8 with no weight_scale_inv or weight_scale", "re-download the checkpoint")
         return _plain_format(dtype, f"{base}.weight"), None
 
+    def _bias_names(self, layer: int) -> dict[str, str]:
+        """{"gate_up": [E, 2I] name, "down": [E, H] name} of a fused layer's expert biases (gpt-oss); {} without."""
+        if not self.model.expert_bias:
+            return {}
+        return {k: f"{v}_bias" for k, v in self.model.fused_names(layer).items()}
+
     def _tensor_names(self, layer: int, expert: int) -> list[str]:
         """Every on-disk tensor one expert is read from."""
         if self.model.layout == "fused":
-            return list(self.model.fused_names(layer).values())
+            return list(self.model.fused_names(layer).values()) + list(self._bias_names(layer).values())
         suffix = {
             "int4_ct": ("weight_packed", "weight_scale"),
             "fp8_block": ("weight", "weight_scale_inv"),
@@ -284,6 +285,28 @@ class Checkpoint:
             out[key] = w.to(dtype)
         return out
 
+    @property
+    def expert_bias(self) -> bool:
+        """Whether the routed experts carry biases (read with `read_expert_bias`)."""
+        return self.model.expert_bias
+
+    def read_expert_bias(self, layer: int, expert: int, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+        """{"gate": [I], "up": [I], "down": [H]} biases of one expert (gate and up de-interleaved as `read_expert`
+        splits the weight rows), as fresh tensors of `dtype`."""
+        names = self._bias_names(layer)
+        if not names:
+            raise BadInput(f"{self.model.model_type} experts have no biases", "check expert_bias before reading them")
+        gate_up, down = self._get(names["gate_up"], expert), self._get(names["down"], expert)
+        gate, up = self._split_gate_up(gate_up)
+        return {k: v.to(dtype).contiguous() for k, v in (("gate", gate), ("up", up), ("down", down))}
+
+    def _split_gate_up(self, gate_up: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[2I, ...] -> (gate [I, ...], up [I, ...]): even/odd rows when interleaved (gpt-oss), else halves."""
+        if self.model.gate_up_interleaved:
+            return gate_up[0::2], gate_up[1::2]
+        i = self.model.intermediate_size
+        return gate_up[:i], gate_up[i:]
+
     def read_expert_int4(self, layer: int, expert: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{"gate"?: (packed int32 [I, H/8], scale bf16 [I, H/g]), "up": ..., "down": ([H, I/8], [H, I/g])} as stored
         in an "int4_ct" source, copied out bit for bit."""
@@ -296,15 +319,11 @@ class Checkpoint:
 
     def _read_fused(self, layer: int, expert: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         names = self.model.fused_names(layer)
-        i = self.model.intermediate_size
         gate_up = self._get(names["gate_up"], expert)
         down = self._get(names["down"], expert)
         if self.model.fused_transposed:
             gate_up, down = gate_up.t(), down.t()
-        if self.model.gate_up_interleaved:
-            gate, up = gate_up[0::2], gate_up[1::2]
-        else:
-            gate, up = gate_up[:i], gate_up[i:]
+        gate, up = self._split_gate_up(gate_up)
         out = {"gate": gate, "up": up, "down": down} if self.model.gated else {"up": gate_up, "down": down}
         return {k: v.to(dtype).contiguous() for k, v in out.items()}
 

@@ -11,7 +11,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import BadInput, StoreError
+from .errors import BadInput
+from .manifest import read_complete_manifest
 from .model_shapes import QUANTIZABLE, ROUTED, ModelShape, Tensor, from_config
 
 @dataclass(frozen=True)
@@ -107,15 +108,25 @@ def predicted_checkpoint_bytes(src: "ModelSource") -> dict[str, int]:
                                     src.source_group_size, src.unquantized)
 
 
-def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
-    """Tensor bytes of one layer's store shard on one node (store.py layout; headers excluded)."""
+def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int = 0) -> int:
+    """Tensor bytes of one layer's store shard on node `node` (manifest.py layout; headers excluded). Node 0's is the
+    largest: with expert biases (gpt-oss) it alone holds the down bias."""
     E, H = shape.num_experts, shape.expert_hidden
     In = shape.expert_intermediate // numa_nodes
     rows13 = (2 if shape.gated else 1) * In
     if weight_format == "bf16":
-        return 2 * E * (rows13 * H + H * In)
-    g = int(group or 128)
-    return E * (rows13 * H // 2 + 2 * rows13 * (H // g) + H * In // 2 + 2 * H * (In // g))
+        n = 2 * E * (rows13 * H + H * In)
+    else:
+        g = int(group or 128)
+        n = E * (rows13 * H // 2 + 2 * rows13 * (H // g) + H * In // 2 + 2 * H * (In // g))
+    if shape.expert_bias:
+        n += 2 * E * (rows13 + (H if node == 0 else 0))
+    return n
+
+
+def store_layer_total_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
+    """Tensor bytes of one layer's store shards over all nodes (headers excluded)."""
+    return sum(store_layer_bytes(shape, weight_format, group, numa_nodes, node) for node in range(numa_nodes))
 
 
 def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:
@@ -215,13 +226,5 @@ def model_from_recipe(recipe: dict) -> ModelSource:
 
 
 def read_store_manifest(path: str) -> dict:
-    p = Path(path) / "lvllm.json"
-    try:
-        m = json.loads(p.read_text())
-    except FileNotFoundError:
-        raise StoreError(f"no expert store at {path} (missing lvllm.json)", "run `lvllm quantize MODEL OUT` first") from None
-    except (OSError, json.JSONDecodeError) as e:
-        raise StoreError(f"store manifest {p} is unreadable ({e})", "re-run `lvllm quantize`") from None
-    if not m.get("complete", False):
-        raise StoreError(f"expert store {path} is incomplete", "re-run `lvllm quantize` to finish it")
-    return m
+    """A finished store's manifest as a dict (the `lvllm.json` keys); StoreError when missing or unfinished."""
+    return read_complete_manifest(path).to_dict()

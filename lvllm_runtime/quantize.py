@@ -248,6 +248,7 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
         moe_layers=layers,
         source_format=ckpt.source_format,
         calibration=read_record(ckpt.path),
+        expert_bias=ckpt.expert_bias,
     )
 
 
@@ -291,40 +292,45 @@ def _files_done(out: Path, target: StoreManifest, resume: bool) -> dict:
 # --- conversion -----------------------------------------------------------------------------------------------
 
 
-def _node_slices(man: StoreManifest, parts: dict[str, torch.Tensor | tuple]) -> list[dict[str, torch.Tensor]]:
-    """Split one converted expert into its per-node tensors (shapes of a store file without the leading E)."""
+def _node_slices(man: StoreManifest, parts: dict[str, torch.Tensor | tuple],
+                 bias: dict[str, torch.Tensor] | None = None) -> list[dict[str, torch.Tensor]]:
+    """Split one converted expert (and its bf16 biases {"gate" [I], "up" [I], "down" [H]}) into its per-node
+    tensors (shapes of a store file without the leading E); the down bias goes to node 0 only."""
     n = man.node_intermediate_size
+    projections = ["gate", "up"] if man.gated else ["up"]
     out = []
     for node in range(man.numa_nodes):
         rows = slice(node * n, (node + 1) * n)
         if man.weight_format == "bf16":
-            w13 = torch.cat([parts["gate"][rows], parts["up"][rows]]) if man.gated else parts["up"][rows]
-            out.append({"w13": w13, "w2": parts["down"][:, rows].contiguous()})
-            continue
-        g = man.group_size
-        pieces = [parts["gate"], parts["up"]] if man.gated else [parts["up"]]
-        cols8, colsg = slice(node * n // 8, (node + 1) * n // 8), slice(node * n // g, (node + 1) * n // g)
-        dp, ds = parts["down"]
-        out.append(
-            {
-                "w13.packed": torch.cat([p[rows] for p, _ in pieces]),
+            shard = {"w13": torch.cat([parts[k][rows] for k in projections]), "w2": parts["down"][:, rows].contiguous()}
+        else:
+            g = man.group_size
+            cols8, colsg = slice(node * n // 8, (node + 1) * n // 8), slice(node * n // g, (node + 1) * n // g)
+            dp, ds = parts["down"]
+            shard = {
+                "w13.packed": torch.cat([parts[k][0][rows] for k in projections]),
                 "w2.packed": dp[:, cols8].contiguous(),
-                "w13.scale": torch.cat([s[rows] for _, s in pieces]),
+                "w13.scale": torch.cat([parts[k][1][rows] for k in projections]),
                 "w2.scale": ds[:, colsg].contiguous(),
             }
-        )
+        if bias is not None:
+            shard["w13.bias"] = torch.cat([bias[k][rows] for k in projections])
+            if node == 0:
+                shard["w2.bias"] = bias["down"]
+        out.append(shard)
     return out
 
 
 def _convert_expert(ckpt: Checkpoint, man: StoreManifest, layer: int, expert: int) -> list[dict[str, torch.Tensor]]:
-    """One expert -> its per-node store tensors. INT4 sources pass through bit for bit."""
+    """One expert -> its per-node store tensors. INT4 sources pass through bit for bit; biases are kept in BF16."""
+    bias = ckpt.read_expert_bias(layer, expert, dtype=torch.bfloat16) if man.expert_bias else None
     if man.weight_format == "int4" and ckpt.source_format == "int4_ct":
-        return _node_slices(man, ckpt.read_expert_int4(layer, expert))
+        return _node_slices(man, ckpt.read_expert_int4(layer, expert), bias)
     # BF16 is both the store's BF16 format and the dtype INT4 RTN divides in (as compressed-tensors does).
     w = ckpt.read_expert(layer, expert, dtype=torch.bfloat16)
     if man.weight_format == "int4":  # row-wise groups: each projection quantizes on its own, no concatenation
-        return _node_slices(man, {k: quantize_int4(v, man.group_size) for k, v in w.items()})
-    return _node_slices(man, w)
+        return _node_slices(man, {k: quantize_int4(v, man.group_size) for k, v in w.items()}, bias)
+    return _node_slices(man, w, bias)
 
 
 class _Run:
@@ -346,11 +352,10 @@ class _Run:
 
     def convert_layer(self, pool: ThreadPoolExecutor, layer: int) -> list[LayerFileWriter]:
         """Write every expert of `layer` into its node files; returns the writers, still to be finished."""
-        specs = self.man.tensor_specs()
         writers = []
         try:
             for node in range(self.man.numa_nodes):
-                meta = self.man.file_metadata(layer, node)
+                specs, meta = self.man.tensor_specs(node), self.man.file_metadata(layer, node)
                 writers.append(LayerFileWriter(self.out / layer_file(layer, node), specs, meta))
             self._run_experts(pool, layer, writers)
             return writers
@@ -492,8 +497,8 @@ def _finish_and_record(out: Path, manifest: StoreManifest, layer: int, writers: 
 
 
 def verify_store(store: ExpertStore, ckpt: Checkpoint, sample: int | None = None, run: _Run | None = None) -> list[LayerError]:
-    """Relative error ||stored - source|| / ||source|| per expert matrix (gate+up, down), per layer: every expert, or
-    `sample` experts spread evenly over each layer."""
+    """Relative error ||stored - source|| / ||source|| per expert matrix (gate+up, down; and their biases where the
+    experts have them), per layer: every expert, or `sample` experts spread evenly over each layer."""
     man = store.manifest
     e = man.num_experts
     experts = range(e) if sample is None or sample >= e else sorted({round(i * (e - 1) / max(1, sample - 1)) for i in range(sample)})
@@ -506,7 +511,12 @@ def verify_store(store: ExpertStore, ckpt: Checkpoint, sample: int | None = None
             src = ckpt.read_expert(layer, x)
             w13, w2 = store.expert(layer, x)
             ref13 = torch.cat([src["gate"], src["up"]]) if man.gated else src["up"]
-            for got, ref in ((w13, ref13), (w2, src["down"])):
+            pairs = [(w13, ref13), (w2, src["down"])]
+            if man.expert_bias:
+                b = ckpt.read_expert_bias(layer, x)
+                b13, b2 = store.expert_bias(layer, x)
+                pairs += [(b13, torch.cat([b["gate"], b["up"]]) if man.gated else b["up"]), (b2, b["down"])]
+            for got, ref in pairs:
                 rels.append(((got - ref).norm() / ref.norm().clamp_min(1e-30)).item())
             if run is not None:
                 run.report(experts_done=run.state.experts_done + 1)

@@ -23,7 +23,7 @@ from lvllm_runtime.quant import dequantize_int4, quantize_int4
 from lvllm_runtime.quantize import QuantizeOptions, quantize
 from lvllm_runtime.store import ExpertStore, file_sha256, layer_file
 
-CASES = [(arch, variant) for arch in sorted(zoo_module.ZOO) if arch != "gpt_oss" for variant in zoo_module.variants(arch)]
+CASES = [(arch, variant) for arch in sorted(zoo_module.ZOO) for variant in zoo_module.variants(arch)]
 
 
 def _check_manifest(store: ExpertStore) -> None:
@@ -86,10 +86,48 @@ def test_every_zoo_architecture_and_format(zoo, tmp_path, arch, variant):
                     assert torch.equal(dequantize_int4(whole["w2.packed"][e], whole["w2.scale"][e], g), got2)
 
 
-def test_gpt_oss_expert_biases_refused(zoo, tmp_path):
-    with pytest.raises(BadInput, match="biases"):
-        quantize(zoo("gpt_oss", "bf16"), tmp_path / "out")
-    assert not (tmp_path / "out").exists()
+@pytest.mark.parametrize("fmt,nodes", [("int4", 1), ("int4", 2), ("bf16", 1), ("bf16", 2)])
+def test_gpt_oss_expert_biases(zoo, tmp_path, fmt, nodes):
+    """gpt-oss keeps its expert biases: w13.bias node slices put back together are the source's interleaved
+    gate_up bias de-interleaved (gate, then up), bit for bit; w2.bias is the source's down bias, in node 0 only;
+    the weights are de-interleaved the same way; the predicted store bytes are the files' bytes."""
+    from lvllm_runtime import model_sizes
+    from lvllm_runtime.model_shapes import from_config
+
+    src = zoo("gpt_oss", "bf16")
+    raw = load_file(src / "model.safetensors")
+    result = quantize(src, tmp_path / "s", QuantizeOptions(weight_format=fmt, numa_nodes=nodes, workers=2))
+    store = ExpertStore.open(tmp_path / "s")
+    _check_manifest(store)
+    man = store.manifest
+    assert result.passed and man.expert_bias and json.loads((tmp_path / "s" / "lvllm.json").read_text())["expert_bias"]
+    for layer in man.moe_layers:
+        base = f"model.layers.{layer}.mlp.experts"
+        b13, b2 = raw[f"{base}.gate_up_proj_bias"], raw[f"{base}.down_proj_bias"]  # [E, 2I] interleaved, [E, H]
+        assert torch.equal(_whole(store, layer, "w13.bias"), torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1))
+        shards = [store.layer(layer, n) for n in range(nodes)]
+        assert all(s["w13.bias"].dtype == torch.bfloat16 for s in shards)
+        assert torch.equal(shards[0]["w2.bias"], b2) and all("w2.bias" not in s for s in shards[1:])
+        w13 = raw[f"{base}.gate_up_proj"].transpose(1, 2)  # on disk [E, H, 2I]: columns interleaved gate/up
+        ref13 = torch.cat([w13[:, 0::2], w13[:, 1::2]], dim=1).float()
+        for e in range(man.num_experts):
+            got13, got2 = store.expert(layer, e)
+            if fmt == "bf16":
+                assert torch.equal(got13, ref13[e]) and torch.equal(got2, raw[f"{base}.down_proj"][e].t().float())
+            else:
+                assert ((got13 - ref13[e]).norm() / ref13[e].norm()).item() < 0.15
+            bias13, bias2 = store.expert_bias(layer, e)
+            assert torch.equal(bias13, torch.cat([b13[e, 0::2], b13[e, 1::2]]).float()) and torch.equal(bias2, b2[e].float())
+    shape = from_config(json.loads((src / "config.json").read_text()))
+    data = [0] * nodes
+    for name in man.files:
+        header = model_sizes.safetensors_header(store.path / name)
+        node = int(header["__metadata__"]["lvllm_node"])
+        data[node] += sum(v["data_offsets"][1] - v["data_offsets"][0] for k, v in header.items() if k != "__metadata__")
+    layers = len(man.moe_layers)
+    assert model_sizes.store_layer_total_bytes(shape, fmt, man.group_size, nodes) * layers == sum(data)
+    # node 0's shard is the bigger one: it alone holds w2.bias
+    assert [model_sizes.store_layer_bytes(shape, fmt, man.group_size, nodes, n) * layers for n in range(nodes)] == data
 
 
 # --- the command line -----------------------------------------------------------------------------------------
