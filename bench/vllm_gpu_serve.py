@@ -6,10 +6,14 @@
 The checkpoint is the zoo's qwen3_moe with Qwen3-30B-A3B's shapes (H 2048, E 128 top-8, expert I 768, 32/4 heads of
 128) and --layers decoder layers; zoo vocabulary (512 tokens), prompts are random token ids. Each run starts one
 server, waits for /health, then sends: one greedy completion of fixed prompt ids (return_token_ids, so modes and stores
-are compared token by token), one chat request, and streamed completions of 1K and 16K random-id prompts (TTFT = first
-streamed token, decode tok/s = the tokens after the first over the time after it). lvllm runs go through `lvllm serve`
-(the product); the baseline is stock vLLM with its own expert offload at the same --gpu-memory-utilization and no
-expert weights resident on the GPU for either. Results land in OUT/vllm_gpu_serve.json after every run.
+are compared token by token), one teacher-forced request over 128 random ids returning every position's full
+next-token distribution (prompt_logprobs = vocabulary: top-1 agreement and KL between runs), one chat request,
+streamed completions of 1K and 16K random-id prompts (TTFT = first streamed token, decode tok/s = the tokens after the
+first over the time after it) and 4 concurrent 1K streams (batch-4 decode). Every greedy sequence (fixed prompt,
+streamed, batched; same prompts in every run) is compared between runs. lvllm runs go through `lvllm serve` (the
+product); the baseline is stock vLLM with its own expert offload at the same --gpu-memory-utilization and no expert
+weights resident on the GPU for either. Results land in OUT/ and WORK/vllm_gpu_serve.json after every run (a later
+call on a still-warm box adds to WORK's).
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
           num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=20480)
 MAX_LEN = 17408  # 16K prompt + decode room
+VOCAB = 512  # the zoo's; every run returns full prompt distributions (--max-logprobs VOCAB) for KL
 GPU_UTIL = "0.5"
 # PIECEWISE with a user splitting_ops list: vLLM 0.25 asserts that every op of CompilationConfig._attention_ops is in it
 # (and keeps the KV-cache update ops out of the graphs as its default list does); the MoE ops make MoE run eagerly.
@@ -49,8 +54,13 @@ RUNS = {
     "int4-piecewise-moe-split": ("int4", ["--compilation-config",
                                           json.dumps({"cudagraph_mode": "PIECEWISE", "splitting_ops": SPLIT})]),
     "int4-full-decode-only": ("int4", ["--compilation-config", json.dumps({"cudagraph_mode": "FULL_DECODE_ONLY"})]),
+    # full decode graphs over the eager kernels (compilation mode NONE, as --enforce-eager): replay must equal eager
+    "int4-full-nocompile": ("int4", ["--compilation-config",
+                                     json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]),
     "int4-default": ("int4", []),
     "bf16-eager": ("bf16", ["--enforce-eager"]),
+    "bf16-full-nocompile": ("bf16", ["--compilation-config",
+                                     json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]),
     "vllm-offload": (None, ["--cpu-offload-gb", "CPU_GB", "--cpu-offload-params", "experts"]),
 }
 RESULTS: dict = {"runs": {}}
@@ -60,9 +70,10 @@ def log(*a) -> None:
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
 
-def save(out: Path) -> None:
-    (out / "vllm_gpu_serve.json.tmp").write_text(json.dumps(RESULTS, indent=1))
-    os.replace(out / "vllm_gpu_serve.json.tmp", out / "vllm_gpu_serve.json")
+def save(*dirs: Path) -> None:
+    for d in dirs:
+        (d / "vllm_gpu_serve.json.tmp").write_text(json.dumps(RESULTS))
+        os.replace(d / "vllm_gpu_serve.json.tmp", d / "vllm_gpu_serve.json")
 
 
 def sh(cmd: list[str], logf: Path, timeout: float) -> float:
@@ -113,7 +124,7 @@ def stream(base: str, model: str, ids: list[int], max_tokens: int) -> dict:
             "stream": True, "return_token_ids": True}
     req = urllib.request.Request(base + "/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
-    t0, times, counts = time.perf_counter(), [], []
+    t0, times, counts, ids = time.perf_counter(), [], [], []
     with urllib.request.urlopen(req, timeout=300) as r:
         for line in r:
             line = line.decode().strip()
@@ -123,9 +134,23 @@ def stream(base: str, model: str, ids: list[int], max_tokens: int) -> dict:
                 if n:
                     times.append(time.perf_counter())
                     counts.append(n)
+                    ids += ch[0].get("token_ids") or []
     total = sum(counts)
-    return {"tokens": total, "ttft_s": round(times[0] - t0, 4),
-            "decode_tok_s": round((total - counts[0]) / (times[-1] - times[0]), 2) if len(times) > 1 else None}
+    return {"tokens": total, "ttft_s": round(times[0] - t0, 4), "t_first": times[0], "t_last": times[-1],
+            "decode_tok_s": round((total - counts[0]) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
+            "token_ids": ids}
+
+
+def batch(base: str, model: str, prompts: list[list[int]], max_tokens: int) -> dict:
+    """len(prompts) concurrent streamed completions: aggregate decode tok/s over the span where all are decoding."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(len(prompts)) as ex:
+        runs = list(ex.map(lambda p: stream(base, model, p, max_tokens), prompts))
+    start, end = max(r["t_first"] for r in runs), min(r["t_last"] for r in runs)
+    return {"streams": len(runs), "per_stream_decode_tok_s": [r["decode_tok_s"] for r in runs],
+            "aggregate_decode_tok_s": round(sum(r["decode_tok_s"] for r in runs), 2),
+            "overlap_s": round(end - start, 3), "token_ids": [r["token_ids"] for r in runs]}
 
 
 def measure(base: str, model: str, deadline: float) -> dict:
@@ -135,17 +160,22 @@ def measure(base: str, model: str, deadline: float) -> dict:
                                         "ignore_eos": True, "return_token_ids": True})
     res["greedy_token_ids"] = r["choices"][0].get("token_ids")
     res["greedy_text"] = r["choices"][0]["text"]
-    # teacher-forced: per prompt position the top-1 next token and the log-probability of the actual next token
+    # teacher-forced: per prompt position the full next-token distribution (log-probabilities, VOCAB ids)
     rng = random.Random(1)
     forced = [rng.randrange(10, 500) for _ in range(128)]
     r = http(base + "/v1/completions", {"model": model, "prompt": forced, "max_tokens": 1, "temperature": 0,
-                                        "prompt_logprobs": 1})
-    top1, lp = [], []
+                                        "prompt_logprobs": VOCAB})
+    top1, lp, dist = [], [], []
     for pos, d in enumerate(r["choices"][0].get("prompt_logprobs") or []):
         if d:
             top1.append(int(next(k for k, v in d.items() if v.get("rank") == 1)))
             lp.append(d[str(forced[pos])]["logprob"])
-    res["forced_top1"], res["forced_logprob"] = top1, lp
+            row = [-1e9] * VOCAB
+            for k, v in d.items():
+                if int(k) < VOCAB:
+                    row[int(k)] = round(v["logprob"], 6)
+            dist.append(row)
+    res["forced_top1"], res["forced_logprob"], res["forced_dist"] = top1, lp, dist
     c = http(base + "/v1/chat/completions", {"model": model, "temperature": 0, "max_tokens": 16,
                                              "messages": [{"role": "user", "content": "Hello, who are you?"}]})
     res["chat"] = c["choices"][0]["message"]["content"]
@@ -160,6 +190,9 @@ def measure(base: str, model: str, deadline: float) -> dict:
         steady = runs[1:]  # the first includes warm-up
         res[f"p{plen}"] = {"runs": runs, "ttft_s": statistics.median(x["ttft_s"] for x in steady),
                            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in steady)}
+    if time.time() < deadline:
+        rng = random.Random(2)
+        res["batch4_p1024"] = batch(base, model, [[rng.randrange(10, 500) for _ in range(1024)] for _ in range(4)], 64)
     return res
 
 
@@ -170,10 +203,11 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
         extra = [str(int(info["expert_gib_bf16"]) + 1) if a == "CPU_GB" else a for a in extra]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", "model", "--port", str(port), "--max-model-len", str(MAX_LEN),
-               "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL, *extra]
+               "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL, "--max-logprobs", str(VOCAB), *extra]
     else:
         cmd = ["lvllm", "serve", str(model), "--store", str(work / f"store-{fmt}"), "--plan",
-               str(work / f"plan-{fmt}.json"), "--port", str(port), "--ready-timeout", "400", "--", *extra]
+               str(work / f"plan-{fmt}.json"), "--port", str(port), "--ready-timeout", "400", "--",
+               "--max-logprobs", str(VOCAB), *extra]
     res: dict = {"command": " ".join(cmd)}
     logf = open(logs / f"{name}.log", "w")
     t = time.time()
@@ -218,20 +252,42 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
     return res
 
 
+def greedy_ids(run: dict) -> list[list[int]]:
+    """Every greedy token sequence a run produced, in a fixed order: the fixed prompt, then the streamed prompts."""
+    seqs = [run.get("greedy_token_ids") or []]
+    for p in ("p1024", "p16384"):
+        if isinstance(run.get(p), dict):
+            seqs += [r.get("token_ids") or [] for r in run[p]["runs"]]
+    if isinstance(run.get("batch4_p1024"), dict):
+        seqs += run["batch4_p1024"]["token_ids"]
+    return seqs
+
+
 def compare(runs: dict) -> dict:
-    """Leading greedy tokens equal between every pair of runs that answered."""
-    ids = {k: v.get("greedy_token_ids") for k, v in runs.items() if v.get("greedy_token_ids")}
+    """Per pair of runs that answered: sequences identical / compared, and leading tokens equal / total."""
+    ids = {k: greedy_ids(v) for k, v in runs.items() if v.get("greedy_token_ids")}
     names = sorted(ids)
     out = {}
     for i, a in enumerate(names):
         for b in names[i + 1:]:
-            same = next((j for j, (x, y) in enumerate(zip(ids[a], ids[b])) if x != y), len(ids[a]))
-            out[f"{a} vs {b}"] = f"{same}/{len(ids[a])}"
+            pairs = [(x, y) for x, y in zip(ids[a], ids[b]) if x and y]
+            lead = sum(next((j for j, (p, q) in enumerate(zip(x, y)) if p != q), min(len(x), len(y)))
+                       for x, y in pairs)
+            out[f"{a} vs {b}"] = {"identical": f"{sum(x == y for x, y in pairs)}/{len(pairs)}",
+                                  "leading_equal_tokens": f"{lead}/{sum(len(x) for x, _ in pairs)}"}
     return out
 
 
+def kl(p_log: list[float], q_log: list[float]) -> float:
+    """KL(P || Q) in nats over one position's full distributions (log-probabilities)."""
+    import math
+
+    return sum(math.exp(a) * (a - b) for a, b in zip(p_log, q_log) if a > -1e8)
+
+
 def compare_forced(runs: dict) -> dict:
-    """Teacher-forced agreement of every pair: top-1 next-token agreement, max/mean |logprob difference|."""
+    """Teacher-forced agreement of every pair: top-1 next-token agreement, |logprob difference| of the actual next
+    token, KL(a || b) of the full next-token distributions (mean over positions and at the first position)."""
     got = {k: v for k, v in runs.items() if v.get("forced_top1")}
     names, out = sorted(got), {}
     for i, a in enumerate(names):
@@ -239,7 +295,12 @@ def compare_forced(runs: dict) -> dict:
             ta, tb = got[a]["forced_top1"], got[b]["forced_top1"]
             d = [abs(x - y) for x, y in zip(got[a]["forced_logprob"], got[b]["forced_logprob"])]
             out[f"{a} vs {b}"] = {"top1_agree": f"{sum(x == y for x, y in zip(ta, tb))}/{len(ta)}",
-                                  "max_abs_dlogprob": round(max(d), 4), "mean_abs_dlogprob": round(sum(d) / len(d), 4)}
+                                  "max_abs_dlogprob": round(max(d), 6), "mean_abs_dlogprob": round(sum(d) / len(d), 6)}
+            da, db = got[a].get("forced_dist"), got[b].get("forced_dist")
+            if da and db:
+                kls = [kl(p, q) for p, q in zip(da, db)]
+                out[f"{a} vs {b}"].update(kl_first=round(kls[0], 6), kl_mean=round(sum(kls) / len(kls), 6),
+                                          kl_max=round(max(kls), 6))
     return out
 
 
@@ -260,7 +321,7 @@ def main() -> None:
                   num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     logs = a.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    prev = a.out / "vllm_gpu_serve.json"
+    prev = a.work / "vllm_gpu_serve.json"  # earlier calls on a still-warm box ($OUT starts empty each call)
     if prev.exists():
         RESULTS.update(json.loads(prev.read_text()))
     import torch
@@ -272,10 +333,10 @@ def main() -> None:
         RESULTS["prepare"] = prepare(a.work, a.layers, logs)
     except Exception as e:
         RESULTS["prepare_error"] = repr(e)[:2000]
-        save(a.out)
+        save(a.out, a.work)
         raise
     log("prepared", json.dumps(RESULTS["prepare"])[:600])
-    save(a.out)
+    save(a.out, a.work)
     for i, name in enumerate(a.runs.split(",")):
         if deadline - time.time() < 100:
             RESULTS["runs"][name] = {"error": "skipped: not enough time left in the call"}
@@ -287,10 +348,12 @@ def main() -> None:
         for p in ("p1024", "p16384"):
             if isinstance(r.get(p), dict):
                 log(name, p, "ttft", r[p]["ttft_s"], "decode", r[p]["decode_tok_s"])
-        RESULTS["greedy_equal_leading"] = compare(RESULTS["runs"])
+        if isinstance(r.get("batch4_p1024"), dict):
+            log(name, "batch 4 decode", r["batch4_p1024"]["aggregate_decode_tok_s"])
+        RESULTS["greedy_equal"] = compare(RESULTS["runs"])
         RESULTS["teacher_forced"] = compare_forced(RESULTS["runs"])
-        save(a.out)
-    log("greedy", json.dumps(RESULTS.get("greedy_equal_leading")))
+        save(a.out, a.work)
+    log("greedy", json.dumps(RESULTS.get("greedy_equal")))
     log("teacher-forced", json.dumps(RESULTS.get("teacher_forced")))
 
 

@@ -3,6 +3,10 @@
 #
 #   device run, carry [".whl"], command: RUNS=int4-eager,... bash bench/vllm_gpu_serve.sh
 #
+# From committed code only (others may be editing csrc/ in the same checkout): here
+#   rm -rf .carry/snap && mkdir -p .carry/snap && git archive HEAD | tar -x -C .carry/snap
+# carry [".whl", ".carry/snap"], command: ln -sfn "$PWD/.whl" .carry/snap/.whl && cd .carry/snap && RUNS=... bash ...
+#
 # Here first: .whl/p0 .whl/p1 from ../shared/tools/vllm_gpu_wheels.sh (vLLM 0.25.0 and the server packages the box
 # lacks, 52 MiB) and .whl/x/ = nanobind 3.1.0 + lvllm's CLI dependencies the box lacks (typer rich click shellingham
 # markdown-it-py mdurl pygments py-cpuinfo nvidia-ml-py annotated-doc; pip download --no-deps, cp312 manylinux).

@@ -1,6 +1,7 @@
 """The CUDA-graph-safe hybrid decode step: the CPU engine's work inside a captured graph, as a host-callback node.
 
-Per MoE layer, for a batch of T tokens (one static buffer set per captured T, shared by every layer):
+Per MoE layer, for a batch of T tokens (one static buffer set per T, shared by every layer; `shared_steps` makes the
+sets of several T views of one set of the largest T, as vLLM's capture sizes and eager decode sizes need):
 
     main stream  : cold ids (hot ids masked -1) ──fork──> hot experts on the GPU (grouped_experts) ──join──> hot + cold
     side stream  :      hidden, ids, weights D2H into pinned ─> host node: engine forward ─> pinned out H2D ──┘
@@ -145,27 +146,57 @@ class HostCall:
             self._ptr = None
 
 
-class CpuStep:
-    """Static pinned/device buffers of one batch size T and a host call per layer; shared by a model's layers.
+class StepBuffers:
+    """The pinned/device buffers and side stream of a decode step, sized for the largest batch `tokens`.
 
-    The layers of one step run one after another, so one buffer set serves all of them: layer L+1's copies start only
-    after the main stream has consumed layer L's result.
+    h_pin [N, H] dtype, ids_pin int32 [N, k] (-1 = skip), w_pin f32 [N, k], out_pin [N, H] dtype: pinned host memory
+    (plain host memory without CUDA); out_dev [N, H] on `device` (CUDA only). CpuSteps of smaller batches use views of
+    their leading rows, so every size's host nodes read fixed addresses and one allocation serves them all.
     """
 
-    def __init__(self, engine: Engine, layers: Sequence[int], tokens: int, hidden_size: int, top_k: int,
-                 dtype: torch.dtype, device: torch.device | str):
+    def __init__(self, tokens: int, hidden_size: int, top_k: int, dtype: torch.dtype, device: torch.device | str):
         pin = torch.cuda.is_available()
         self.tokens, self.device = tokens, torch.device(device)
-        self.h_pin = torch.zeros(tokens, hidden_size, dtype=dtype, pin_memory=pin)
-        self.ids_pin = torch.full((tokens, top_k), -1, dtype=torch.int32, pin_memory=pin)
-        self.w_pin = torch.zeros(tokens, top_k, dtype=torch.float32, pin_memory=pin)
-        self.out_pin = torch.zeros(tokens, hidden_size, dtype=dtype, pin_memory=pin)
-        self.calls = {int(l): HostCall(engine, l, self.h_pin, self.ids_pin, self.w_pin, self.out_pin) for l in layers}
+        host = {"device": "cpu", "pin_memory": pin}  # explicit: loaders may run under a default-device context
+        self.h_pin = torch.zeros(tokens, hidden_size, dtype=dtype, **host)
+        self.ids_pin = torch.full((tokens, top_k), -1, dtype=torch.int32, **host)
+        self.w_pin = torch.zeros(tokens, top_k, dtype=torch.float32, **host)
+        self.out_pin = torch.zeros(tokens, hidden_size, dtype=dtype, **host)
         self.on_cuda = self.device.type == "cuda"
         if self.on_cuda:
             self.out_dev = torch.empty(tokens, hidden_size, dtype=dtype, device=self.device)
             self.stream = torch.cuda.Stream(self.device)
+
+
+class CpuStep:
+    """Static pinned/device buffers of one batch size T and a host call per layer; shared by a model's layers.
+
+    The layers of one step run one after another, so one buffer set serves all of them: layer L+1's copies start only
+    after the main stream has consumed layer L's result. `buffers` (StepBuffers of at least T rows) makes this step a
+    view of a set shared with other sizes (`shared_steps`); the host calls read exactly T rows.
+    """
+
+    def __init__(self, engine: Engine, layers: Sequence[int], tokens: int, hidden_size: int, top_k: int,
+                 dtype: torch.dtype, device: torch.device | str, buffers: StepBuffers | None = None):
+        b = buffers if buffers is not None else StepBuffers(tokens, hidden_size, top_k, dtype, device)
+        if b.tokens < tokens or b.h_pin.shape[1] != hidden_size or b.ids_pin.shape[1] != top_k \
+                or b.h_pin.dtype != dtype or b.device != torch.device(device):
+            raise ValueError(f"step buffers ({b.tokens} x {tuple(b.h_pin.shape[1:])}, {b.h_pin.dtype}, {b.device}) "
+                             f"cannot hold a {tokens}-token step of hidden {hidden_size}, top-{top_k}, {dtype}")
+        self.engine, self.tokens, self.device, self.buffers = engine, tokens, b.device, b
+        self.h_pin, self.ids_pin = b.h_pin[:tokens], b.ids_pin[:tokens]
+        self.w_pin, self.out_pin = b.w_pin[:tokens], b.out_pin[:tokens]
+        self.on_cuda = b.on_cuda
+        if self.on_cuda:
+            self.out_dev, self.stream = b.out_dev[:tokens], b.stream
+        self.calls: dict[int, HostCall] = {}
+        for layer in layers:
+            self.add_layer(layer)
         self.events: dict[str, torch.cuda.Event] | None = None  # set by `profile` (eager runs only)
+
+    def add_layer(self, layer: int) -> None:
+        """Make the host call of `layer` (validated by the engine now; no forward may be in flight)."""
+        self.calls[int(layer)] = HostCall(self.engine, layer, self.h_pin, self.ids_pin, self.w_pin, self.out_pin)
 
     def begin(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, cold_ids: torch.Tensor) -> None:
         """Fork: copy inputs to pinned memory, run the engine and copy the result back, all on the side stream."""
@@ -206,6 +237,17 @@ class CpuStep:
             c.check()
 
 
+def shared_steps(engine: Engine, layers: Sequence[int], sizes: Sequence[int], hidden_size: int, top_k: int,
+                 dtype: torch.dtype, device: torch.device | str) -> dict[int, CpuStep]:
+    """{T: CpuStep} for every batch size in `sizes`, all views of one StepBuffers of max(sizes) rows and one side
+    stream (CUDA graphs of different sizes never replay at once, and eager steps are stream-ordered)."""
+    sizes = sorted({int(t) for t in sizes})
+    if not sizes or sizes[0] < 1:
+        raise ValueError(f"decode step sizes must be positive, got {sizes}")
+    buffers = StepBuffers(sizes[-1], hidden_size, top_k, dtype, device)
+    return {t: CpuStep(engine, layers, t, hidden_size, top_k, dtype, device, buffers) for t in sizes}
+
+
 HotWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
@@ -239,21 +281,32 @@ class HybridDecodeLayer:
         self.layer, self.steps, self.activation, self.gated = layer, steps, activation, gated
         self.hot_w13, self.hot_w2, self.hot_slot = hot if hot is not None else (None, None, None)
 
+    @property
+    def all_hot(self) -> bool:
+        return self.hot_slot is not None and bool((self.hot_slot >= 0).all())
+
+    def cold_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
+        """int32 [T, k]: topk_ids with the hot experts' picks masked to -1 (what the engine computes)."""
+        ids = topk_ids.to(torch.int32)
+        return ids if self.hot_slot is None else torch.where(self.hot_slot[ids.long().clamp(min=0)] >= 0, -1, ids)
+
+    def hot(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor | None:
+        """The hot experts' part, f32 [T, H] (no host sync: capturable), or None when the layer has none."""
+        if self.hot_slot is None:
+            return None
+        return grouped_experts(hidden, topk_weights, topk_ids.to(torch.int32), self.hot_w13, self.hot_w2,
+                               self.activation, self.gated, self.hot_slot)
+
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] bf16, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype.
 
         T must be one of the steps' batch sizes (pad the batch to the captured size)."""
         step = self.steps[hidden.shape[0]]
-        ids = topk_ids.to(torch.int32)
-        cold_ids = ids if self.hot_slot is None else torch.where(self.hot_slot[ids.long().clamp(min=0)] >= 0, -1, ids)
-        step.begin(self.layer, hidden, topk_weights, cold_ids)
+        step.begin(self.layer, hidden, topk_weights, self.cold_ids(topk_ids))
         ev = step.events
         if ev:
             ev["gpu0"].record()
-        hot = None
-        if self.hot_slot is not None:
-            hot = grouped_experts(hidden, topk_weights, ids, self.hot_w13, self.hot_w2, self.activation, self.gated,
-                                  self.hot_slot)
+        hot = self.hot(hidden, topk_weights, topk_ids)
         if ev:
             ev["gpu1"].record()
         cold = step.end()

@@ -8,6 +8,9 @@ harness calls `route` itself. The same code runs on the CPU (CI) and on CUDA (th
         otherwise                   : hot ids -> torch on the device      (HotExperts)
                                       cold ids (hot ones masked to -1) -> engine.forward on the host
                                       sum of both
+        CUDA, with `decode` (cuda_graph_step.HybridDecodeLayer): for T among its step sizes the engine's part goes
+        device -> pinned -> host-callback node -> pinned -> device on the current stream, capturable in a CUDA
+        graph; hot experts then run as one grouped GEMM (no host sync). Other T: the blocking copies above.
 Shared experts are the caller's business (vLLM runs them itself), so they overlap with the engine's host work.
 """
 
@@ -21,6 +24,7 @@ import torch.nn.functional as F
 
 if TYPE_CHECKING:
     from .arch import Routing
+    from .cuda_graph_step import HybridDecodeLayer
 
 GPTOSS_ALPHA, GPTOSS_LIMIT = 1.702, 7.0
 
@@ -243,22 +247,29 @@ class HybridMoE:
 
     `engine` is anything with `forward(layer, hidden, topk_ids, topk_weights, out)` on host tensors (the C++
     `engine.Engine`); None is allowed only when every expert is hot. `streamer` serves the whole-layer path used at
-    or above `gpu_prefill_min_tokens` tokens (None disables it).
+    or above `gpu_prefill_min_tokens` tokens (None disables it). `decode` (CUDA) replaces `hot`: it holds the hot
+    experts as bf16 for grouped GEMMs and the graph-safe engine steps of its batch sizes.
     """
 
     def __init__(self, layer: int, num_experts: int, activation: str, gated: bool, engine: ColdEngine | None,
                  hot: HotExperts | None = None, streamer: ExpertStreamer | None = None,
-                 gpu_prefill_min_tokens: int | None = None):
+                 gpu_prefill_min_tokens: int | None = None, decode: "HybridDecodeLayer | None" = None):
+        if decode is not None and hot is not None:
+            raise ValueError(f"layer {layer}: hot experts go either in `hot` or in `decode`, not both")
         self.layer, self.num_experts, self.activation, self.gated = layer, num_experts, activation, gated
-        self.engine, self.hot, self.streamer = engine, hot, streamer
+        self.engine, self.hot, self.streamer, self.decode = engine, hot, streamer, decode
         self.gpu_prefill_min_tokens = gpu_prefill_min_tokens
-        self.all_hot = hot is not None and bool((hot.slot >= 0).all())
+        self.all_hot = (hot is not None and bool((hot.slot >= 0).all())) or (decode is not None and decode.all_hot)
         if engine is None and not self.all_hot:
             raise ValueError(f"layer {layer}: cold experts need an engine")
 
     def uses_whole_layer(self, num_tokens: int) -> bool:
         return (self.streamer is not None and self.gpu_prefill_min_tokens is not None
                 and num_tokens >= self.gpu_prefill_min_tokens)
+
+    def uses_decode_step(self, num_tokens: int) -> bool:
+        """True when a T-token batch runs through the graph-safe step (pinned buffers, host-callback node)."""
+        return self.decode is not None and not self.all_hot and num_tokens in self.decode.steps
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden [T,H] bf16|f32 on the device, topk_weights f32 [T,k], topk_ids int [T,k] -> [T,H] hidden's dtype."""
@@ -267,9 +278,14 @@ class HybridMoE:
         if self.uses_whole_layer(hidden.shape[0]):
             w = self.streamer.get(self.layer)
             return experts_torch(hidden, topk_weights, topk_ids, w, self.activation, self.gated).to(hidden.dtype)
+        if self.uses_decode_step(hidden.shape[0]):
+            return self.decode(hidden, topk_weights, topk_ids)
         out = None
         cold_ids = topk_ids
-        if self.hot is not None:
+        if self.decode is not None:
+            out = self.decode.hot(hidden, topk_weights, topk_ids)
+            cold_ids = self.decode.cold_ids(topk_ids)
+        elif self.hot is not None:
             out = experts_torch(hidden, topk_weights, topk_ids, self.hot.weights, self.activation, self.gated,
                                 self.hot.slot)
             cold_ids = torch.where(self.hot.slot[topk_ids.long().clamp(min=0)] >= 0, -1, topk_ids)

@@ -9,7 +9,9 @@ that behaves exactly like the original unless the engine config carries a plan:
 With a plan, each routed-expert layer gets `LvllmMoEMethod` as its quantization method: it allocates no memory for
 routed experts (empty placeholders), drops their checkpoint tensors, loads the layer from the expert store into the
 CPU engine (cold) and the device (hot), and runs `hybrid.HybridMoE` where vLLM would run its fused-MoE kernel.
-vLLM still does routing, shared experts, attention, TP all-reduce and everything else. Bad plans, stores or
+On CUDA, batches of up to max_num_seqs tokens and of every CUDA-graph capture size run the engine as a host-callback
+node between pinned copies on the current stream (`cuda_graph_step`), so full CUDA graphs (FULL_DECODE_ONLY,
+FULL_AND_PIECEWISE) capture it; larger batches copy blocking or take the GPU-prefill path. vLLM still does routing, shared experts, attention, TP all-reduce and everything else. Bad plans, stores or
 versions fail while the model is being built, before any weight is read.
 """
 
@@ -178,6 +180,7 @@ class _Runtime:
     model_dir: str
     engine: Any = None
     streamer: ExpertStreamer | None = None
+    decode_steps: dict | None = None  # {T: cuda_graph_step.CpuStep} shared by every layer (CUDA only)
 
     @classmethod
     def start(cls, plan_dict: dict[str, Any]) -> "_Runtime":
@@ -259,6 +262,25 @@ class _Runtime:
                      list(nodes), self.engine.isa, cpus)
         return self.engine
 
+    def steps_for_decode(self, device: torch.device, top_k: int) -> dict:
+        """The process's graph-safe engine steps {T: CpuStep} on `device` (one pinned buffer set of the largest T):
+        every T up to max_num_seqs (eager decode) and every CUDA-graph capture size, within the engine's max tokens.
+        Layers add their host calls as they load (`CpuStep.add_layer`)."""
+        if self.decode_steps is None:
+            from vllm.config import get_current_vllm_config
+
+            from .cuda_graph_step import shared_steps
+
+            cfg = get_current_vllm_config()
+            sizes = set(range(1, cfg.scheduler_config.max_num_seqs + 1))
+            sizes |= set(cfg.compilation_config.cudagraph_capture_sizes or ())
+            sizes = sorted(t for t in sizes if t <= self.plan.max_batch_tokens)
+            dtype = cfg.model_config.dtype if cfg.model_config.dtype == torch.float32 else torch.bfloat16
+            self.decode_steps = shared_steps(self.engine, [], sizes, self.store.manifest.hidden_size, top_k, dtype,
+                                             device)
+            log.info("lvllm: graph-safe engine steps for batch sizes %s (%s, pinned host buffers)", sizes, dtype)
+        return self.decode_steps
+
     def whole_layer_streamer(self, device: torch.device) -> ExpertStreamer | None:
         """One streamer per process for the GPU-prefill path; built after every layer registered its weights."""
         if self.plan.gpu_prefill_min_tokens is None:
@@ -298,7 +320,8 @@ class LvllmMoEMethod(FusedMoEMethodBase):
         streamer = rt.whole_layer_streamer(device)
         # The joined rank slice is a copy when the rank has several nodes: made only for hot experts / streaming.
         weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size) if hot_ids or streamer else None
-        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids else None
+        on_cuda = device.type == "cuda"
+        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids and not on_cuda else None
         if self.engine is not None:
             start = time.perf_counter()
             self.engine.load_layer(self.layer, shards)
@@ -306,10 +329,21 @@ class LvllmMoEMethod(FusedMoEMethodBase):
             seconds = max(time.perf_counter() - start, 1e-9)
             log.info("lvllm: loaded layer %d experts (%.1f MB, %.2f GB/s)", self.layer, nbytes / 1e6,
                      nbytes / seconds / 1e9)
+        decode = None
+        if on_cuda:  # hot experts as bf16 for grouped GEMMs; the engine through host-callback steps
+            from .cuda_graph_step import HybridDecodeLayer, hot_experts
+
+            steps: dict = {}
+            if self.engine is not None:
+                steps = rt.steps_for_decode(device, layer.moe_config.experts_per_token)
+                for step in steps.values():
+                    step.add_layer(self.layer)
+            decode = HybridDecodeLayer(self.layer, steps, m.activation, m.gated,
+                                       hot_experts(weights, hot_ids, m.num_experts, device) if hot_ids else None)
         if streamer is not None:
             streamer.add(self.layer, weights)
         _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, self.engine, hot,
-                                        streamer, rt.plan.gpu_prefill_min_tokens)
+                                        streamer, rt.plan.gpu_prefill_min_tokens, decode)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         return torch.ops.lvllm.hybrid_moe(x, topk_weights, topk_ids, self.layer)

@@ -13,11 +13,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer, hot_experts
+from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer, StepBuffers, hot_experts, shared_steps
 from lvllm_runtime.engine import Engine
 from lvllm_runtime.errors import BadInput, EngineError
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts
-from lvllm_runtime.hybrid import LayerWeights, experts_torch
+from lvllm_runtime.hybrid import HybridMoE, LayerWeights, experts_torch, join_node_slices
 from lvllm_runtime.quant import dequantize_int4
 
 H, I, E, K, G = 128, 64, 8, 2, 32
@@ -144,6 +144,58 @@ def test_decode_step_hostcall_with_hot_experts(nodes):
         assert got.shape == (t, H) and got.dtype == torch.bfloat16
         assert rel(got, reference(hidden, w, ids, layer)) < 2e-2
     assert steps[1].calls[0].last_run()[1] == 3 and steps[4].calls[0].last_run()[1] == 3
+
+
+def test_shared_steps_serve_every_size_from_one_buffer_set():
+    """The plugin's CUDA bookkeeping, run on the CPU: one max-size buffer set, a step per batch size viewing its leading
+    rows, host calls added layer by layer; HybridMoE takes the step path for those sizes and the blocking path for the
+    others, and both equal the reference (hot experts on the grouped-GEMM path either way)."""
+    gen = torch.Generator().manual_seed(21)
+    layers = {L: random_layer(gen, 2) for L in (3, 7)}
+    eng = Engine(H, I // 2, E, "silu_glu", True, "int4", G, [[0], [0]], 16)
+    sizes = (1, 2, 3, 5)
+    steps = shared_steps(eng, [], sizes, H, K, torch.bfloat16, "cpu")
+    moe = {}
+    for L, shards in layers.items():
+        eng.load_layer(L, shards)
+        for step in steps.values():
+            step.add_layer(L)
+        hot = hot_experts(join_node_slices(shards, "int4", True, G), [1, 6], E, "cpu")
+        moe[L] = HybridMoE(L, E, "silu_glu", True, eng, decode=HybridDecodeLayer(L, steps, "silu_glu", True, hot))
+    base = steps[5].buffers
+    for t, step in steps.items():
+        assert step.buffers is base and step.h_pin.data_ptr() == base.h_pin.data_ptr()
+        assert step.out_pin.data_ptr() == base.out_pin.data_ptr() and step.h_pin.shape == (t, H)
+        assert sorted(step.calls) == [3, 7]
+    for t in (1, 4, 3, 6, 5, 2):
+        hidden = torch.randn(t, H, generator=gen).bfloat16()
+        w, ids = routing(gen, t)
+        for L in (3, 7):
+            before = {s: step.calls[L].last_run()[1] for s, step in steps.items()}
+            got = moe[L].forward(hidden, w, ids)
+            assert got.shape == (t, H) and got.dtype == torch.bfloat16
+            assert rel(got, reference(hidden, w, ids, join_node_slices(layers[L], "int4", True, G))) < 2e-2
+            runs = {s: step.calls[L].last_run()[1] - before[s] for s, step in steps.items()}
+            assert moe[L].uses_decode_step(t) == (t in sizes)
+            assert runs == {s: int(s == t) for s in sizes}  # only the step of this exact size ran, once
+    with pytest.raises(ValueError, match="cannot hold"):
+        CpuStep(eng, [3], 6, H, K, torch.bfloat16, "cpu", base)
+    with pytest.raises(ValueError, match="cannot hold"):
+        CpuStep(eng, [3], 2, H, K, torch.float32, "cpu", StepBuffers(4, H, K, torch.bfloat16, "cpu"))
+
+
+def test_hybrid_moe_all_hot_decode_needs_no_engine():
+    gen = torch.Generator().manual_seed(22)
+    layer = LayerWeights(random_layer(gen)[0], "int4", G)
+    dec = HybridDecodeLayer(0, {}, "silu_glu", True, hot_experts(layer, list(range(E)), E, "cpu"))
+    moe = HybridMoE(0, E, "silu_glu", True, None, decode=dec)
+    hidden = torch.randn(3, H, generator=gen).bfloat16()
+    w, ids = routing(gen, 3)
+    assert moe.all_hot and not moe.uses_decode_step(3)
+    assert rel(moe.forward(hidden, w, ids), reference(hidden, w, ids, layer)) < 2e-2
+    with pytest.raises(ValueError, match="cold experts need an engine"):
+        HybridMoE(0, E, "silu_glu", True, None, decode=HybridDecodeLayer(0, {}, "silu_glu", True,
+                                                                         hot_experts(layer, [0], E, "cpu")))
 
 
 def test_hot_experts_from_store_formats():
