@@ -1,7 +1,8 @@
 """Lazy reader of a Hugging Face MoE checkpoint's routed experts: one expert at a time, read with pread from each
 safetensors file (index or single file), dequantized from BF16/FP16/FP32, FP8 block (`weight_scale_inv`), FP8
-compressed-tensors (`weight_scale`, per tensor / channel / block), or kept packed for compressed-tensors INT4
-`pack-quantized`; gpt-oss expert biases are read beside the weights, de-interleaved the same way.
+compressed-tensors (`weight_scale`, per tensor / channel / block) or gpt-oss MXFP4 (`*_blocks` + `*_scales`), or kept
+packed for compressed-tensors INT4 `pack-quantized`; gpt-oss expert biases are read beside the weights, de-interleaved
+the same way.
 
 Everything a later step would trip over (missing index and file, a corrupt header, a tensor the index promises but
 the file lacks, an unsupported architecture) is found by `Checkpoint.open`, before any output is written. Only the
@@ -148,8 +149,8 @@ def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
 class Checkpoint:
     """The routed experts of one checkpoint directory (config.json + index or single model.safetensors).
 
-    `source_format` is "bf16" | "fp16" | "fp32" | "fp8_block" | "fp8_ct" | "int4_ct"; `group_size` is the INT4 group
-    of an "int4_ct" source (else None).
+    `source_format` is "bf16" | "fp16" | "fp32" | "fp8_block" | "fp8_ct" | "int4_ct" | "mxfp4"; `group_size` is the
+    INT4 group of an "int4_ct" source (else None).
     """
 
     def __init__(self, path: Path, config: dict, model: arch.MoEModel, files: dict[str, SafetensorsFile],
@@ -204,6 +205,8 @@ class Checkpoint:
         layer = self.model.moe_layers[0]
         if self.model.layout == "fused":
             name = self.model.fused_names(layer)["gate_up"]
+            if f"{name}_blocks" in self._where:
+                return "mxfp4", None
             self._need(name)
             return _plain_format(self._where[name].dtype(name), name), None
         base = self._bases(layer, 0)["up"]
@@ -228,6 +231,21 @@ class Checkpoint:
             raise CorruptCheckpoint(f"{base}.weight is FP8 with no weight_scale_inv or weight_scale", "re-download the checkpoint")
         return _plain_format(dtype, f"{base}.weight"), None
 
+    def _check_mxfp4(self, layer: int) -> None:
+        """MXFP4 blocks [E, rows, cols/32, 16] and scales [E, rows, cols/32] of the shapes config.json implies."""
+        m = self.model
+        rows13 = (2 if m.gated else 1) * m.intermediate_size
+        expect = {"gate_up": (rows13, m.hidden_size), "down": (m.hidden_size, m.intermediate_size)}
+        for key, name in m.fused_names(layer).items():
+            rows, cols = expect[key]
+            shapes = {"blocks": [m.num_experts, rows, cols // 32, 16], "scales": [m.num_experts, rows, cols // 32]}
+            for part, shape in shapes.items():
+                self._need(f"{name}_{part}")
+                got = self._shape(f"{name}_{part}")
+                if got != shape or cols % 32:
+                    raise CorruptCheckpoint(f"{name}_{part} has shape {got}, config.json implies {shape}",
+                                            "check that the checkpoint matches its config.json")
+
     def _bias_names(self, layer: int) -> dict[str, str]:
         """{"gate_up": [E, 2I] name, "down": [E, H] name} of a fused layer's expert biases (gpt-oss); {} without."""
         if not self.model.expert_bias:
@@ -237,7 +255,10 @@ class Checkpoint:
     def _tensor_names(self, layer: int, expert: int) -> list[str]:
         """Every on-disk tensor one expert is read from."""
         if self.model.layout == "fused":
-            return list(self.model.fused_names(layer).values()) + list(self._bias_names(layer).values())
+            fused = list(self.model.fused_names(layer).values())
+            if self.source_format == "mxfp4":
+                fused = [f"{n}_{part}" for n in fused for part in ("blocks", "scales")]
+            return fused + list(self._bias_names(layer).values())
         suffix = {
             "int4_ct": ("weight_packed", "weight_scale"),
             "fp8_block": ("weight", "weight_scale_inv"),
@@ -247,6 +268,8 @@ class Checkpoint:
 
     def _check_all_experts(self) -> None:
         for layer in self.model.moe_layers:
+            if self.source_format == "mxfp4":
+                self._check_mxfp4(layer)
             experts = [0] if self.model.layout == "fused" else range(self.model.num_experts)
             for e in experts:
                 for name in self._tensor_names(layer, e):
@@ -319,10 +342,14 @@ class Checkpoint:
 
     def _read_fused(self, layer: int, expert: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
         names = self.model.fused_names(layer)
-        gate_up = self._get(names["gate_up"], expert)
-        down = self._get(names["down"], expert)
-        if self.model.fused_transposed:
-            gate_up, down = gate_up.t(), down.t()
+        if self.source_format == "mxfp4":  # [out, in] blocks whatever the BF16 layout's orientation
+            gate_up, down = (dequant_mxfp4(self._get(f"{names[k]}_blocks", expert), self._get(f"{names[k]}_scales", expert))
+                             for k in ("gate_up", "down"))
+        else:
+            gate_up = self._get(names["gate_up"], expert)
+            down = self._get(names["down"], expert)
+            if self.model.fused_transposed:
+                gate_up, down = gate_up.t(), down.t()
         gate, up = self._split_gate_up(gate_up)
         out = {"gate": gate, "up": up, "down": down} if self.model.gated else {"up": gate_up, "down": down}
         return {k: v.to(dtype).contiguous() for k, v in out.items()}
@@ -369,6 +396,17 @@ def fp8_e4m3_scaled_bits(q: torch.Tensor) -> torch.Tensor:
 
 
 FP8_BITS_SCALE = 2.0**120
+FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """MXFP4 (gpt-oss): blocks uint8 [N, K/32, 16] (two E2M1 codes a byte, the even column in the low nibble),
+    scales uint8 [N, K/32] (E8M0: 2**(s-127) per 32 columns) -> float32 [N, K]."""
+    n, groups, half = blocks.shape
+    blocks, scales = blocks.view(torch.uint8), scales.view(torch.uint8)  # E8M0 scales may be typed F8_E8M0 on disk
+    codes = torch.stack((blocks & 15, blocks >> 4), dim=-1).long()  # [N, K/32, 16, 2]: even, odd column
+    values = FP4_E2M1[codes].reshape(n, groups, 2 * half)
+    return (values * torch.exp2(scales.float() - 127).unsqueeze(-1)).reshape(n, groups * 2 * half)
 
 
 def _dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:

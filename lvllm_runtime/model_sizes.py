@@ -23,7 +23,7 @@ class ModelSource:
     path: str
     config_sha256: str
     nonexpert_format: str  # bf16 | fp16 | fp32 | fp8
-    expert_source_format: str  # bf16 | fp16 | fp32 | fp8 | int4
+    expert_source_format: str  # bf16 | fp16 | fp32 | fp8 | int4 | mxfp4
     source_group_size: int | None = None
     checkpoint_bytes: dict[str, int] | None = None  # role -> bytes, from safetensors headers
     unquantized: frozenset[str] = frozenset()  # roles a quantized checkpoint keeps in 16 bits
@@ -50,6 +50,8 @@ def _formats(config: dict) -> tuple[str, str, int | None]:
     method = q.get("quant_method")
     if method == "fp8":
         return "fp8", "fp8", None
+    if method == "mxfp4":  # gpt-oss: only the routed experts are MXFP4
+        return base, "mxfp4", None
     if method == "compressed-tensors":
         fmt = q.get("format")
         group = None
@@ -70,8 +72,9 @@ BYTES = {"bf16": 2, "fp16": 2, "fp32": 4, "fp8": 1}
 
 def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
     """Bytes of `t.count` tensors stored in `fmt`: fp8 = block-scaled (f32 scale per 128x128); int4 = compressed-
-    tensors pack-quantized (packed int32 [N, K/8], bf16 scale [N, K/g], int64 shape [2]). Only 2-D projections
-    are quantized; vectors stay 16-bit (f32 where the tensor is f32)."""
+    tensors pack-quantized (packed int32 [N, K/8], bf16 scale [N, K/g], int64 shape [2]); mxfp4 = two E2M1 codes a
+    byte plus one E8M0 scale per 32 columns. Only 2-D projections are quantized; vectors stay 16-bit (f32 where the
+    tensor is f32)."""
     if t.f32 or (fmt == "fp32"):
         return 4 * t.numel * t.count
     if not t.linear:  # vectors, embeddings, routers: 16-bit in every checkpoint format
@@ -79,6 +82,9 @@ def tensor_bytes(t: Tensor, fmt: str, group: int | None = None) -> int:
     if t.linear and fmt == "fp8":
         n, k = t.shape
         return t.count * (n * k + 4 * math.ceil(n / 128) * math.ceil(k / 128))
+    if t.linear and fmt == "mxfp4":
+        n, k = t.shape
+        return t.count * (n * k // 2 + n * k // 32)
     if t.linear and fmt == "int4":
         n, k = t.shape
         return t.count * (n * k // 2 + 2 * n * (k // int(group or 128)) + 16)

@@ -1,5 +1,5 @@
-"""Checkpoint reader: FP8 dequantization variants, sharded index == single file, compressed-tensors FP8, and every
-malformed input found at open with a clear error."""
+"""Checkpoint reader: FP8 dequantization variants, sharded index == single file, compressed-tensors FP8, gpt-oss
+MXFP4 against transformers' dequantization, and every malformed input found at open with a clear error."""
 
 from __future__ import annotations
 
@@ -163,3 +163,83 @@ def test_unsupported_architecture_and_asymmetric_int4(zoo, tmp_path):
     save_file(tensors, out / "model.safetensors")
     with pytest.raises(BadInput, match="asymmetric"):
         Checkpoint.open(out)
+
+
+FP4_E2M1 = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0])
+
+
+def _mxfp4_encode(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """w float [E, N, K] -> (blocks uint8 [E, N, K/32, 16], scales uint8 [E, N, K/32]): per 32 columns a power-of-two
+    scale putting max|w| within E2M1's 6, each value rounded to the nearest E2M1 code, even column in the low nibble."""
+    g = w.float().reshape(*w.shape[:-1], -1, 32)
+    exp = torch.ceil(torch.log2(g.abs().amax(-1).clamp_min(2.0**-100) / 6)).clamp(-127, 127)
+    codes = (g / torch.exp2(exp).unsqueeze(-1)).unsqueeze(-1).sub(FP4_E2M1).abs().argmin(-1).to(torch.uint8)
+    return codes[..., 0::2] | (codes[..., 1::2] << 4), (exp + 127).to(torch.uint8)
+
+
+def _gpt_oss_mxfp4(src: Path, dst: Path) -> Path:
+    """The zoo's BF16 gpt-oss rewritten as the hub ships it: experts in MXFP4, [out, in] blocks, biases in BF16."""
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            shutil.copy(f, dst / f.name)
+    tensors = load_file(src / "model.safetensors")
+    for name in [n for n in tensors if n.endswith(("experts.gate_up_proj", "experts.down_proj"))]:
+        # BF16 layout: gate_up [E, H, 2I], down [E, I, H]; MXFP4 stores [E, 2I, H] and [E, H, I]
+        tensors[f"{name}_blocks"], tensors[f"{name}_scales"] = _mxfp4_encode(tensors.pop(name).transpose(1, 2))
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((dst / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+        "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def test_gpt_oss_mxfp4_reads_as_transformers_dequantizes(zoo, tmp_path):
+    """An MXFP4 gpt-oss checkpoint: every expert equals transformers' own MXFP4 dequantization (de-interleaved),
+    biases pass, a BF16 store of it holds exactly those weights, and its expert bytes are predicted from config.json."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from lvllm_runtime import model_sizes
+    from lvllm_runtime.model_shapes import ROUTED
+    from lvllm_runtime.quantize import QuantizeOptions, quantize
+    from lvllm_runtime.store import ExpertStore
+
+    path = _gpt_oss_mxfp4(zoo("gpt_oss", "bf16"), tmp_path / "mxfp4")
+    ckpt = Checkpoint.open(path)
+    assert ckpt.source_format == "mxfp4" and ckpt.expert_bias
+    raw = load_file(path / "model.safetensors")
+    for layer in ckpt.model.moe_layers:
+        base = f"model.layers.{layer}.mlp.experts"
+        # transformers returns the BF16 layout: gate_up [E, H, 2I] (gate/up interleaved columns), down [E, I, H]
+        gate_up = convert_moe_packed_tensors(raw[f"{base}.gate_up_proj_blocks"], raw[f"{base}.gate_up_proj_scales"])
+        down = convert_moe_packed_tensors(raw[f"{base}.down_proj_blocks"], raw[f"{base}.down_proj_scales"])
+        for e in range(ckpt.model.num_experts):
+            got = ckpt.read_expert(layer, e)
+            assert torch.equal(got["gate"], gate_up[e, :, 0::2].t().float())
+            assert torch.equal(got["up"], gate_up[e, :, 1::2].t().float())
+            assert torch.equal(got["down"], down[e].t().float())
+            assert got["gate"].abs().max() > 0
+    out = tmp_path / "store"
+    quantize(path, out, QuantizeOptions(weight_format="bf16", numa_nodes=2, workers=1))
+    store = ExpertStore.open(out)
+    assert store.manifest.source_format == "mxfp4" and store.manifest.expert_bias
+    for e in range(ckpt.model.num_experts):
+        src = ckpt.read_expert(1, e)
+        w13, w2 = store.expert(1, e)
+        assert torch.equal(w13, torch.cat([src["gate"], src["up"]])) and torch.equal(w2, src["down"])
+        b = ckpt.read_expert_bias(1, e)
+        assert torch.equal(store.expert_bias(1, e)[0], torch.cat([b["gate"], b["up"]]))
+    sizes = model_sizes.load_model(path)
+    assert sizes.expert_source_format == "mxfp4"
+    assert model_sizes.predicted_checkpoint_bytes(sizes)[ROUTED] == sizes.checkpoint_bytes[ROUTED]
+
+
+def test_mxfp4_scales_of_the_wrong_shape(zoo, tmp_path):
+    path = _gpt_oss_mxfp4(zoo("gpt_oss", "bf16"), tmp_path / "mxfp4")
+    tensors = load_file(path / "model.safetensors")
+    name = "model.layers.1.mlp.experts.down_proj_scales"
+    tensors[name] = tensors[name][:, :, :1].contiguous()
+    save_file(tensors, path / "model.safetensors")
+    with pytest.raises(CorruptCheckpoint, match="down_proj_scales has shape"):
+        Checkpoint.open(path)
