@@ -48,7 +48,9 @@ SPLIT = ["vllm::unified_attention_with_output", "vllm::unified_mla_attention_wit
          "vllm::kda_attention", "vllm::sparse_attn_indexer", "vllm::rocm_aiter_sparse_attn_indexer",
          "vllm::deepseek_v4_attention", "vllm::hpc_rope_norm_forward", "vllm::unified_kv_cache_update",
          "vllm::unified_mla_kv_cache_update", "vllm::moe_forward", "vllm::moe_forward_shared"]
-# name -> (store, extra vLLM arguments); "vllm-offload" is stock vLLM without lvllm
+# name -> (store, extra vLLM arguments); "vllm-offload" is stock vLLM without lvllm. Names ending in "-bi" run with
+# VLLM_BATCH_INVARIANT=1: FA3 then uses one KV split in eager and graph runs alike (by default eager decode takes FA3's
+# split heuristic and full graphs up to 32 splits, a different summation order), so eager == graph replay is testable.
 RUNS = {
     "int4-eager": ("int4", ["--enforce-eager"]),
     "int4-piecewise-moe-split": ("int4", ["--compilation-config",
@@ -63,6 +65,7 @@ RUNS = {
                                      json.dumps({"mode": 0, "cudagraph_mode": "FULL_DECODE_ONLY"})]),
     "vllm-offload": (None, ["--cpu-offload-gb", "CPU_GB", "--cpu-offload-params", "experts"]),
 }
+RUNS["int4-eager-bi"], RUNS["int4-full-nocompile-bi"] = RUNS["int4-eager"], RUNS["int4-full-nocompile"]
 RESULTS: dict = {"runs": {}}
 
 
@@ -211,7 +214,8 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
     res: dict = {"command": " ".join(cmd)}
     logf = open(logs / f"{name}.log", "w")
     t = time.time()
-    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True)
+    env = {**os.environ, "VLLM_BATCH_INVARIANT": "1"} if name.endswith("-bi") else None
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         while True:
