@@ -129,6 +129,13 @@ def test_gpt_oss_expert_biases(zoo, tmp_path, fmt, nodes):
     # node 0's shard is the bigger one: it alone holds w2.bias
     assert [model_sizes.store_layer_bytes(shape, fmt, man.group_size, nodes, n) * layers for n in range(nodes)] == data
 
+    # The biases are covered by the sha256: a flipped byte of w2.bias (node 0's last tensor) is redone on --resume.
+    damaged = store.path / layer_file(man.moe_layers[-1], 0)
+    good = damaged.read_bytes()
+    damaged.write_bytes(good[:-1] + bytes([good[-1] ^ 1]))
+    again = quantize(src, tmp_path / "s", QuantizeOptions(weight_format=fmt, numa_nodes=nodes, workers=2, resume=True))
+    assert again.layers_written == (man.moe_layers[-1],) and damaged.read_bytes() == good
+
 
 # --- the command line -----------------------------------------------------------------------------------------
 
