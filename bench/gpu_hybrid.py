@@ -1,11 +1,13 @@
 """The GPU half on the H100 box (issue 8), in one call: checks, then times, then writes JSON + a markdown table.
 
     python bench/gpu_hybrid.py --out $OUT [--layers 48] [--stages env,bw,layer,prefill,model]
+    python bench/gpu_hybrid.py --out $OUT --shape qwen3-235b-a22b --layers 8 --hot plan   # experts beyond the GPU
 
 Stages (each one's result or error lands in gpu_hybrid.json as soon as it ends, so a cut-off run keeps its part):
   env      device, versions, cpus
   bw       ceilings: CPU read bandwidth with the engine's cores, pinned H2D bandwidth, bf16 GEMM rate
-  layer    one Qwen3-30B-A3B MoE layer (E 128, top-8, H 2048, I 768, INT4 g128 random store, 16 hot experts):
+  layer    one MoE layer of --shape (Qwen3-30B-A3B: E 128, top-8, H 2048, I 768; INT4 g128 random store; --hot
+           hot experts, or as many as `lvllm plan` keeps per layer for the whole model on this GPU):
            CUDA-graph replay == eager == all-GPU f32 reference over fresh routings at T = 1 and 4; per-layer split
            (D2H copy / host node / engine CPU time / H2D / hot-expert GPU / wait) and graph replay time
   prefill  one layer: streamed GPU prefill == CPU engine; per-layer time at 1K / 8K tokens for both, vs bounds
@@ -42,12 +44,50 @@ from lvllm_runtime.engine import Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
 
-# Qwen3-30B-A3B config.json numbers
-Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
-          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128, num_experts_per_tok=8,
-          vocab_size=151936, norm_topk_prob=True, rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960)
+# config.json numbers of the real models (--shape); the bench builds --layers of them
+SHAPES = {
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=48,
+                          num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                          num_experts_per_tok=8, vocab_size=151936, norm_topk_prob=True, rms_norm_eps=1e-6,
+                          rope_theta=1e6, max_position_embeddings=40960),
+    # experts: 94 x 128 x 9.7 MB = 117 GB in INT4 g128, beyond an H100 (the plan keeps part of each layer hot)
+    "qwen3-235b-a22b": dict(hidden_size=4096, intermediate_size=12288, moe_intermediate_size=1536,
+                            num_hidden_layers=94, num_attention_heads=64, num_key_value_heads=4, head_dim=128,
+                            num_experts=128, num_experts_per_tok=8, vocab_size=151936, norm_topk_prob=True,
+                            rms_norm_eps=1e-6, rope_theta=1e6, max_position_embeddings=40960),
+}
+Q3 = SHAPES["qwen3-30b-a3b"]
 H, I, E, K, G = 2048, 768, 128, 8, 128
 ROUTING = Routing(scoring="softmax", top_k=K, renormalize=True)
+
+
+def set_shape(name: str) -> None:
+    """Point the module's shape constants (read by every stage) at SHAPES[name]."""
+    global Q3, H, I, E, K, ROUTING
+    Q3 = SHAPES[name]
+    H, I, E, K = Q3["hidden_size"], Q3["moe_intermediate_size"], Q3["num_experts"], Q3["num_experts_per_tok"]
+    ROUTING = Routing(scoring="softmax", top_k=K, renormalize=True)
+
+
+def plan_hot(args) -> dict:
+    """Hot experts per layer as `lvllm plan` chooses them for the WHOLE model (Q3's layer count, config.json only, INT4
+    g128, this box's topology and GPU), so a --layers slice runs with the full model's GPU budget per layer."""
+    import tempfile
+
+    from lvllm_runtime.planner import PlanOptions, make_plan
+    from lvllm_runtime.topology import probe
+
+    with tempfile.TemporaryDirectory() as d:
+        cfg = {**Q3, "model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "torch_dtype": "bfloat16",
+               "hidden_act": "silu", "decoder_sparse_step": 1, "mlp_only_layers": []}
+        (Path(d) / "config.json").write_text(json.dumps(cfg))
+        plan = make_plan(d, probe(), PlanOptions(max_model_len=args.context + 1024, max_num_seqs=4,
+                                                 gpu_memory_utilization=0.9, expert_format="int4", group_size=128))
+    hot = plan["runtime"]["hot_experts"]
+    per_layer = sorted({len(v) for v in hot.values()}) if hot else [0]
+    return {"fits": plan.get("fits"), "reasons": plan.get("reasons"), "hot_per_layer": per_layer,
+            "first_layer_ids": hot.get("0", [])[:8], "gpu": plan.get("gpu_memory") or plan.get("memory"),
+            "hot": {int(k): v for k, v in hot.items()}}
 DEV = torch.device("cuda")
 RESULTS: dict = {}
 ALL_CPUS = sorted(os.sched_getaffinity(0))  # before --main-cpus narrows this thread's set
@@ -656,7 +696,9 @@ def main() -> int:
     ap.add_argument("--out", default=os.environ.get("OUT", "bench/results"))
     ap.add_argument("--stages", default="env,bw,layer,prefill,model")
     ap.add_argument("--layers", type=int, default=48)
-    ap.add_argument("--hot", type=int, default=16)
+    ap.add_argument("--hot", default="16", help="hot experts per layer (the first ids), or 'plan': lvllm plan's count "
+                                                "for the whole model on this GPU")
+    ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
     ap.add_argument("--engine-cpus", default=None, help="e.g. 1-15 (default: all but the first)")
     ap.add_argument("--check-steps", type=int, default=24)
     ap.add_argument("--time-steps", type=int, default=30)
@@ -682,6 +724,21 @@ def main() -> int:
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    set_shape(args.shape)
+    RESULTS["shape"] = {"name": args.shape, "H": H, "I": I, "E": E, "K": K, "expert_int4_bytes": expert_bytes()}
+    if args.hot == "plan":
+        try:
+            RESULTS["plan"] = plan_hot(args)
+            args.hot = max(RESULTS["plan"]["hot_per_layer"])
+            if any(v != list(range(len(v))) for v in RESULTS["plan"]["hot"].values()):
+                raise ValueError("the plan's hot ids are not the first ids of each layer (routing profile?)")
+        except Exception as e:  # noqa: BLE001 - recorded, the run goes on with no hot experts
+            traceback.print_exc()
+            RESULTS["plan"] = {"error": f"{type(e).__name__}: {e}"}
+            args.hot = 0
+        RESULTS.get("plan", {}).pop("hot", None)
+        log("plan", RESULTS["plan"], "-> hot experts per layer", args.hot)
+    args.hot = int(args.hot)
     torch.set_num_threads(1)  # the engine owns the cores (engine.py thread budget)
     fns = {"env": stage_env, "bw": stage_bw, "layer": stage_layer, "prefill": stage_prefill, "model": stage_model}
     for name in args.stages.split(","):
