@@ -190,6 +190,7 @@ class CpuStep:
         if self.on_cuda:
             self.out_dev, self.stream = b.out_dev[:tokens], b.stream
         self.calls: dict[int, HostCall] = {}
+        self._inputs: tuple[torch.Tensor, ...] | None = None  # begin's device inputs, held until end
         for layer in layers:
             self.add_layer(layer)
         self.events: dict[str, torch.cuda.Event] | None = None  # set by `profile` (eager runs only)
@@ -209,6 +210,10 @@ class CpuStep:
             call.check()
             return
         ev = self.events
+        # The side stream reads these after this call returns: keep them (a temporary cold_ids above all) alive until
+        # `end` has joined the streams, or the caching allocator hands their memory to the main stream's next
+        # kernels (under graph capture too) while the copies have not run yet.
+        self._inputs = (hidden, topk_weights, cold_ids)
         self.stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self.stream):
             if ev:
@@ -230,6 +235,7 @@ class CpuStep:
         if not self.on_cuda:
             return self.out_pin.clone()
         torch.cuda.current_stream(self.device).wait_stream(self.stream)
+        self._inputs = None
         return self.out_dev
 
     def check(self) -> None:
