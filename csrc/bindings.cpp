@@ -6,6 +6,7 @@
 #include <nanobind/stl/string.h>
 #include <nanobind/stl/vector.h>
 
+#include <algorithm>
 #include <stdexcept>
 #include <string>
 #include <vector>
@@ -127,6 +128,21 @@ ShardIn parse_shard(const Engine& eng, const nb::dict& d, size_t node) {
         s.w13 = static_cast<const uint16_t*>(check(a, (where + "w13").c_str(), {E, R, H}, {Dtype::BF16}));
         s.w2 = static_cast<const uint16_t*>(check(b, (where + "w2").c_str(), {E, H, In}, {Dtype::BF16}));
     }
+    if (d.contains("w13.bias"))
+        s.w13_bias = check(get("w13.bias"), (where + "w13.bias").c_str(), {E, R}, {Dtype::F32, Dtype::BF16}, &s.w13_bias_dtype);
+    if (d.contains("w2.bias") && node > 0)
+        fail(where + "has w2.bias: it belongs in node 0's shard only (the sum over nodes adds it once); drop it here");
+    if (d.contains("w2.bias"))
+        s.w2_bias = check(get("w2.bias"), (where + "w2.bias").c_str(), {E, H}, {Dtype::F32, Dtype::BF16}, &s.w2_bias_dtype);
+    // A key this engine does not know (a newer store, a typo) must not be ignored silently.
+    const std::vector<std::string> known = c.int4 ? std::vector<std::string>{"w13.packed", "w13.scale", "w2.packed", "w2.scale"}
+                                                  : std::vector<std::string>{"w13", "w2"};
+    for (auto item : d) {
+        const std::string key = nb::isinstance<nb::str>(item.first) ? nb::cast<std::string>(item.first) : std::string("?");
+        if (key != "w13.bias" && key != "w2.bias" && std::find(known.begin(), known.end(), key) == known.end())
+            fail(where + "has unknown key '" + key + "' for a " + (c.int4 ? "int4" : "bf16") +
+                 " engine: expected w13/w2 keys of the store layout (DESIGN.md), optionally w13.bias and w2.bias");
+    }
     return s;
 }
 
@@ -175,7 +191,7 @@ NB_MODULE(_cpu, m) {
         .def("__init__",
              [](Engine* self, int64_t hidden, int64_t intermediate, int experts, const std::string& activation, bool gated,
                 const std::string& weight_format, int group_size, std::vector<std::vector<int>> nodes, int max_tokens,
-                const std::string& isa) {
+                const std::string& isa, bool int8_activations) {
                  EngineConfig c;
                  c.hidden = hidden;
                  c.intermediate = intermediate;
@@ -189,6 +205,7 @@ NB_MODULE(_cpu, m) {
                  c.nodes = std::move(nodes);
                  c.max_tokens = max_tokens;
                  c.isa = isa;
+                 c.int8_activations = int8_activations;
                  try {
                      new (self) Engine(c);
                  } catch (const std::invalid_argument& e) {
@@ -197,9 +214,10 @@ NB_MODULE(_cpu, m) {
              },
              nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("num_experts"), nb::arg("activation"),
              nb::arg("gated"), nb::arg("weight_format"), nb::arg("group_size"), nb::arg("nodes"), nb::arg("max_tokens"),
-             nb::arg("isa") = "")
+             nb::arg("isa") = "", nb::arg("int8_activations") = true)
         .def_prop_ro("isa", [](const Engine& e) { return std::string(e.isa()); })
         .def_prop_ro("pin_failures", &Engine::pin_failures)
+        .def_prop_ro("int8_activations_max_tokens", &Engine::int8_activations_max_tokens)
         .def("has_layer", &Engine::has_layer)
         .def("read_bandwidth",
              [](Engine& e, size_t bytes_per_node, int reps) {

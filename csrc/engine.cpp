@@ -20,6 +20,7 @@ constexpr int kRowsB = 32;     // H rows per phase-B work item
 constexpr int kTokBlock = 64;  // tokens per kernel call; bounds the per-thread scratch
 constexpr int kColsC = 512;    // columns per phase-C work item
 constexpr size_t kHuge = size_t(2) << 20;
+static_assert(kRowsA == kInt4Block, "phase A quantizes each work item's h columns as one int8 block");
 
 std::string str(int64_t v) { return std::to_string(v); }
 
@@ -104,6 +105,8 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     cur_a_ = std::vector<Cursor>(nn);
     cur_b_ = std::vector<Cursor>(nn);
     hptr_.resize(nn);
+    hq_.resize(nn);
+    hqptr_.resize(nn);
     hsb_.resize(nn);
     hbuf_.resize(nn);
     ybuf_.resize(nn);
@@ -117,6 +120,15 @@ Engine::~Engine() { pool_->wait(); }
 
 void Engine::repack_expert(const ShardIn& in, NodeWeights& w, int e) const {
     const int64_t H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
+    auto bias = [e](const void* src, Dtype dt, const Buf& dst, int64_t n) {
+        if (!src) return;
+        float* d = dst.as<float>() + e * n;
+        for (int64_t i = 0; i < n; ++i)
+            d[i] = dt == Dtype::BF16 ? bf16_to_float(static_cast<const uint16_t*>(src)[e * n + i])
+                                     : static_cast<const float*>(src)[e * n + i];
+    };
+    bias(in.w13_bias, in.w13_bias_dtype, w.b13, R13);
+    bias(in.w2_bias, in.w2_bias_dtype, w.b2, H);
     if (!cfg_.int4) {
         if (kt_->repack_bf16) {
             kt_->repack_bf16(in.w13 + e * R13 * H, w.w13.as<uint16_t>() + e * R13 * H, R13, H);
@@ -156,11 +168,19 @@ void Engine::load_layer(int layer, const std::vector<ShardIn>& shards) {
     if (shards.size() != cfg_.nodes.size())
         throw std::invalid_argument("load_layer got " + str(shards.size()) + " shards for " + str(cfg_.nodes.size()) +
                                     " nodes: pass one dict per node, in node order");
+    for (size_t n = 1; n < shards.size(); ++n)
+        if (shards[n].w2_bias)
+            throw std::invalid_argument("shard " + str(n) + " has w2.bias: it belongs in node 0's shard only (the sum "
+                                        "over nodes adds it once); drop it from the other shards");
     std::lock_guard<std::mutex> g(api_mu_);
     pool_->wait();
     const size_t E = cfg_.experts, H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
     Layer fresh;
     fresh.nodes.resize(shards.size());
+    for (size_t n = 0; n < shards.size(); ++n) {
+        if (shards[n].w13_bias) fresh.nodes[n].b13 = Buf(E * R13 * 4);
+        if (shards[n].w2_bias) fresh.nodes[n].b2 = Buf(E * H * 4);
+    }
     for (auto& w : fresh.nodes) {  // allocation only; pages are first touched by the node's own threads below
         if (cfg_.int4) {
             w.w13q = Buf(E * R13 * H / 2);
@@ -269,6 +289,13 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
     }
     xptr_.resize(S);
     for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
+    q8_ = int8_activations();
+    const int64_t xr = q8_row_bytes(H), hr = q8_row_bytes(In);
+    if (q8_) {
+        grow(xq_, T * xr);
+        xqptr_.resize(S);
+        for (int64_t s = 0; s < S; ++s) xqptr_[s] = xq_.data() + int64_t(slot_tok_[s]) * xr;
+    }
     const int most = count_.empty() ? 0 : *std::max_element(count_.begin(), count_.end());
     rows_ = kt_->wants_bf16_rows && (!cfg_.int4 || most >= kt_->int4_rows_min_tokens);
     if (rows_ && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);
@@ -278,6 +305,11 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
         grow(ybuf_[n], T * H);
         hptr_[n].resize(S);
         for (int64_t s = 0; s < S; ++s) hptr_[n][s] = hbuf_[n].data() + s * In;
+        if (q8_) {
+            grow(hq_[n], std::max<int64_t>(S, 1) * hr);
+            hqptr_[n].resize(S);
+            for (int64_t s = 0; s < S; ++s) hqptr_[n][s] = hq_[n].data() + s * hr;
+        }
         cur_a_[n].v.store(0, std::memory_order_relaxed);
         cur_b_[n].v.store(0, std::memory_order_relaxed);
     }
@@ -300,28 +332,40 @@ void Engine::phase_a(int node, int gtid) {
     const bool wb = rows_;
     const int64_t H = cfg_.hidden;
     uint16_t* hsb = wb ? hsb_[node].data() : nullptr;
-    auto rows = [&](int e, int r0, int r1, const float* const* xs, const uint16_t* xb, int n, float* y) {
-        if (cfg_.int4) kt_->int4_rows(mat13(W, e), r0, r1, xs, n, y, kRowsA, xb, H);
-        else kt_->bf16_rows(bmat13(W, e), r0, r1, xs, n, y, kRowsA, xb, H);
+    const int64_t hr = q8_row_bytes(In);
+    auto rows = [&](int e, int r0, int r1, int s0, const uint16_t* xb, int n, float* y) {
+        if (!cfg_.int4) kt_->bf16_rows(bmat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
+        else if (q8_call(n)) kt_->int4_q8_rows(mat13(W, e), r0, r1, xqptr_.data() + s0, n, y, kRowsA);
+        else kt_->int4_rows(mat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
     };
     for (int it; (it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
         const int a = it / cpe, i0 = (it % cpe) * kRowsA, i1 = std::min(In, i0 + kRowsA), nr = i1 - i0;
         const int e = active_[a], off = offset_[a], cnt = count_[a];
         for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
             const int n = std::min(kTokBlock, cnt - t0);
-            const float* const* xs = xptr_.data() + off + t0;
-            const uint16_t* xb = wb ? xsb_.data() + int64_t(off + t0) * H : nullptr;
+            const int s0 = off + t0;
+            const uint16_t* xb = wb ? xsb_.data() + int64_t(s0) * H : nullptr;
             if (cfg_.gated) {
-                rows(e, i0, i1, xs, xb, n, gt);
-                rows(e, In + i0, In + i1, xs, xb, n, ut);
+                rows(e, i0, i1, s0, xb, n, gt);
+                rows(e, In + i0, In + i1, s0, xb, n, ut);
             } else {
-                rows(e, i0, i1, xs, xb, n, ut);
+                rows(e, i0, i1, s0, xb, n, ut);
             }
+            if (const float* b = W.b13.as<float>()) {  // gate rows then up rows, as w13
+                b += int64_t(e) * rows13();
+                for (int t = 0; t < n; ++t)
+                    for (int i = 0; i < nr; ++i) {
+                        if (cfg_.gated) gt[t * kRowsA + i] += b[i0 + i];
+                        ut[t * kRowsA + i] += b[(cfg_.gated ? In : 0) + i0 + i];
+                    }
+            }
+            const bool hq = cfg_.int4 && q8_call(n);  // phase B calls this expert with the same n tokens
             for (int t = 0; t < n; ++t) {
-                float* h = hb + int64_t(off + t0 + t) * In + i0;
+                float* h = hb + int64_t(s0 + t) * In + i0;
                 kt_->act(cfg_.act, cfg_.gated ? gt + t * kRowsA : nullptr, ut + t * kRowsA, h, nr);
                 if (wb)
-                    for (int i = 0; i < nr; ++i) hsb[int64_t(off + t0 + t) * In + i0 + i] = float_to_bf16(h[i]);
+                    for (int i = 0; i < nr; ++i) hsb[int64_t(s0 + t) * In + i0 + i] = float_to_bf16(h[i]);
+                if (hq) kt_->quantize_q8(h - i0, In, i0 / kInt4Block, i0 / kInt4Block + 1, hq_[node].data() + (s0 + t) * hr);
             }
         }
     }
@@ -343,14 +387,19 @@ void Engine::phase_b(int node, int gtid) {
                 const int n = std::min(kTokBlock, cnt - t0);
                 const float* const* hs = hptr_[node].data() + off + t0;
                 const uint16_t* hb = rows_ ? hsb_[node].data() + int64_t(off + t0) * In : nullptr;
-                if (cfg_.int4) kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
-                else kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                if (!cfg_.int4) kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                else if (q8_call(n)) kt_->int4_q8_rows(mat2(W, e), h0, h1, hqptr_[node].data() + off + t0, n, tmp, kRowsB);
+                else kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                const float* b2 = W.b2.as<float>() ? W.b2.as<float>() + int64_t(e) * H + h0 : nullptr;
                 for (int t = 0; t < n; ++t) {
                     const int s = off + t0 + t;
                     const float w = slot_w_[s];
                     float* yy = y + int64_t(slot_tok_[s]) * H + h0;
                     const float* src = tmp + t * kRowsB;
-                    for (int r = 0; r < nr; ++r) yy[r] += w * src[r];
+                    if (b2)
+                        for (int r = 0; r < nr; ++r) yy[r] += w * (src[r] + b2[r]);
+                    else
+                        for (int r = 0; r < nr; ++r) yy[r] += w * src[r];
                 }
             }
         }
@@ -362,17 +411,21 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
-    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_;
-    if (in_bf16 || wb) {  // phase 0: fp32 rows per token and/or bf16 rows per slot
-        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), items = (in_bf16 ? T : 0) + (wb ? S : 0);
+    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_, q8 = self->q8_;
+    if (in_bf16 || wb || q8) {  // phase 0: fp32 and/or int8 rows per token, bf16 rows per slot
+        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), tok = (in_bf16 || q8) ? T : 0;
+        const int64_t items = tok + (wb ? S : 0);
         for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
-            if (in_bf16 && it < T) {
-                const uint16_t* src = static_cast<const uint16_t*>(a.hidden) + it * H;
-                float* dst = self->xbuf_.data() + it * H;
-                for (int64_t c = 0; c < H; ++c) dst[c] = bf16_to_float(src[c]);
+            if (it < tok) {
+                if (in_bf16) {
+                    const uint16_t* src = static_cast<const uint16_t*>(a.hidden) + it * H;
+                    float* dst = self->xbuf_.data() + it * H;
+                    for (int64_t c = 0; c < H; ++c) dst[c] = bf16_to_float(src[c]);
+                }
+                if (q8) self->kt_->quantize_q8(self->x_ + it * H, H, 0, H / kInt4Block, self->xq_.data() + it * q8_row_bytes(H));
                 continue;
             }
-            const int64_t s = it - (in_bf16 ? T : 0), t = self->slot_tok_[s];
+            const int64_t s = it - tok, t = self->slot_tok_[s];
             uint16_t* dst = self->xsb_.data() + s * H;
             if (in_bf16) std::memcpy(dst, static_cast<const uint16_t*>(a.hidden) + t * H, H * 2);
             else

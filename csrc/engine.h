@@ -34,6 +34,7 @@ struct EngineConfig {
     std::vector<std::vector<int>> nodes;   // cpu ids per node, one thread each
     int max_tokens = 0;
     std::string isa;                       // "" = best available; else a name from available_isas()
+    bool int8_activations = true;          // INT4: let the table quantize activations to int8 (kernels.h)
 };
 
 // One node's slice of one layer as the store holds it (see DESIGN.md); pointers stay owned by the caller.
@@ -44,6 +45,11 @@ struct ShardIn {
     const uint16_t* w2_scale = nullptr;   // [E, H, In/g]
     const uint16_t* w13 = nullptr;        // BF16 format: [E, R13, H]
     const uint16_t* w2 = nullptr;         //              [E, H, In]
+    // Optional expert biases (gpt-oss), either format; null = zero. w2_bias only in node 0's shard (added once).
+    const void* w13_bias = nullptr;       // [E, R13] F32 or BF16, rows as w13
+    Dtype w13_bias_dtype = Dtype::F32;
+    const void* w2_bias = nullptr;        // [E, H]   F32 or BF16
+    Dtype w2_bias_dtype = Dtype::F32;
 };
 
 struct ForwardArgs {
@@ -67,6 +73,11 @@ public:
     const char* isa() const { return kt_->name; }
     int rows13() const { return cfg_.gated ? 2 * static_cast<int>(cfg_.intermediate) : static_cast<int>(cfg_.intermediate); }
     int pin_failures() const { return pool_->pin_failures(); }
+    // INT4 calls of up to this many tokens per expert multiply int8 activations (0: none do; kernels.h).
+    int int8_activations_max_tokens() const {
+        return cfg_.int4 && cfg_.int8_activations && kt_->int4_q8_rows ? kt_->int4_q8_max_tokens : 0;
+    }
+    bool int8_activations() const { return int8_activations_max_tokens() > 0; }
 
     // Copies (BF16) or repacks (INT4) every node's shard into memory first touched by that node's threads.
     void load_layer(int layer, const std::vector<ShardIn>& shards);
@@ -112,6 +123,7 @@ private:
     struct NodeWeights {
         Buf w13q, w13s, w2q, w2s;  // INT4 kernel layout / fp32 scales
         Buf w13, w2;               // BF16
+        Buf b13, b2;               // fp32 biases [E, R13] / [E, H]; empty (p null) = none
     };
     struct Layer { std::vector<NodeWeights> nodes; };
     struct alignas(64) Cursor { std::atomic<int> v{0}; };
@@ -123,7 +135,9 @@ private:
     std::string submit_locked(const ForwardArgs& a);
     void phase_a(int node, int tid);
     void phase_b(int node, int tid);
-    void grow(std::vector<float>& v, size_t n) { if (v.size() < n) v.resize(n); }
+    template <class T> static void grow(std::vector<T>& v, size_t n) { if (v.size() < n) v.resize(n); }
+    // INT4 kernel calls of n tokens take the int8-activation kernel in this forward (see KernelTable::int4_q8_rows).
+    bool q8_call(int n) const { return q8_ && n <= kt_->int4_q8_max_tokens; }
     Int4Mat mat13(const NodeWeights& w, int e) const;
     Int4Mat mat2(const NodeWeights& w, int e) const;
     Bf16Mat bmat13(const NodeWeights& w, int e) const;
@@ -153,6 +167,11 @@ private:
     bool rows_ = false;                          // this forward prepares bf16 rows (see KernelTable::wants_bf16_rows)
     std::vector<uint16_t> xsb_;                  // [S + 16, H] bf16 rows of X in slot order
     std::vector<std::vector<uint16_t>> hsb_;     // per node [S + 16, In] bf16 copy of h
+    bool q8_ = false;                            // this forward quantizes activations to int8 (INT4 tables with q8)
+    std::vector<int8_t> xq_;                     // [T] Q8 records of X (kernels.h), q8_row_bytes(H) apart
+    std::vector<const int8_t*> xqptr_;           // [S] record of each slot's token
+    std::vector<std::vector<int8_t>> hq_;        // per node [S] Q8 records of h, q8_row_bytes(In) apart
+    std::vector<std::vector<const int8_t*>> hqptr_;
     std::vector<std::vector<float>> ybuf_;       // per node [T, H]
     std::vector<std::vector<float>> scratch_;    // per thread
     std::vector<Cursor> cur_a_, cur_b_;

@@ -32,6 +32,13 @@ struct Bf16Mat {
     int64_t K;          // columns, multiple of 32
 };
 
+// Int8 activations for the INT4 x int8 kernels (kernels_q8.h): one record per token row of K columns,
+//     int8 q[K] | float d[8 * K/32] (block b's scale, repeated 8 times: one vector load) | float ds[K/32] (d_b * sum q_b)
+// with x[32 b + c] ~= d_b * q[32 b + c], q in [-127, 127]. Records start 64-byte aligned, q8_row_bytes(K) apart.
+inline int64_t q8_row_bytes(int64_t K) { return (K + 36 * (K / kInt4Block) + 63) / 64 * 64; }
+inline float* q8_scales(int8_t* rec, int64_t K) { return reinterpret_cast<float*>(rec + K); }
+inline const float* q8_scales(const int8_t* rec, int64_t K) { return reinterpret_cast<const float*>(rec + K); }
+
 // Activations reach a kernel twice over: x[t] (fp32 row pointers, any order) and, for tables that set
 // `wants_bf16_rows`, xb: the same rows as bf16, contiguous with stride ldxb elements and readable for 15 rows past nt
 // (tile kernels load whole 16-row tiles; rows past nt are padding whose results are discarded). Otherwise xb is null.
@@ -52,6 +59,11 @@ struct KernelTable {
     int int4_rows_min_tokens = 0;
     // BF16 weights in a kernel-specific layout: called at load for each expert matrix [rows, K]; null = row-major.
     void (*repack_bf16)(const uint16_t* src, uint16_t* dst, int64_t rows, int64_t K) = nullptr;
+    // INT4 x int8 (null: the table has none): y as int4_rows, from Q8 records xq[t]; used for calls of at most
+    // int4_q8_max_tokens tokens. quantize_q8 writes blocks [b0, b1) of fp32 row x [K] into record rec.
+    void (*int4_q8_rows)(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) = nullptr;
+    void (*quantize_q8)(const float* x, int64_t K, int64_t b0, int64_t b1, int8_t* rec) = nullptr;
+    int int4_q8_max_tokens = 0;
 };
 
 const KernelTable& kernels_ref();
@@ -59,6 +71,8 @@ const KernelTable& kernels_ref();
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_amx();
+// The VPDPBUSD INT4 x int8 kernel (moe_avx512vnni.cpp); only for CPUs with AVX512-VNNI.
+void int4_q8_rows_avx512vnni(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy);
 
 // Column c of row `row` (kernel layout) as the stored unsigned nibble u = q + 8; used by the reference kernel.
 inline int int4_nibble(const uint8_t* row, int64_t c) {

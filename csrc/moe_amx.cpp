@@ -2,7 +2,7 @@
 // per TDPBF16PS. A = the activations as bf16 rows (the engine passes them contiguous, see kernels.h), B = weights
 // repacked at load into 1 KiB VNNI tiles. INT4 weights with >= 16 tokens per call are dequantized per call, 16 rows
 // x 32 columns at a time, into the same VNNI tiles (scale applied, bf16) and take the same tile loop; fewer tokens
-// (decode) use the AVX-512 GEMV, which streams the nibbles once.
+// (decode) use the AVX-512 table's INT4 x int8 GEMV (kernels_q8.h), which streams the nibbles once.
 //
 // Built with -mamx-tile -mamx-bf16 (+AVX-512). With -DLVLLM_AMX_EMULATE the tile instructions become scalar code so
 // the layout and tiling are tested on machines without AMX (tests/test_engine_sanitize.py).
@@ -180,7 +180,13 @@ const KernelTable* kernels_amx() {
 #else
     const KernelTable* base = kernels_avx512();
 #endif
-    static const KernelTable t{"amx", int4_rows_amx, bf16_rows_amx, base->act, base->stream_sum, true, kTileRows, repack_vnni};
+    static const KernelTable t = [base] {
+        KernelTable k{"amx", int4_rows_amx, bf16_rows_amx, base->act, base->stream_sum, true, kTileRows, repack_vnni};
+        k.int4_q8_rows = base->int4_q8_rows;  // INT4 below a tile's 16 tokens: the base table's int8 GEMV
+        k.quantize_q8 = base->quantize_q8;
+        k.int4_q8_max_tokens = kTileRows - 1;
+        return k;
+    }();
     return &t;
 }
 

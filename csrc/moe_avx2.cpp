@@ -1,6 +1,7 @@
 // AVX2 + FMA kernels (8 fp32 lanes): the baseline every supported x86 CPU runs. Built with -mavx2 -mfma -mf16c only.
 #include <immintrin.h>
 
+#include "kernels_q8.h"
 #include "kernels_simd.h"
 
 namespace lvllm {
@@ -49,10 +50,23 @@ struct Avx2 {
     }
 };
 
+// Unsigned nibbles x signed int8 -> 8 int32 sums of 4 products (VPMADDUBSW pairs never saturate: |sum| <= 3810).
+struct Maddubs {
+    static __m256i dot(__m256i w, __m256i x) { return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)); }
+};
+
+KernelTable make_table() {
+    KernelTable t{"avx2", simd::int4_rows<Avx2>, simd::bf16_rows<Avx2>, simd::act<Avx2>, simd::stream_sum<Avx2>};
+    t.int4_q8_rows = q8::int4_rows<Maddubs>;
+    t.quantize_q8 = q8::quantize;
+    t.int4_q8_max_tokens = 1 << 30;  // every call: see bench/README.md (CPU engine) for the measured crossover
+    return t;
+}
+
 }  // namespace
 
 const KernelTable* kernels_avx2() {
-    static const KernelTable t{"avx2", simd::int4_rows<Avx2>, simd::bf16_rows<Avx2>, simd::act<Avx2>, simd::stream_sum<Avx2>};
+    static const KernelTable t = make_table();
     return &t;
 }
 

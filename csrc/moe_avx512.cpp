@@ -2,6 +2,7 @@
 // -mavx512vl -mfma. Same tile shapes as AVX2 (kernels_simd.h); twice the lanes per instruction.
 #include <immintrin.h>
 
+#include "cpu_features.h"
 #include "kernels_simd.h"
 
 namespace lvllm {
@@ -41,10 +42,20 @@ struct Avx512 {
     }
 };
 
+// INT4 x int8: VPDPBUSD where the CPU has AVX512-VNNI (moe_avx512vnni.cpp), else the AVX2 kernel (a subset ISA).
+KernelTable make_table() {
+    KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>, simd::stream_sum<Avx512>};
+    const KernelTable* avx2 = kernels_avx2();
+    t.int4_q8_rows = cpu_features().avx512_vnni ? int4_q8_rows_avx512vnni : avx2->int4_q8_rows;
+    t.quantize_q8 = avx2->quantize_q8;
+    t.int4_q8_max_tokens = avx2->int4_q8_max_tokens;
+    return t;
+}
+
 }  // namespace
 
 const KernelTable* kernels_avx512() {
-    static const KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>, simd::stream_sum<Avx512>};
+    static const KernelTable t = make_table();
     return &t;
 }
 

@@ -39,11 +39,13 @@ class Engine:
     activation one of ACTIVATIONS (relu2 means gated=False: w13 holds only the up rows);
     weight_format "int4" (group_size 32/64/128) or "bf16"; nodes: cpu ids per node, one pinned thread each;
     max_tokens: the largest T a forward may get. isa: "" picks the best kernel table (see available_isas()).
+    int8_activations: INT4 only; False keeps fp32/bf16 activations (exact to fp32, slower: see
+    int8_activations_max_tokens).
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str, gated: bool,
                  weight_format: str, group_size: int | None, nodes: Sequence[Sequence[int]], max_tokens: int,
-                 isa: str = ""):
+                 isa: str = "", int8_activations: bool = True):
         if activation not in ACTIVATIONS:
             raise BadInput(f"activation {activation!r} is unknown", f"use one of {', '.join(ACTIVATIONS)}")
         if weight_format not in WEIGHT_FORMATS:
@@ -58,7 +60,7 @@ class Engine:
         try:
             self._e = _module().Engine(int(hidden_size), int(intermediate_size), int(num_experts), activation,
                                        bool(gated), weight_format, int(group_size or 0), node_lists, int(max_tokens),
-                                       isa)
+                                       isa, bool(int8_activations))
         except ValueError as e:
             msg = str(e)
             if "AVX2" in msg or "not available" in msg:
@@ -76,6 +78,12 @@ class Engine:
     def isa(self) -> str:
         """The kernel table in use."""
         return self._e.isa
+
+    @property
+    def int8_activations_max_tokens(self) -> int:
+        """INT4 kernel calls with at most this many tokens per expert quantize activations to int8 per 32-column
+        block (llama.cpp Q8_0 style, ~1e-2 relative error against fp32 activations); 0: fp32/bf16 activations only."""
+        return int(self._e.int8_activations_max_tokens)
 
     @property
     def pin_failures(self) -> int:

@@ -79,17 +79,30 @@ def reference(x, ids, w, dense, activation, gated):
     return out
 
 
-def reference_fast(x, ids, w, dense, activation, gated):
-    """Same as reference(), grouped by expert (the per-(t, j) loop is too slow for T=513)."""
+def q8(v: torch.Tensor) -> torch.Tensor:
+    """The engine's int8 activations (kernels.h): per 32-column block d = max|v| / 127, q = round_half_even(v * 127 /
+    max|v|), in fp32 as the kernels do; returns d * q as f64."""
+    b = v.float().reshape(*v.shape[:-1], -1, 32)
+    amax = b.abs().amax(dim=-1, keepdim=True)
+    q = torch.round(b * torch.where(amax > 0, 127 / amax, torch.zeros_like(amax)))
+    return (q * (amax / 127)).reshape(v.shape).double()
+
+
+def reference_fast(x, ids, w, dense, activation, gated, int8=False, biases=None):
+    """Same as reference(), grouped by expert (the per-(t, j) loop is too slow for T=513). int8: both products take
+    q8() activations, as the INT4 x int8 kernels do. biases: per node (b13 f64 [E, R], b2 f64 [E, H] or None)."""
     x = x.double()
     out = torch.zeros_like(x)
     In = dense[0][1].shape[-1]
+    rnd = q8 if int8 else (lambda v: v)
     for e in torch.unique(ids[ids >= 0]).tolist():
         t, j = torch.nonzero(ids == e, as_tuple=True)
-        for w13, w2 in dense:
-            z = x[t] @ w13[e].T
+        for n, (w13, w2) in enumerate(dense):
+            b13, b2 = biases[n] if biases else (None, None)
+            z = rnd(x[t]) @ w13[e].T + (0 if b13 is None else b13[e])
             h = act_ref(activation, z[:, :In], z[:, In:]) if gated else act_ref(activation, None, z)
-            out.index_add_(0, t, (h @ w2[e].T) * w[t, j].double().unsqueeze(1))
+            y = rnd(h) @ w2[e].T + (0 if b2 is None else b2[e])
+            out.index_add_(0, t, y * w[t, j].double().unsqueeze(1))
     return out
 
 
@@ -113,9 +126,21 @@ def check_close(out, ref, ids, tol):
     assert err[worst] < tol, f"token {worst}: relative error {err[worst]:.3e} >= {tol}"
 
 
+# INT4 tables other than 'ref' quantize activations to int8 per 32-column block (llama.cpp Q8_0 style) for both
+# products. Measured on this grid (avx2, 2026-11-26): 1.1-1.5e-2 relative error against the f64 reference, the size of
+# int8 rounding of Gaussian x and of the heavier-tailed act() output (a numpy simulation of the same rounding gives
+# 1.2-1.4e-2 at Qwen3-30B shapes); INT4 weight rounding itself is ~7e-2 against the source weights, so this is a small
+# part of the INT4 error. Hence 3e-2 for them, while test_int8_kernels_match_int8_reference holds the same kernels to
+# 1e-3 against a reference that rounds activations the same way (not 2e-4: the engine's fp32 h and the reference's f64
+# h round to different int8 values where they straddle a half step; measured up to 3.7e-4).
+INT8_ACT_TOL = 3e-2
+
+
 def tolerance(eng, fmt, dtype):
-    """bf16 I/O or AMX (bf16 activations times bf16 or dequantized-to-bf16 weights): the issue's 1e-2; the fp32
-    paths must be much tighter."""
+    """bf16 I/O or AMX (bf16 activations times bf16 or dequantized-to-bf16 weights): the issue's 1e-2; INT4 with int8
+    activations: INT8_ACT_TOL; the fp32 paths must be much tighter."""
+    if fmt == "int4" and eng.int8_activations_max_tokens > 0:
+        return INT8_ACT_TOL
     return 1e-2 if dtype == torch.bfloat16 or eng.isa == "amx" else 2e-4
 
 
@@ -164,6 +189,28 @@ def test_forward_matches_reference(case, isa):
         eng.forward(3, x, ids, w, out)
         ref = reference_fast(x, ids, w, dense, activation, gated)
         check_close(out, ref, ids, tolerance(eng, fmt, dtype))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("case", [c for c in CASES if c[0] == "int4"], ids=lambda c: "-".join(str(v) for v in c))
+def test_int8_kernels_match_int8_reference(case, isa):
+    """The INT4 x int8 kernels equal a reference that rounds activations to int8 the same way (fp32 I/O): the int8
+    error allowance above covers rounding, never a kernel bug."""
+    fmt, g, activation, H, I, E, k, nn, threads = case
+    gated = activation != "relu2"
+    In = I // nn
+    gen = torch.Generator().manual_seed(hash(case) % 2**31 + 1)
+    shards, dense = make_shards(fmt, E, H, In, nn, gated, g, gen)
+    eng = Engine(H, In, E, activation, gated, fmt, g, (NODE_SETS if threads == 1 else NODE_SETS_2T)[nn],
+                 max_tokens=70, isa=isa)
+    eng.load_layer(0, shards)
+    # amx: only calls under 16 tokens per expert take the int8 kernel (bf16 tiles above); T bounds that count.
+    for T in [t for t in (1, 2, 3, 5, 70) if t <= eng.int8_activations_max_tokens]:
+        ids, w = route(T, k, E, gen, skip=T > 2)
+        x = torch.randn(T, H, generator=gen)
+        out = torch.full((T, H), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, activation, gated, int8=True), ids, 1e-3)
 
 
 def test_grouped_reference_agrees_with_loop():
@@ -215,10 +262,10 @@ def test_async_submit_wait_and_numpy():
     out = torch.full((6, 64), float("nan"))
     eng.submit(0, x, ids, w, out)
     eng.wait()
-    check_close(out, ref, ids, 2e-4)
+    check_close(out, ref, ids, tolerance(eng, "int4", torch.float32))
     out_np = np.full((6, 64), np.nan, dtype=np.float32)
     eng.forward(0, x.numpy(), ids.numpy(), w.numpy(), out_np)
-    check_close(torch.from_numpy(out_np), ref, ids, 2e-4)
+    check_close(torch.from_numpy(out_np), ref, ids, tolerance(eng, "int4", torch.float32))
     # numpy shards: bf16 as uint16 bits
     np_shards = [{k: (v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy())
                   for k, v in shards[0].items()}]
@@ -239,7 +286,7 @@ def test_c_callback_pointers_drive_a_forward():
     proto(submit_fn)(ctx)
     proto(wait_fn)(ctx)
     eng.wait()
-    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
 
 
 def test_forward_from_two_threads():
@@ -258,7 +305,7 @@ def test_forward_from_two_threads():
             for _ in range(30):
                 out = torch.full((5, 64), float("nan"))
                 eng.forward(0, x, ids, w, out)
-                check_close(out, ref, ids, 2e-4)
+                check_close(out, ref, ids, tolerance(eng, "int4", torch.float32))
         except Exception as e:  # noqa: BLE001 - reported below
             errors.append(e)
 
@@ -278,7 +325,7 @@ def test_unpinnable_cpu_is_not_an_error():
     x = torch.randn(1, 64)
     out = torch.full((1, 64), float("nan"))
     eng.forward(0, x, ids, w, out)
-    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
 
 
 # ---- bad input: one clear exception, never a crash ------------------------------------------------------------
@@ -360,3 +407,78 @@ def test_bad_forward_inputs():
     assert not torch.isnan(out).any()
     empty = torch.zeros(0, 64)
     eng.forward(0, empty, torch.zeros(0, 2, dtype=torch.int32), torch.zeros(0, 2), torch.zeros(0, 64))  # T=0: no-op
+
+
+# ---- expert biases (gpt-oss; CONTRACTS2.md): w13.bias in every node's shard, w2.bias only in node 0's ----------
+
+
+def add_biases(shards, E, H, dtype, gen):
+    """Adds w13.bias [E, R] to every shard and w2.bias [E, H] to node 0's; returns their f64 values per node."""
+    out = []
+    for n, sh in enumerate(shards):
+        R = (sh["w13.packed"] if "w13.packed" in sh else sh["w13"]).shape[1]
+        b13 = (torch.randn(E, R, generator=gen) * 0.5).to(dtype)
+        sh["w13.bias"] = b13
+        b2 = None
+        if n == 0:
+            b2 = (torch.randn(E, H, generator=gen) * 0.5).to(dtype)
+            sh["w2.bias"] = b2
+        out.append((b13.double(), None if b2 is None else b2.double()))
+    return out
+
+
+def numpy_shard(sh):
+    """torch shard -> numpy (bf16 as uint16 bits, numpy has no bfloat16)."""
+    return {k: v.view(torch.int16).numpy().view(np.uint16) if v.dtype == torch.bfloat16 else v.numpy()
+            for k, v in sh.items()}
+
+
+@pytest.mark.parametrize("fmt, activation, bias_dtype, lib", [
+    ("int4", "gptoss_glu", torch.bfloat16, "torch"),
+    ("int4", "relu2", torch.float32, "numpy"),
+    ("bf16", "gptoss_glu", torch.float32, "torch"),
+    ("bf16", "silu_glu", torch.bfloat16, "numpy"),
+])
+@pytest.mark.parametrize("isa", ISAS + ["ref"])
+def test_expert_biases(fmt, activation, bias_dtype, lib, isa):
+    """out[t] = sum_j w_tj (W2 act(W13 x + b13) + b2), over 2 nodes with -1 ids; b2 counted once (node 0 only)."""
+    gated = activation != "relu2"
+    E, H, In, k, g = 6, 96, 64, 2, 32
+    gen = torch.Generator().manual_seed(11)
+    shards, dense = make_shards(fmt, E, H, In, 2, gated, g, gen)
+    biases = add_biases(shards, E, H, bias_dtype, gen)
+    eng = Engine(H, In, E, activation, gated, fmt, g, [[0], [1]], max_tokens=40, isa=isa)
+    eng.load_layer(2, [numpy_shard(sh) for sh in shards] if lib == "numpy" else shards)
+    for T in (1, 3, 40):
+        ids, w = route(T, k, E, gen, skip=T > 1)
+        x = torch.randn(T, H, generator=gen)
+        out = torch.full((T, H), float("nan"))
+        eng.forward(2, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, activation, gated, biases=biases), ids,
+                    tolerance(eng, fmt, torch.float32))
+    # Without its biases the same layer gives the bias-free reference (absent keys = zero bias).
+    eng.load_layer(3, [{k: v for k, v in sh.items() if not k.endswith(".bias")} for sh in shards])
+    out = torch.full((T, H), float("nan"))
+    eng.forward(3, x, ids, w, out)
+    check_close(out, reference_fast(x, ids, w, dense, activation, gated), ids, tolerance(eng, fmt, torch.float32))
+
+
+def test_bad_biases():
+    E, H, In = 4, 64, 64
+    gen = torch.Generator().manual_seed(12)
+    shards, _ = make_shards("int4", E, H, In, 2, True, 32, gen)
+    add_biases(shards, E, H, torch.bfloat16, gen)
+    eng = Engine(H, In, E, "silu_glu", True, "int4", 32, [[0], [1]], max_tokens=4)
+    s0, s1 = shards
+    bad = [
+        ([dict(s0, **{"w13.bias": s0["w13.bias"][:, :64]}), s1], r"shard 0 w13.bias has shape \[4, 64\], expected \[4, 128\]"),
+        ([dict(s0, **{"w2.bias": s0["w2.bias"].T.contiguous()[:, :4]}), s1], r"w2.bias has shape \[64, 4\], expected \[4, 64\]"),
+        ([dict(s0, **{"w13.bias": s0["w13.bias"].to(torch.int32)}), s1], "w13.bias has dtype int32, expected float32 or bfloat16"),
+        ([s0, dict(s1, **{"w2.bias": s0["w2.bias"]})], "shard 1 has w2.bias: it belongs in node 0's shard only"),
+        ([dict(s0, **{"w13.bais": s0["w13.bias"]}), s1], "shard 0 has unknown key 'w13.bais'"),
+    ]
+    for shard_list, match in bad:
+        with pytest.raises(BadInput, match=match) as e:
+            eng.load_layer(0, shard_list)
+        assert "\n" not in str(e.value)
+    eng.load_layer(0, shards)  # still usable, and the good shards load

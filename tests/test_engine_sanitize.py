@@ -19,6 +19,7 @@ CSRC = ROOT / "csrc"
 ISA_FLAGS = {  # keep in step with csrc/CMakeLists.txt
     "moe_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "moe_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
+    "moe_avx512vnni.cpp": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
     "moe_amx.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
                     "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }

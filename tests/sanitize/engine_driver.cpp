@@ -1,6 +1,7 @@
 // Drives the engine core (no Python) through random forwards, every activation and format, several node layouts,
 // -1 ids, bf16 and fp32 I/O, the host-callback path and refused inputs; built with -fsanitize=address,undefined by
 // tests/test_engine_sanitize.py. Compares the best kernel table against the portable reference one.
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -25,7 +26,8 @@ static int failures = 0;
 
 struct Layer {
     std::vector<int32_t> p13, p2;
-    std::vector<uint16_t> s13, s2, w13, w2;
+    std::vector<uint16_t> s13, s2, w13, w2, b2;
+    std::vector<float> b13;
 };
 
 static Layer make_layer(std::mt19937& rng, bool int4, int E, int R, int H, int In, int g) {
@@ -45,10 +47,14 @@ static Layer make_layer(std::mt19937& rng, bool int4, int E, int R, int H, int I
         for (auto& v : l.w13) v = float_to_bf16(nd(rng) / std::sqrt(float(H)));
         for (auto& v : l.w2) v = float_to_bf16(nd(rng) / std::sqrt(float(In)));
     }
+    l.b13.resize(size_t(E) * R);  // expert biases: f32 w13.bias, bf16 w2.bias (node 0 only, see shard())
+    l.b2.resize(size_t(E) * H);
+    for (auto& v : l.b13) v = 0.3f * nd(rng);
+    for (auto& v : l.b2) v = float_to_bf16(0.3f * nd(rng));
     return l;
 }
 
-static ShardIn shard(const Layer& l) {
+static ShardIn shard(const Layer& l, bool node0) {
     ShardIn s;
     s.w13_packed = l.p13.data();
     s.w13_scale = l.s13.data();
@@ -56,6 +62,12 @@ static ShardIn shard(const Layer& l) {
     s.w2_scale = l.s2.data();
     s.w13 = l.w13.data();
     s.w2 = l.w2.data();
+    s.w13_bias = l.b13.data();
+    s.w13_bias_dtype = Dtype::F32;
+    if (node0) {
+        s.w2_bias = l.b2.data();
+        s.w2_bias_dtype = Dtype::BF16;
+    }
     return s;
 }
 
@@ -66,7 +78,7 @@ static void run_case(std::mt19937& rng, bool int4, Act act, int H, int In, int E
     std::vector<Layer> layers;
     std::vector<ShardIn> shards;
     for (size_t n = 0; n < nodes.size(); ++n) layers.push_back(make_layer(rng, int4, E, R, H, In, g));
-    for (auto& l : layers) shards.push_back(shard(l));
+    for (auto& l : layers) shards.push_back(shard(l, shards.empty()));
     EngineConfig c;
     c.hidden = H; c.intermediate = In; c.experts = E; c.act = act; c.gated = gated; c.int4 = int4; c.group = g;
     c.nodes = nodes; c.max_tokens = T_max;
@@ -121,10 +133,12 @@ static void run_case(std::mt19937& rng, bool int4, Act act, int H, int In, int E
             numb += (outs[3][i] - outs[0][i]) * (outs[3][i] - outs[0][i]);
             den += outs[0][i] * outs[0][i];
         }
-        // AMX multiplies bf16 activations (rounding ~2^-9 relative); every other table is fp32 throughout.
-        const double tol = best == "amx" ? 1e-2 : 1e-4;
+        // AMX multiplies bf16 activations (rounding ~2^-9 relative); INT4 tables with int8 activations round them per
+        // 32-column block (~1.5e-2 relative, see tests/test_engine.py INT8_ACT_TOL); the rest is fp32 throughout.
+        const bool int8_act = int4 && engines.back()->int8_activations();
+        const double tol = int8_act ? 3e-2 : best == "amx" ? 1e-2 : 1e-4;
         EXPECT(std::sqrt(num / (den + 1e-30)) < tol, "%s vs ref rel err %g (T=%d)", best.c_str(), std::sqrt(num / den), T);
-        EXPECT(std::sqrt(numb / (den + 1e-30)) < 1e-2, "bf16 I/O rel err %g (T=%d)", std::sqrt(numb / den), T);
+        EXPECT(std::sqrt(numb / (den + 1e-30)) < std::max(tol, 1e-2), "bf16 I/O rel err %g (T=%d)", std::sqrt(numb / den), T);
     }
     // Refused inputs: an error string, nothing launched, the engine still usable.
     Engine& e = *engines.back();
@@ -178,6 +192,15 @@ int main() {
     bw.nodes = {{0}, {1}};
     Engine probe(bw);
     EXPECT(probe.read_bandwidth(1 << 20, 1) > 0, "read_bandwidth returned nothing");
+    std::mt19937 rng2(7);
+    const Layer l0 = make_layer(rng2, true, 2, 128, 64, 64, 32), l1 = make_layer(rng2, true, 2, 128, 64, 64, 32);
+    threw = false;
+    try {
+        probe.load_layer(0, {shard(l0, true), shard(l1, true)});  // w2.bias in node 1's shard too
+    } catch (const std::invalid_argument& e) {
+        threw = std::string(e.what()).find("node 0's shard only") != std::string::npos;
+    }
+    EXPECT(threw, "w2.bias outside node 0's shard was accepted");
     if (failures) {
         std::printf("%d failures\n", failures);
         return 1;

@@ -1,0 +1,18 @@
+// INT4 x int8 with AVX512-VNNI (Cascade Lake, Ice Lake, Sapphire Rapids, Zen4+): one VPDPBUSD (256-bit, AVX512VL)
+// per 32 columns instead of VPMADDUBSW + VPMADDWD. Built with -mavx512vnni; called only where the CPU has it.
+#include "kernels_q8.h"
+
+namespace lvllm {
+namespace {
+
+struct Dpbusd {
+    static __m256i dot(__m256i w, __m256i x) { return _mm256_dpbusd_epi32(_mm256_setzero_si256(), w, x); }
+};
+
+}  // namespace
+
+void int4_q8_rows_avx512vnni(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) {
+    q8::int4_rows<Dpbusd>(m, r0, r1, xq, nt, y, ldy);
+}
+
+}  // namespace lvllm
