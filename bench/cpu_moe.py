@@ -7,6 +7,7 @@ routing is random per step so weights never sit in cache (working set >= 8 x L3)
     python bench/cpu_moe.py                      # full shapes (needs ~20 GB RAM for DeepSeek-V3 BF16)
     python bench/cpu_moe.py --reduced            # fewer experts/layers, short runs: a few minutes on 2 cores
     python bench/cpu_moe.py --kt-ext PATH.so     # add kt-kernel (its kt_kernel_ext extension, loaded by path)
+    python bench/cpu_moe.py --fp32-act           # INT4 without int8 activations (the kernels before the int8 ones)
 """
 
 from __future__ import annotations
@@ -161,7 +162,8 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
     gen = torch.Generator().manual_seed(0)
     nodes = [cpus[i::args.nodes] for i in range(args.nodes)]
     In = I // args.nodes
-    eng = Engine(H, In, E, "silu_glu", True, fmt, g, nodes, max_tokens=max(args.tokens), isa=args.isa)
+    eng = Engine(H, In, E, "silu_glu", True, fmt, g, nodes, max_tokens=max(args.tokens), isa=args.isa,
+                 int8_activations=not args.fp32_act)
     layers = []
     for li in range(L):
         lay = make_layer(fmt, E, H, I, g, gen)
@@ -196,7 +198,8 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
         touched = sum(len(torch.unique(r[0])) for r in routes) / len(routes)
         row = {"shape": name, "format": fmt, "group": g if fmt == "int4" else None, "E": E, "k": k, "H": H, "I": I,
                "T": T, "layers": L, "nodes": args.nodes, "threads": len(cpus), "experts_touched": touched,
-               "bytes_per_step": touched * ebytes, "flop_per_step": 6 * H * I * T * k, "isa": eng.isa}
+               "bytes_per_step": touched * ebytes, "flop_per_step": 6 * H * I * T * k, "isa": eng.isa,
+               "int8_act_max_tokens": eng.int8_activations_max_tokens}
 
         def run_eng(i):
             ids, w = routes[i % len(routes)]
@@ -255,6 +258,7 @@ def main():
     ap.add_argument("--reduced", action="store_true", help=f"experts per layer {REDUCED_EXPERTS}, short runs")
     ap.add_argument("--experts", type=int, default=0, help="cap experts per layer (memory); routing stays top-k")
     ap.add_argument("--isa", default="", help="engine kernel table (default: best available)")
+    ap.add_argument("--fp32-act", action="store_true", help="INT4: fp32/bf16 activations instead of int8 (A/B)")
     ap.add_argument("--max-gb", type=float, default=24.0, help="cap on engine weight memory per shape/format")
     ap.add_argument("--max-layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
