@@ -66,6 +66,10 @@ RUNS = {
     "vllm-offload": (None, ["--cpu-offload-gb", "CPU_GB", "--cpu-offload-params", "experts"]),
 }
 RUNS["int4-eager-bi"], RUNS["int4-full-nocompile-bi"] = RUNS["int4-eager"], RUNS["int4-full-nocompile"]
+# plan name -> (store, hot experts per layer); a run "int4-hot32-<mode>" serves RUNS["int4-<mode>"] with that plan
+PLANS = {"int4": ("int4", 0), "bf16": ("bf16", 0), "int4-hot32": ("int4", 32)}
+for _mode in ("eager", "full-nocompile", "full-decode-only", "eager-bi", "full-nocompile-bi"):
+    RUNS[f"int4-hot32-{_mode}"] = ("int4-hot32", RUNS[f"int4-{_mode}"][1])
 RESULTS: dict = {"runs": {}}
 
 
@@ -98,18 +102,23 @@ def prepare(work: Path, layers: int, logs: Path) -> dict:
     info = {"zoo_build_s": round(time.time() - t, 1), "layers": layers,
             "checkpoint_gib": round((model / "model.safetensors").stat().st_size / 2**30, 2)}
     for fmt in ("int4", "bf16"):
-        store, plan = work / f"store-{fmt}", work / f"plan-{fmt}.json"
+        store = work / f"store-{fmt}"
         if not (work / f".{fmt}.done").exists():
             q = ["lvllm", "quantize", str(model), str(store), "--format", fmt, "--workers", "16", "--json"]
             if fmt == "int4":
                 q += ["--group-size", "128"]
             info[f"quantize_{fmt}_s"] = sh(q, logs / f"quantize-{fmt}.log", 300)
             (work / f".{fmt}.done").touch()
-        info[f"plan_{fmt}_s"] = sh(["lvllm", "plan", str(model), "--store", str(store), "--max-model-len",
-                                    str(MAX_LEN), "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL,
-                                    "--hot-experts", "0", "--out", str(plan), "--json"], logs / f"plan-{fmt}.log", 120)
+    for name, (fmt, hot) in PLANS.items():
+        plan = work / f"plan-{name}.json"
+        info[f"plan_{name}_s"] = sh(["lvllm", "plan", str(model), "--store", str(work / f"store-{fmt}"),
+                                     "--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--gpu-memory-utilization",
+                                     GPU_UTIL, "--hot-experts", str(hot), "--out", str(plan), "--json"],
+                                    logs / f"plan-{name}.log", 120)
         p = json.loads(plan.read_text())
-        info[f"plan_{fmt}"] = {"runtime": p["runtime"], "vllm": p["vllm"]}
+        info[f"plan_{name}"] = {"runtime": {k: v for k, v in p["runtime"].items() if k != "hot_experts"},
+                                "hot_experts_per_layer": sorted({len(v) for v in p["runtime"]["hot_experts"].values()}),
+                                "vllm": p["vllm"]}
     info["expert_gib_bf16"] = round(sum(f.stat().st_size for f in (work / "store-bf16").rglob("*")
                                         if f.is_file()) / 2**30, 2)
     return info
@@ -200,7 +209,8 @@ def measure(base: str, model: str, deadline: float) -> dict:
 
 
 def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: float) -> dict:
-    fmt, extra = RUNS[name]
+    plan_name, extra = RUNS[name]
+    fmt = PLANS[plan_name][0] if plan_name else None
     model = work / "model"
     if fmt is None:
         extra = [str(int(info["expert_gib_bf16"]) + 1) if a == "CPU_GB" else a for a in extra]
@@ -209,7 +219,7 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
                "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL, "--max-logprobs", str(VOCAB), *extra]
     else:
         cmd = ["lvllm", "serve", str(model), "--store", str(work / f"store-{fmt}"), "--plan",
-               str(work / f"plan-{fmt}.json"), "--port", str(port), "--ready-timeout", "400", "--",
+               str(work / f"plan-{plan_name}.json"), "--port", str(port), "--ready-timeout", "400", "--",
                "--max-logprobs", str(VOCAB), *extra]
     res: dict = {"command": " ".join(cmd)}
     logf = open(logs / f"{name}.log", "w")

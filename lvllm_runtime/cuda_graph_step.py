@@ -270,8 +270,8 @@ def hot_experts(weights: LayerWeights, experts: Sequence[int], num_experts: int,
         w2 = dequant_int4_bf16(t["w2.packed"], t["w2.scale"], weights.group_size)
     else:
         w13, w2 = t["w13"].to(torch.bfloat16), t["w2"].to(torch.bfloat16)
-    slot = torch.full((num_experts,), -1, dtype=torch.long)
-    slot[torch.tensor(list(experts), dtype=torch.long)] = torch.arange(len(experts))
+    slot = torch.full((num_experts,), -1, dtype=torch.long, device="cpu")
+    slot[torch.tensor(list(experts), dtype=torch.long, device="cpu")] = torch.arange(len(experts), device="cpu")
     return w13, w2, slot.to(device)
 
 

@@ -116,8 +116,8 @@ class LayerWeights:
                 dequantize_int4(t["w2.packed"][e], t["w2.scale"][e], self.group_size).to(dtype))
 
     def select(self, experts: Sequence[int]) -> "LayerWeights":
-        idx = torch.tensor(list(experts), dtype=torch.long)
-        return LayerWeights({k: v.index_select(0, idx) for k, v in self.tensors.items()}, self.weight_format,
+        idx = torch.tensor(list(experts), dtype=torch.long, device="cpu")  # explicit: loaders set default devices
+        return LayerWeights({k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors.items()}, self.weight_format,
                             self.group_size)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "LayerWeights":
@@ -237,8 +237,8 @@ class HotExperts:
     @classmethod
     def build(cls, layer_weights: LayerWeights, experts: Sequence[int], num_experts: int,
               device: torch.device | str) -> "HotExperts":
-        slot = torch.full((num_experts,), -1, dtype=torch.long)
-        slot[torch.tensor(list(experts), dtype=torch.long)] = torch.arange(len(experts))
+        slot = torch.full((num_experts,), -1, dtype=torch.long, device="cpu")
+        slot[torch.tensor(list(experts), dtype=torch.long, device="cpu")] = torch.arange(len(experts), device="cpu")
         return cls(layer_weights.select(experts).to(device), slot.to(device))
 
 
