@@ -3,6 +3,7 @@
     Checkpoint.open -> checks (arch, group, nodes, output dir, disk) -> for each MoE layer: one LayerFileWriter per
     node, experts converted by a thread pool (read -> dequantize -> INT4 RTN or BF16 -> split per node -> pwrite)
     -> finish (fsync, sha256, rename) -> manifest in progress -> ... -> manifest complete -> verification
+Expert biases (gpt-oss) travel with their expert in BF16: w13.bias split per node like w13's rows, w2.bias in node 0.
 
 Memory: at most `2 * workers` experts are in flight. Each holds its source bytes, its BF16 copy and its quantized
 slices, and while one projection quantizes, torch's temporaries (~4x that projection in BF16): about 4x the
