@@ -36,7 +36,7 @@ def quantize(
     calibration_seq_len: Annotated[int, typer.Option("--calibration-seq-len", min=8, help="Tokens per calibration sample.")] = 256,
     max_memory: Annotated[Optional[str], typer.Option("--max-memory", help="RAM calibration may use, e.g. 24GB (default: what is free); weights beyond it are offloaded to disk.")] = None,
 ) -> None:
-    """Stream a checkpoint's routed experts (BF16/FP16/FP8/INT4) into the NUMA-split expert store."""
+    """Stream a checkpoint's routed experts (BF16/FP16/FP8/MXFP4/INT4) into the NUMA-split expert store."""
     # torch loads here, not at `lvllm` start-up: `lvllm doctor` and `--help` stay fast.
     from lvllm_runtime.quantize import QuantizeOptions, parse_layer_range, quantize as run_quantize, resolve_numa_nodes
 

@@ -28,7 +28,7 @@ from .errors import BadInput
 from .hardware import ASSUMPTIONS, GB, Hardware, cpu_flops, gpu_specs, pcie_gbps
 from .model_shapes import ROUTED, ModelShape
 from .model_sizes import (BYTES, ModelSource, load_model, model_from_recipe, pick_group, predicted_checkpoint_bytes,
-                          read_store_manifest, store_layer_bytes)
+                          read_store_manifest, store_layer_bytes, store_layer_total_bytes)
 from .plan import PLAN_VERSION
 from .topology import Gpu, Topology
 
@@ -142,9 +142,8 @@ class _Planner:
         window = opt.prefetch_window or rec.get("prefetch_window") or 2
         self.max_len, self.seqs, self.kv_bytes, self.window = int(max_len), int(seqs), kv_bytes, int(window)
 
-        layer_store = store_layer_bytes(s, fmt, group, numa)  # per node
-        self.layer_store_node = layer_store
-        self.layer_store_all = layer_store * numa
+        self.layer_store_node = store_layer_bytes(s, fmt, group, numa)  # node 0: the largest shard
+        self.layer_store_all = store_layer_total_bytes(s, fmt, group, numa)
         self.expert_store_bytes = self.layer_store_all // s.num_experts  # one expert, all nodes
         n_moe = len(s.moe_layers)
         store_total = self.layer_store_all * n_moe
