@@ -2,8 +2,9 @@
 
     checks (llm-compressor, method, checkpoint, group, data, memory) -> load (in RAM, or disk-offloaded above the
     memory allowed) -> linearize the experts -> oneshot, sequential pipeline, recipe targeting only routed-expert
-    Linear layers (W4A16, symmetric, group g) -> save_pretrained(save_compressed) -> expert tensors renamed to the
-    source checkpoint's names -> `calibrate` returns the directory, which `lvllm quantize` passes into the store
+    Linear layers (W4A16, symmetric, group g; AWQ smoothing only up -> down inside each expert, see AWQ_MAPPINGS)
+    -> save_pretrained(save_compressed) -> expert tensors renamed to the source checkpoint's names -> `calibrate`
+    returns the directory, which `lvllm quantize` passes into the store
 
 The returned directory is what llm-compressor wrote (compressed-tensors `pack-quantized` experts, every other weight
 as it was), with two changes so that the store made from it belongs to the source model: config.json is the
@@ -46,6 +47,12 @@ TESTED = "0.14"  # llmcompressor series the workarounds below were written again
 INSTALL_FIX = "pip install 'lvllm[calibrate]' (or: bash scripts/install_calibrate.sh), or use --method rtn"
 # Linearized expert Linear modules: "<moe block>.experts.<e>.<proj>"; shared experts carry no index, so stay out.
 EXPERT_RE = r"re:.*\.experts\.\d+\.[^.]+$"
+# AWQ folds each smoothing scale s into a layer before (output / s) and the layers after (input columns * s). The store
+# carries only routed-expert weights, so only pairs with both sides inside one expert are valid: llm-compressor's
+# default MoE mappings also smooth post_attention_layernorm -> router + every expert's gate/up, which rescales the norm
+# and the router that the served model takes from the source checkpoint, so the stored gate/up would see unscaled
+# inputs. up -> down needs act(gate x) * up x to be linear in up x: gated experts only.
+AWQ_MAPPINGS = [(r"re:.*\.experts\.\d+\.up_proj$", [r"re:.*\.experts\.\d+\.down_proj$"])]
 PROCESS_SLACK = 512 << 20  # tracing, tokenizer, loguru/tqdm, allocator fragmentation (measured: 0.3-0.5 GB)
 
 
@@ -275,8 +282,9 @@ def estimate_memory(ckpt: Checkpoint, method: str, samples: int, seq_len: int, m
     if method == "gptq":
         inputs = [h, h, i] if m.gated else [h, i]
         caches = e * sum(k * k for k in inputs) * 4
-    else:  # AWQ: the MoE block's cached inputs, its BF16 reference output, float32 grid-search temporaries
-        caches = tokens * h * (2 + 2 + 4 * 2)
+    else:  # AWQ: every expert's cached BF16 inputs (all tokens: calibrate-all-experts), then one expert's BF16
+        # reference and quantized outputs and float32 loss temporaries
+        caches = tokens * h * (2 * e + 2 + 2 + 4 * 2)
     # Layer inputs and outputs of every sample in BF16, the residual, position embeddings; the MoE forward of
     # one sample with every expert seeing every token (calibrate-all-experts) in float32.
     activations = tokens * h * 2 * 3 + seq_len * (e * i * 3 + h * 4) * 4
@@ -324,9 +332,11 @@ def _recipe(method: str, group: int):
         from llmcompressor.modifiers.gptq import GPTQModifier
 
         return GPTQModifier(config_groups={"W4A16": scheme}, ignore=[])
-    from llmcompressor.modifiers.awq import AWQModifier
+    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.transform.awq import AWQMapping, AWQModifier
 
-    return AWQModifier(config_groups={"W4A16": scheme}, ignore=[])
+    mappings = [AWQMapping(smooth, balance) for smooth, balance in AWQ_MAPPINGS]
+    return [AWQModifier(mappings=mappings), QuantizationModifier(config_groups={"W4A16": scheme}, ignore=[])]
 
 
 def _load(model_dir: Path, est: MemoryEstimate, offload_dir: Path):
@@ -436,6 +446,10 @@ def calibrate(
         raise UnsupportedArchitecture(
             f"{m.model_type} keeps its experts fused on disk; calibrated experts are written per expert",
             "use --method rtn for this model")
+    if method == "awq" and not m.gated:
+        raise UnsupportedArchitecture(
+            f"{m.model_type}'s experts are not gated ({m.activation}): AWQ has no scale to fold inside an expert",
+            "use --method gptq or rtn for this model")
     if m.intermediate_size % numa_nodes:
         raise BadInput(f"expert intermediate size {m.intermediate_size} does not split over {numa_nodes} NUMA nodes",
                        "choose --numa-nodes that divides it")
