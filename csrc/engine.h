@@ -1,9 +1,10 @@
 // The engine core: plain C++ over pointers and shapes, no Python, no torch. bindings.cpp checks arrays and calls it.
 //
 // One MoE layer's forward, per node n (its intermediate slice In of every expert):
-//   phase 0  hidden bf16 -> fp32 X [T, H]                     (all threads, skipped for fp32 input)
-//   phase A  for each routed expert e, rows chunk of In:      h[slot, i] = act(W13_gate[e] x, W13_up[e] x)
-//   phase B  for each chunk of H output rows, every expert:   Y_n[t, r] += w_tj * (W2[e] h[slot])[r]
+//   phase 0  hidden bf16 -> fp32 X [T, H], and/or int8 X      (all threads; int8: INT4 tables, kernels.h Q8 records)
+//   phase A  for each routed expert e, rows chunk of In:      h[slot, i] = act(W13_gate[e] x + b_g, W13_up[e] x + b_u)
+//   phase B  for each chunk of H output rows, every expert:   Y_n[t, r] += w_tj * (W2[e] h[slot] + b2[e])[r]
+//            (biases optional; b2 only in node 0's shard so the node sum adds it once)
 //   phase C  out[t] = sum_n Y_n[t]                            (all threads; the one cross-node reduction)
 // Slots are the (token, k) pairs with expert id != -1, grouped by expert so one pass over a weight chunk serves every
 // token routed to that expert (decode: weights stream once; prefill: each chunk is reused across the group).

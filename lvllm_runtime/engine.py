@@ -101,6 +101,8 @@ class Engine:
         shards[n]: int4 {"w13.packed": int32 [E, R, H/8], "w13.scale": bf16 [E, R, H/g], "w2.packed": int32
         [E, H, In/8], "w2.scale": bf16 [E, H, In/g]} or bf16 {"w13": [E, R, H], "w2": [E, H, In]};
         R = 2 In (gate rows then up rows), or In when not gated. numpy callers pass bf16 as uint16 bits.
+        Optional expert biases (gpt-oss): "w13.bias" bf16|f32 [E, R] in every shard, "w2.bias" bf16|f32 [E, H] in
+        shards[0] only (the node sum adds it once); absent = zero. Any other key is refused.
         """
         self.wait()
         try:
@@ -109,7 +111,8 @@ class Engine:
             raise _bad(e) from None
 
     def forward(self, layer: int, hidden, topk_ids, topk_weights, out) -> None:
-        """out [T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) over every node's slice.
+        """out [T, H] = sum_j topk_weights[t, j] * expert_{topk_ids[t, j]}(hidden[t]) over every node's slice;
+        expert(x) = W2 act(W13 x + b13) + b2 with the loaded biases (zero when absent).
 
         hidden [T, H] f32|bf16, topk_ids [T, k] int32|int64 (-1 = skip), topk_weights [T, k] f32,
         out [T, H] with hidden's dtype. Blocks until done; safe to call from several threads (they take turns).
