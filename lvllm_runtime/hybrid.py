@@ -95,6 +95,8 @@ class LayerWeights:
     bf16: tensors {"w13": bf16 [E, (2)I, H], "w2": bf16 [E, H, I]};
     int4: {"w13.packed": int32 [E, (2)I, H/8], "w13.scale": bf16 [E, (2)I, H/g], "w2.packed": int32 [E, H, I/8],
            "w2.scale": bf16 [E, H, I/g]} with group size g.
+    Either may add the expert biases (gpt-oss): "w13.bias" bf16 [E, (2)I] (rows as w13), "w2.bias" bf16 [E, H]
+    (absent on a rank whose slices exclude node 0: the sum over ranks adds it once).
     """
 
     tensors: Mapping[str, torch.Tensor]
@@ -114,6 +116,11 @@ class LayerWeights:
 
         return (dequantize_int4(t["w13.packed"][e], t["w13.scale"][e], self.group_size).to(dtype),
                 dequantize_int4(t["w2.packed"][e], t["w2.scale"][e], self.group_size).to(dtype))
+
+    def bias(self, e: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """Expert e's biases (b13 [(2)I], b2 [H]) in `dtype`; None for each one these weights lack."""
+        b13, b2 = self.tensors.get("w13.bias"), self.tensors.get("w2.bias")
+        return (None if b13 is None else b13[e].to(dtype)), (None if b2 is None else b2[e].to(dtype))
 
     def select(self, experts: Sequence[int]) -> "LayerWeights":
         idx = torch.tensor(list(experts), dtype=torch.long, device="cpu")  # explicit: loaders set default devices
@@ -136,7 +143,8 @@ def join_node_slices(shards: Sequence[Mapping[str, torch.Tensor]], weight_format
                      group_size: int | None = None) -> LayerWeights:
     """Join store node slices (each In wide, in node order) into one [.., sum In, ..] rank slice.
 
-    Gated w13 rows are [gate slice | up slice] per node, so gate halves and up halves are joined separately.
+    Gated w13 rows are [gate slice | up slice] per node, so gate halves and up halves are joined separately; so are
+    the rows of "w13.bias". "w2.bias" lives in node 0's shard only and is kept as it is.
     """
     if len(shards) == 1:
         return LayerWeights(dict(shards[0]), weight_format, group_size)
@@ -150,15 +158,22 @@ def join_node_slices(shards: Sequence[Mapping[str, torch.Tensor]], weight_format
     def cols(key: str) -> torch.Tensor:
         return torch.cat([s[key] for s in shards], dim=2)
 
+    biases = {}
+    if "w13.bias" in shards[0]:
+        biases["w13.bias"] = rows("w13.bias")
+    if "w2.bias" in shards[0]:
+        biases["w2.bias"] = shards[0]["w2.bias"]
     if weight_format == "bf16":
-        return LayerWeights({"w13": rows("w13"), "w2": cols("w2")}, weight_format, group_size)
+        return LayerWeights({"w13": rows("w13"), "w2": cols("w2"), **biases}, weight_format, group_size)
     return LayerWeights({"w13.packed": rows("w13.packed"), "w13.scale": rows("w13.scale"),
-                         "w2.packed": cols("w2.packed"), "w2.scale": cols("w2.scale")}, weight_format, group_size)
+                         "w2.packed": cols("w2.packed"), "w2.scale": cols("w2.scale"), **biases}, weight_format,
+                        group_size)
 
 
 def experts_torch(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: LayerWeights,
                   activation: str, gated: bool, slot: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j w_j * down(act(w13 x)) over the ids present in `weights`, computed with torch where the tensors live.
+    """sum_j w_j * (down(act(w13 x + b13)) + b2) over the ids present in `weights` (biases where it has them),
+    computed with torch where the tensors live.
 
     hidden [T,H]; topk_weights f32 [T,k]; topk_ids int [T,k] (-1 = skip); slot int64 [E] maps a global expert id to
     its row in `weights` (-1 = not here) or None when `weights` holds every expert. Returns f32 [T,H].
@@ -173,7 +188,10 @@ def experts_torch(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: to
     for e in torch.unique(ids[ids >= 0]).tolist():
         tok, j = (ids == e).nonzero(as_tuple=True)
         w13, w2 = weights.expert(e, dtype)
-        y = activate(x_all[tok] @ w13.T, activation, gated) @ w2.T
+        b13, b2 = weights.bias(e, dtype)
+        h = x_all[tok] @ w13.T
+        y = activate(h if b13 is None else h + b13, activation, gated) @ w2.T
+        y = y if b2 is None else y + b2
         out.index_add_(0, tok, y.float() * topk_weights[tok, j].unsqueeze(-1))
     return out
 

