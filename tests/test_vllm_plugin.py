@@ -28,7 +28,9 @@ ARCHS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {}, "deepseek_v3": DEEPSEEK
 INT4_KL_VS_STOCK = 0.05  # RTN INT4 g128 experts against BF16 ones, first-token distribution (nats)
 # Same dequantized weights: only arithmetic differs, so the gap may not exceed vLLM's own gap to transformers on the
 # BF16 weights (stock vs reference) by more than this factor (+ an absolute floor for archs where that gap is ~0).
-INT4_REFERENCE_GAP_FACTOR, INT4_REFERENCE_FLOOR = 2.0, 1e-5
+# The floor covers the engine's int8 activations (per token, per 32 columns; engine commit 1810e6c): measured with them
+# KL 5.5e-6 (qwen3_moe), 3.4e-6 (mixtral), 1.02e-5 (glm4_moe) against a 1e-5 floor that passed before them.
+INT4_REFERENCE_GAP_FACTOR, INT4_REFERENCE_FLOOR = 2.0, 3e-5
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
