@@ -11,6 +11,10 @@ model on held-out text that is not in the calibration set:
   - the final logits' KL(P_bf16 || P_q), mean over tokens, with every MoE layer's experts replaced.
 
     .venv-cal/bin/python bench/quant_quality.py --out bench/results/quant_quality     # needs llm-compressor
+
+`--max-memory-check` instead runs `lvllm quantize --method gptq --max-memory X` on a model of --layers layers with X
+below what keeping every layer in RAM needs (weights offloaded to disk), then with X too small for one layer
+(refused before loading), and prints the prediction next to the lvllm process's measured peak RSS.
 """
 
 from __future__ import annotations
@@ -141,18 +145,70 @@ def quality(lm, store: ExpertStore, ids: torch.Tensor, ref_io: dict, ref_logits:
     return {"moe_rel_error": layers, "logit_kl": kl}
 
 
+# --- --max-memory-check: calibrating a model whose layers do not all fit ---------------------------------------
+
+
+def max_memory_check(out: Path, experts: int, layers: int, top_k: int, samples: int, seq_len: int) -> dict:
+    """`lvllm quantize --method gptq --max-memory X` with X below the in-RAM prediction (weights offloaded to disk)
+    and a too-small X (refused before loading): predicted vs measured peak RSS of the lvllm process."""
+    from lvllm_runtime import calibrate
+    from lvllm_runtime.checkpoint import Checkpoint
+
+    calibrate.require_llmcompressor()  # the estimate counts this process as the CLI's: llm-compressor imported
+    import llmcompressor.modifiers.gptq  # noqa: F401
+    import transformers  # noqa: F401
+
+    model = build_model(out, experts, layers, top_k)
+    est = calibrate.estimate_memory(Checkpoint.open(model), "gptq", samples, seq_len, None)
+    runs = {}
+    for name, limit in (("too_small", est.working_set // 2), ("offloaded", est.working_set + est.weights // 3)):
+        store = out / f"maxmem-{name}"
+        subprocess.run(["rm", "-rf", str(store), f"{store}.calibrated"], check=True)
+        cmd = [str(Path(sys.executable).with_name("lvllm")), "quantize", str(model), str(store), "--method", "gptq",
+               "--max-memory", str(limit), "--calibration-samples", str(samples), "--calibration-seq-len",
+               str(seq_len), "--numa-nodes", "1", "--group-size", "128"]
+        log = out / f"maxmem-{name}.log"
+        t0 = time.monotonic()
+        with open(log, "w") as f:
+            proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+            _, status, usage = os.wait4(proc.pid, 0)  # the lvllm process's own peak RSS, not this one's
+        lines = [ln for ln in log.read_text().splitlines() if ln.strip()]
+        run = {"max_memory_bytes": limit, "exit_code": os.waitstatus_to_exitcode(status),
+               "seconds": round(time.monotonic() - t0, 1), "peak_rss_bytes": usage.ru_maxrss * 1024,
+               "last_line": lines[-1] if lines else "", "store_written": store.exists()}
+        record = calibrate.read_record(f"{store}.calibrated")
+        if record:
+            run.update(record["memory"])
+            run["peak_within_prediction"] = run["peak_rss_bytes"] <= record["memory"]["predicted_peak_bytes"]
+        runs[name] = run
+        print(f"{name}: {json.dumps(run)}", file=sys.stderr)
+    return {"model": {"experts": experts, "layers": layers, "top_k": top_k},
+            "calibration": {"samples": samples, "seq_len": seq_len},
+            "bench_estimate": {k: getattr(est, k) for k in ("process", "weights", "layer", "hessians", "activations",
+                                                           "working_set", "in_ram")},
+            "runs": runs}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", type=Path, default=Path("bench/results/quant_quality"))
     ap.add_argument("--experts", type=int, default=16, help="routed experts per layer (Qwen3-30B-A3B has 128)")
     ap.add_argument("--top-k", type=int, default=8)
     ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--samples", type=int, default=16, help="calibration samples")
+    ap.add_argument("--samples", type=int, default=4, help="calibration samples (GPTQ and AWQ alike)")
     ap.add_argument("--seq-len", type=int, default=256, help="calibration tokens per sample")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--one", help=argparse.SUPPRESS)  # child: run this method, print JSON
+    ap.add_argument("--max-memory-check", action="store_true",
+                    help="instead: lvllm quantize --method gptq under a --max-memory the layers do not all fit in, and "
+                         "under one too small for one layer; predicted vs measured peak")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.max_memory_check:
+        report = max_memory_check(args.out, args.experts, args.layers, args.top_k, args.samples, args.seq_len)
+        (args.out / "max_memory_check.json").write_text(json.dumps(report, indent=2))
+        print(json.dumps(report))
+        return
     model = build_model(args.out, args.experts, args.layers, args.top_k)
     if args.one:
         work = args.out / args.one
@@ -162,9 +218,11 @@ def main() -> None:
     runs = []
     for method in args.methods.split(","):
         work = args.out / method
-        if (work / "run.json").is_file():
-            runs.append(json.loads((work / "run.json").read_text()))
-            continue
+        if (work / "run.json").is_file():  # reused only when made with this calibration
+            done = json.loads((work / "run.json").read_text())
+            if done.get("calibration") == [args.samples, args.seq_len]:
+                runs.append(done)
+                continue
         subprocess.run(["rm", "-rf", str(work)], check=True)
         cmd = [sys.executable, __file__, "--out", str(args.out), "--experts", str(args.experts), "--top-k",
                str(args.top_k), "--layers", str(args.layers), "--samples", str(args.samples), "--seq-len",
@@ -174,7 +232,8 @@ def main() -> None:
             runs.append({"method": method, "error": (proc.stderr.strip().splitlines() or ["?"])[-1]})
             print(f"{method}: failed: {runs[-1]['error']}", file=sys.stderr)
             continue
-        runs.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        runs.append({**json.loads(proc.stdout.strip().splitlines()[-1]), "calibration": [args.samples, args.seq_len],
+                     "load_average": os.getloadavg()})
         (work / "run.json").write_text(json.dumps(runs[-1]))
         print(f"{method}: {runs[-1]['seconds']} s", file=sys.stderr)
 
