@@ -145,6 +145,8 @@ class _Planner:
         self.layer_store_node = store_layer_bytes(s, fmt, group, numa)  # node 0: the largest shard
         self.layer_store_all = store_layer_total_bytes(s, fmt, group, numa)
         self.expert_store_bytes = self.layer_store_all // s.num_experts  # one expert, all nodes
+        # hot experts are held on the GPU as BF16 (graph-safe grouped GEMMs), whatever the store's format
+        self.hot_expert_bytes = store_layer_total_bytes(s, "bf16", None, numa) // s.num_experts
         n_moe = len(s.moe_layers)
         store_total = self.layer_store_all * n_moe
         if store_manifest:
@@ -225,7 +227,7 @@ class _Planner:
         self.kv_total = kv
         graph = int(ASSUMPTIONS["cuda_graph_gib"] * GiB)
         logits = self.seqs * s.vocab_size * 4 * 2
-        per_hot = self.expert_store_bytes // tp
+        per_hot = self.hot_expert_bytes // tp
         n_moe = len(s.moe_layers)
         staging_layer = self.layer_store_all // tp  # this rank's slices of one layer
         # Every expert fits beside the rest: all of them hot, nothing to stream, the CPU engine idle.
@@ -476,7 +478,7 @@ class _Planner:
             gbw_eff = gbw * GB * A["gpu_bw_efficiency"] * self.tp
             kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
             t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
-            t_hot = uniq * (1 - cold_frac) * self.expert_store_bytes * n_moe / gbw_eff
+            t_hot = uniq * (1 - cold_frac) * self.hot_expert_bytes * n_moe / gbw_eff
             t_sync = (n_moe * A["layer_sync_us"] * 1e-6 if cold_frac > 0 else 0.0) + A["step_overhead_ms"] * 1e-3
             t = t_dense + max(t_cpu, t_hot) + t_sync
             return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "gpu_dense_ms": 1e3 * t_dense,

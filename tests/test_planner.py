@@ -192,6 +192,10 @@ def test_gpu_budget_holds_hot_experts_and_routing_profile(tmp_path):
     assert plan["forecast"]["hot_fraction"] > 16 / 128  # the profile's busiest experts carry more than their share
     g = plan["memory"]["gpus"][0]
     assert g["used"] <= g["budget"]
+    # the GPU holds hot experts as BF16 whatever the store's format: 3 matrices of H x I at 2 bytes each
+    a = rec["architecture"]
+    bf16_expert = 3 * a["hidden_size"] * a["moe_intermediate_size"] * 2
+    assert g["parts"]["hot_experts"] == 16 * bf16_expert * a["num_hidden_layers"]
 
 
 def test_tp_larger_than_gpus_does_not_fit():
