@@ -124,8 +124,8 @@ class LayerWeights:
 
     def select(self, experts: Sequence[int]) -> "LayerWeights":
         idx = torch.tensor(list(experts), dtype=torch.long, device="cpu")  # explicit: loaders set default devices
-        return LayerWeights({k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors.items()}, self.weight_format,
-                            self.group_size)
+        return LayerWeights({k: v.index_select(0, idx.to(v.device)) for k, v in self.tensors.items()},
+                            self.weight_format, self.group_size)
 
     def to(self, device: torch.device | str, non_blocking: bool = False) -> "LayerWeights":
         return LayerWeights({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()},
