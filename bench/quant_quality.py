@@ -152,16 +152,20 @@ def max_memory_check(out: Path, experts: int, layers: int, top_k: int, samples: 
     """`lvllm quantize --method gptq --max-memory X` with X below the in-RAM prediction (weights offloaded to disk)
     and a too-small X (refused before loading): predicted vs measured peak RSS of the lvllm process."""
     from lvllm_runtime import calibrate
-    from lvllm_runtime.checkpoint import Checkpoint
-
-    calibrate.require_llmcompressor()  # the estimate counts this process as the CLI's: llm-compressor imported
-    import llmcompressor.modifiers.gptq  # noqa: F401
-    import transformers  # noqa: F401
 
     model = build_model(out, experts, layers, top_k)
-    est = calibrate.estimate_memory(Checkpoint.open(model), "gptq", samples, seq_len, None)
+    # The estimate counts the calling process as it is then, so it is made in a fresh process that has done what
+    # `calibrate` has done before estimating (llm-compressor imported, tokenizer loaded), not in this one, which
+    # holds the model it just built.
+    probe = ("import json, sys; from dataclasses import asdict; from transformers import AutoTokenizer; "
+             "from lvllm_runtime import calibrate; from lvllm_runtime.checkpoint import Checkpoint; "
+             "calibrate.require_llmcompressor(); AutoTokenizer.from_pretrained(sys.argv[1]); est = "
+             "calibrate.estimate_memory(Checkpoint.open(sys.argv[1]), 'gptq', int(sys.argv[2]), int(sys.argv[3]), None); "
+             "print(json.dumps({**asdict(est), 'working_set': est.working_set, 'in_ram': est.in_ram}))")
+    est = json.loads(subprocess.run([sys.executable, "-c", probe, str(model), str(samples), str(seq_len)], check=True,
+                                    capture_output=True, text=True).stdout.strip().splitlines()[-1])
     runs = {}
-    for name, limit in (("too_small", est.working_set // 2), ("offloaded", est.working_set + est.weights // 3)):
+    for name, limit in (("too_small", est["working_set"] // 2), ("offloaded", est["working_set"] + est["weights"] // 4)):
         store = out / f"maxmem-{name}"
         subprocess.run(["rm", "-rf", str(store), f"{store}.calibrated"], check=True)
         cmd = [str(Path(sys.executable).with_name("lvllm")), "quantize", str(model), str(store), "--method", "gptq",
@@ -184,8 +188,7 @@ def max_memory_check(out: Path, experts: int, layers: int, top_k: int, samples: 
         print(f"{name}: {json.dumps(run)}", file=sys.stderr)
     return {"model": {"experts": experts, "layers": layers, "top_k": top_k},
             "calibration": {"samples": samples, "seq_len": seq_len},
-            "bench_estimate": {k: getattr(est, k) for k in ("process", "weights", "layer", "hessians", "activations",
-                                                           "working_set", "in_ram")},
+            "estimate": est,
             "runs": runs}
 
 
