@@ -93,7 +93,7 @@ def main() -> None:
     configs = {"stock vLLM-CPU": None}
     for fmt in ("bf16", "int4"):
         store = work / f"{model.name}-{fmt}"
-        quantize(model, store, QuantizeOptions(weight_format=fmt, numa_nodes=1))
+        quantize(model, store, QuantizeOptions(weight_format=fmt, numa_nodes=1, resume=True))  # reuse a finished store
         configs[f"lvllm {fmt.upper()} store"] = make_plan(model, store, cpus)
 
     results = {}
