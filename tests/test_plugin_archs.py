@@ -95,8 +95,7 @@ def worker(jobs_path: str, out_path: str) -> None:
     with the vLLM source line that raised it (vLLM's asserts carry no message)."""
     import traceback
 
-    sys.path.insert(0, str(Path(__file__).parent))
-    import test_vllm_plugin
+    import test_vllm_plugin  # found beside this script, as the module-level import was
 
     results = {}
     one_job, one_result = Path(out_path).with_suffix(".job.json"), Path(out_path).with_suffix(".result.json")
