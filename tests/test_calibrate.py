@@ -16,6 +16,7 @@ from lvllm_runtime.checkpoint import Checkpoint
 from lvllm_runtime.errors import BadInput, DoesNotFit, UnsupportedArchitecture
 from lvllm_runtime.quantize import QuantizeOptions, quantize
 from lvllm_runtime.store import ExpertStore
+from test_vllm_plugin import _kl, _reference_logprobs
 
 NEEDS_LLMC = pytest.mark.skipif(
     calibrate.llmcompressor_version() is None,
@@ -415,28 +416,6 @@ def served(calibrated, tmp_path_factory):
     return json.loads((where / "out.json").read_text())
 
 
-def _reference_logprobs(model_dir, store, prompt_ids) -> torch.Tensor:
-    """f64 [V]: transformers in float32, routed experts replaced by the store's dequantized ones (None: the source's)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        if store is not None:
-            for layer in store.manifest.moe_layers:
-                experts = model.model.layers[layer].mlp.experts
-                for e in range(store.manifest.num_experts):
-                    w13, w2 = store.expert(layer, e)
-                    experts.gate_up_proj[e].copy_(w13)
-                    experts.down_proj[e].copy_(w2)
-        logits = model(torch.tensor([prompt_ids])).logits[0, -1]
-    return torch.log_softmax(logits.double(), -1)
-
-
-def _kl(p_log, q_log) -> float:
-    p_log, q_log = torch.as_tensor(p_log, dtype=torch.float64), torch.as_tensor(q_log, dtype=torch.float64)
-    return float((p_log.exp() * (p_log - q_log)).sum())
-
-
 @NEEDS_LLMC
 @pytest.mark.vllm
 @pytest.mark.slow
@@ -450,7 +429,7 @@ def test_calibrated_store_served_by_vllm_with_the_plugin(calibrated, served, mod
     stock, lv = served[f"{model_type}/stock"], served[f"{model_type}/{method}"]
     assert lv["methods"] == ["LvllmMoEMethod"] and len(lv["tokens"]) == MAX_TOKENS
     assert lv["prompt_ids"] == stock["prompt_ids"]
-    ref_q = _reference_logprobs(src, store, lv["prompt_ids"])
+    ref_q = _reference_logprobs(src, store.path, lv["prompt_ids"])
     ref_bf16 = _reference_logprobs(src, None, lv["prompt_ids"])
     kl_q = _kl(ref_q, lv["first_logprobs"])  # same weights, vLLM + engine arithmetic
     kl_gap = _kl(ref_bf16, stock["first_logprobs"])  # same weights, stock vLLM arithmetic

@@ -201,17 +201,18 @@ def test_routed_experts_excluded_from_weight_memory(e2e, arch):
     assert stock["param_bytes"] - lv["param_bytes"] == routed
 
 
-def _reference_logprobs(model_dir: Path, store_dir: Path, prompt_ids: list[int]):
-    """transformers forward in float32 with every routed expert replaced by its dequantized store copy."""
+def _reference_logprobs(model_dir: Path, store_dir: Path | None, prompt_ids: list[int]):
+    """transformers forward in float32 with every routed expert replaced by its dequantized store copy (store_dir
+    None: the checkpoint's own experts)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     from lvllm_runtime.store import ExpertStore
 
-    store = ExpertStore.open(store_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     with torch.no_grad():
-        for L in store.manifest.moe_layers:
+        store = ExpertStore.open(store_dir) if store_dir is not None else None
+        for L in store.manifest.moe_layers if store else ():
             experts = model.model.layers[L].mlp.experts
             for e in range(store.manifest.num_experts):
                 w13, w2 = store.expert(L, e)
