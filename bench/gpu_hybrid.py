@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lvllm_runtime.arch import Routing  # noqa: E402
 from lvllm_runtime.cuda_graph_step import (CpuStep, HybridDecodeLayer, blocking_sync, capture, hot_experts,  # noqa: E402
                                             profile)
-from lvllm_runtime.engine import Engine  # noqa: E402
+from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
 
@@ -198,7 +198,8 @@ class LayerRig:
 
     def __init__(self, args, layers: int = 1, max_tokens: int = 8192, hot: int = 16):
         self.cpus = engine_cpus(args.engine_cpus)
-        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], max_tokens)
+        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], max_tokens,
+                             spin_us=SPIN_US_OWN_CPUS)
         self.host = {}
         for L in range(layers):
             self.host[L] = random_layer_int4(1000 + L)
@@ -371,7 +372,8 @@ class ModelRig:
         params = set(__import__("inspect").signature(model.model.layers[0].forward).parameters)
         self.kv_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
         self.cpus = engine_cpus(args.engine_cpus)
-        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], args.max_tokens)
+        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], args.max_tokens,
+                             spin_us=SPIN_US_OWN_CPUS)
         self.host, self.hot, self.allgpu = {}, {}, None
         t0 = time.perf_counter()
         for L in range(layers):

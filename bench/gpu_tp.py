@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import gpu_hybrid as gh  # noqa: E402
 from lvllm_runtime.arch import Routing  # noqa: E402
 from lvllm_runtime.cuda_graph_step import blocking_sync, hot_experts  # noqa: E402
-from lvllm_runtime.engine import Engine  # noqa: E402
+from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, join_node_slices  # noqa: E402
 
@@ -134,7 +134,8 @@ class TPRig(gh.ModelRig):
         self.world = world
         mine = range(NODES) if world == 1 else [rank]
         i_local = gh.I // NODES * len(mine)
-        self.engine = Engine(gh.H, gh.I // NODES, gh.E, "silu_glu", True, "int4", gh.G, nodes, args.max_tokens)
+        self.engine = Engine(gh.H, gh.I // NODES, gh.E, "silu_glu", True, "int4", gh.G, nodes, args.max_tokens,
+                             spin_us=SPIN_US_OWN_CPUS)
         self.host, self.hot, self.allgpu = {}, {}, None
         streamed = {}
         t0 = time.perf_counter()

@@ -191,7 +191,7 @@ NB_MODULE(_cpu, m) {
         .def("__init__",
              [](Engine* self, int64_t hidden, int64_t intermediate, int experts, const std::string& activation, bool gated,
                 const std::string& weight_format, int group_size, std::vector<std::vector<int>> nodes, int max_tokens,
-                const std::string& isa, bool int8_activations) {
+                const std::string& isa, bool int8_activations, int spin_us) {
                  EngineConfig c;
                  c.hidden = hidden;
                  c.intermediate = intermediate;
@@ -206,6 +206,7 @@ NB_MODULE(_cpu, m) {
                  c.max_tokens = max_tokens;
                  c.isa = isa;
                  c.int8_activations = int8_activations;
+                 c.spin_us = spin_us;
                  try {
                      new (self) Engine(c);
                  } catch (const std::invalid_argument& e) {
@@ -214,11 +215,18 @@ NB_MODULE(_cpu, m) {
              },
              nb::arg("hidden_size"), nb::arg("intermediate_size"), nb::arg("num_experts"), nb::arg("activation"),
              nb::arg("gated"), nb::arg("weight_format"), nb::arg("group_size"), nb::arg("nodes"), nb::arg("max_tokens"),
-             nb::arg("isa") = "", nb::arg("int8_activations") = true)
+             nb::arg("isa") = "", nb::arg("int8_activations") = true, nb::arg("spin_us") = 50)
+        .def_ro_static("TRACE_POINTS", &Engine::kTracePoints)
         .def_prop_ro("isa", [](const Engine& e) { return std::string(e.isa()); })
         .def_prop_ro("pin_failures", &Engine::pin_failures)
         .def_prop_ro("int8_activations_max_tokens", &Engine::int8_activations_max_tokens)
         .def("has_layer", &Engine::has_layer)
+        .def("last_trace",
+             [](Engine& e) {
+                 nb::gil_scoped_release nogil;
+                 return e.last_trace();
+             },
+             "Timeline of the last forward (ns after launch): Engine.kTracePoints values per thread, then routing ns.")
         .def("read_bandwidth",
              [](Engine& e, size_t bytes_per_node, int reps) {
                  nb::gil_scoped_release nogil;

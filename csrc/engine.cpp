@@ -100,8 +100,10 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
             bad("kernel table '" + cfg.isa + "' is not available on this CPU/build; available: " + names);
         }
     }
+    if (cfg.spin_us < 0 || cfg.spin_us > 1000000) bad("spin_us=" + str(cfg.spin_us) + " must be in [0, 1000000]");
     const int nn = static_cast<int>(cfg.nodes.size());
-    pool_ = std::make_unique<ThreadPool>(cfg.nodes);
+    pool_ = std::make_unique<ThreadPool>(cfg.nodes, cfg.spin_us);
+    trace_.resize(pool_->total_threads());
     cur_a_ = std::vector<Cursor>(nn);
     cur_b_ = std::vector<Cursor>(nn);
     hptr_.resize(nn);
@@ -232,6 +234,7 @@ std::string Engine::forward(const ForwardArgs& a) {
 }
 
 std::string Engine::submit_locked(const ForwardArgs& a) {
+    submit_ns_ = now_ns();
     if (pool_->busy()) return "a forward is still in flight: call wait() before the next submit()";
     auto it = layers_.find(a.layer);
     if (it == layers_.end()) return "layer " + str(a.layer) + " is not loaded: call load_layer(" + str(a.layer) + ", shards) first";
@@ -317,6 +320,7 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
     cur_c_.v.store(0, std::memory_order_relaxed);
     cur_ = a;
     cur_layer_ = &it->second;
+    traced_ = true;
     pool_->launch(&Engine::forward_job, this);
     return "";
 }
@@ -408,6 +412,8 @@ void Engine::phase_b(int node, int gtid) {
 
 void Engine::forward_job(void* ctx, int node, int, int gtid) {
     Engine* self = static_cast<Engine*>(ctx);
+    int64_t* tr = self->trace_[gtid].t;
+    tr[0] = now_ns();
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
@@ -433,10 +439,15 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
         }
         pool.global_barrier().arrive_and_wait();
     }
+    tr[1] = now_ns();
     self->phase_a(node, gtid);
+    tr[2] = now_ns();
     pool.node_barrier(node).arrive_and_wait();
+    tr[3] = now_ns();
     self->phase_b(node, gtid);
+    tr[4] = now_ns();
     pool.global_barrier().arrive_and_wait();
+    tr[5] = now_ns();
     const int cb = static_cast<int>((H + kColsC - 1) / kColsC);
     const int64_t items = T * cb;
     const int nn = pool.num_nodes();
@@ -449,6 +460,19 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
             else static_cast<float*>(a.out)[t * H + c] = s;
         }
     }
+    tr[6] = now_ns();
+}
+
+std::vector<int64_t> Engine::last_trace() {
+    std::lock_guard<std::mutex> g(api_mu_);
+    pool_->wait();
+    std::vector<int64_t> out;
+    if (!traced_) return out;
+    const int64_t t0 = pool_->launched_at();
+    for (const TraceRow& r : trace_)
+        for (int i = 0; i < kTracePoints; ++i) out.push_back(r.t[i] - t0);
+    out.push_back(t0 - submit_ns_);
+    return out;
 }
 
 // ---- read bandwidth -----------------------------------------------------------------------------------------------

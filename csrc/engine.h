@@ -36,6 +36,7 @@ struct EngineConfig {
     int max_tokens = 0;
     std::string isa;                       // "" = best available; else a name from available_isas()
     bool int8_activations = true;          // INT4: let the table quantize activations to int8 (kernels.h)
+    int spin_us = 50;                      // idle workers spin this long before sleeping (thread_pool.h)
 };
 
 // One node's slice of one layer as the store holds it (see DESIGN.md); pointers stay owned by the caller.
@@ -105,6 +106,12 @@ public:
     std::string take_error();
 
     static std::vector<std::string> available_isas();
+
+    // Timeline of the last forward, ns after its launch: per thread, when it started, then when it finished phase 0,
+    // phase A, the node barrier, phase B, the global barrier and phase C; then the routing time before the launch.
+    // Empty before the first forward.
+    static constexpr int kTracePoints = 7;
+    std::vector<int64_t> last_trace();
 
     // Read bandwidth (GB/s) of this engine's own pinned threads over node-local buffers of `bytes_per_node`
     // (first touched by each node's threads), best of `reps` passes: the roofline the forward is measured against.
@@ -178,6 +185,10 @@ private:
     std::vector<Cursor> cur_a_, cur_b_;
     Cursor cur_0_, cur_c_;
     std::vector<int> eslot_;  // routing scratch
+    struct alignas(64) TraceRow { int64_t t[kTracePoints] = {}; };
+    std::vector<TraceRow> trace_;  // per thread, now_ns() at each point of the last forward
+    int64_t submit_ns_ = 0;
+    bool traced_ = false;
 
     std::vector<Buf> bw_bufs_;  // read_bandwidth() buffers, one per node, alive during its jobs
     bool bw_touch_ = false;

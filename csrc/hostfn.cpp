@@ -1,8 +1,6 @@
 // Host-callback driver of the engine (hostfn.h): one argument set per graph host node, core C++ calls only.
 #include "hostfn.h"
 
-#include <time.h>
-
 #include <exception>
 #include <new>
 #include <string>
@@ -16,15 +14,7 @@ struct lvllm_hostcall {
     int64_t t_enter = 0, t_done = 0, runs = 0;
 };
 
-namespace {
-
-int64_t now_ns() {
-    timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
-}
-
-}  // namespace
+using lvllm::now_ns;
 
 extern "C" {
 

@@ -7,15 +7,16 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+#include <time.h>
+
 #include <climits>
 #include <memory>
 
 namespace lvllm {
 namespace {
 
-// ~2000 pauses is a few tens of microseconds: longer than a layer's GPU gap in decode is not worth burning.
-constexpr int kSpins = 2000;
 constexpr int kYields = 64;
+constexpr int kPausesPerClock = 16;  // pauses between clock reads while spinning
 
 inline void cpu_relax() {
 #if defined(__x86_64__) || defined(__i386__)
@@ -30,10 +31,19 @@ long futex(const std::atomic<uint32_t>* addr, int op, uint32_t val) {
 
 }  // namespace
 
-void wait_change(const std::atomic<uint32_t>& word, uint32_t old, std::atomic<int>& sleepers) {
-    for (int i = 0; i < kSpins; ++i) {
-        if (word.load(std::memory_order_acquire) != old) return;
-        cpu_relax();
+int64_t now_ns() {
+    timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return int64_t(ts.tv_sec) * 1000000000 + ts.tv_nsec;
+}
+
+void wait_change(const std::atomic<uint32_t>& word, uint32_t old, std::atomic<int>& sleepers, int64_t spin_ns) {
+    for (int64_t end = now_ns() + spin_ns;;) {
+        for (int i = 0; i < kPausesPerClock; ++i) {
+            if (word.load(std::memory_order_acquire) != old) return;
+            cpu_relax();
+        }
+        if (now_ns() >= end) break;
     }
     for (int i = 0; i < kYields; ++i) {
         if (word.load(std::memory_order_acquire) != old) return;
@@ -58,18 +68,19 @@ void Barrier::arrive_and_wait() {
         gen_.fetch_add(1, std::memory_order_seq_cst);
         wake_all(gen_, sleepers_);
     } else {
-        wait_change(gen_, g, sleepers_);
+        wait_change(gen_, g, sleepers_, spin_ns_);
     }
 }
 
-ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes) {
+ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes, int spin_us) : spin_ns_(int64_t(spin_us) * 1000) {
     int total = 0;
     for (const auto& cpus : nodes) {
         node_threads_.push_back(static_cast<int>(cpus.size()));
-        node_barriers_.push_back(std::make_unique<Barrier>(static_cast<int>(cpus.size())));
+        node_barriers_.push_back(std::make_unique<Barrier>());
+        node_barriers_.back()->reset(static_cast<int>(cpus.size()), spin_ns_);
         total += static_cast<int>(cpus.size());
     }
-    global_barrier_.reset(total);
+    global_barrier_.reset(total, spin_ns_);
     int gtid = 0;
     for (size_t n = 0; n < nodes.size(); ++n)
         for (size_t t = 0; t < nodes[n].size(); ++t, ++gtid)
@@ -93,6 +104,7 @@ void ThreadPool::launch(JobFn fn, void* ctx) {
     busy_ = true;
     remaining_.store(total_threads(), std::memory_order_relaxed);
     ++launched_;
+    launched_ns_ = now_ns();
     job_gen_.fetch_add(1, std::memory_order_seq_cst);  // publishes fn_/ctx_ (release)
     wake_all(job_gen_, job_sleepers_);
 }
@@ -100,7 +112,7 @@ void ThreadPool::launch(JobFn fn, void* ctx) {
 void ThreadPool::wait() {
     if (!busy_) return;
     while (done_gen_.load(std::memory_order_acquire) != launched_)
-        wait_change(done_gen_, done_gen_.load(std::memory_order_acquire), done_sleepers_);
+        wait_change(done_gen_, done_gen_.load(std::memory_order_acquire), done_sleepers_, spin_ns_);
     busy_ = false;
 }
 
@@ -117,7 +129,7 @@ void ThreadPool::worker(int node, int tid, int gtid, int cpu) {
     pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
     uint32_t seen = 0;
     for (;;) {
-        wait_change(job_gen_, seen, job_sleepers_);
+        wait_change(job_gen_, seen, job_sleepers_, spin_ns_);
         seen = job_gen_.load(std::memory_order_acquire);
         if (stop_) return;
         fn_(ctx_, node, tid, gtid);

@@ -32,6 +32,14 @@ def _bad(e: Exception) -> BadInput:
     return BadInput(str(e), "see the Engine docstring in lvllm_runtime/engine.py for shapes and dtypes")
 
 
+# Idle workers spin this long (microseconds) before they sleep. Shared: the engine's cpus also run vLLM-CPU's own
+# threads, which a spinning worker would slow. Own cores (a GPU host: the plan leaves a core for vLLM): spin through
+# the GPU's part of each decode layer (~0.1-0.5 ms), so a call finds its workers awake (waking 15 sleeping threads
+# cost ~60 us a call on the H200 host's Sapphire Rapids, bench/cpu_decode.py).
+SPIN_US_SHARED_CPUS = 50
+SPIN_US_OWN_CPUS = 2000
+
+
 class Engine:
     """Routed experts of a model's MoE layers on the CPU.
 
@@ -40,12 +48,13 @@ class Engine:
     weight_format "int4" (group_size 32/64/128) or "bf16"; nodes: cpu ids per node, one pinned thread each;
     max_tokens: the largest T a forward may get. isa: "" picks the best kernel table (see available_isas()).
     int8_activations: INT4 only; False keeps fp32/bf16 activations (exact to fp32, slower: see
-    int8_activations_max_tokens).
+    int8_activations_max_tokens). spin_us: how long idle workers spin before they sleep; long (a few ms) when the
+    engine's cpus are its own and its calls come every layer (GPU decode), short when vLLM-CPU's threads share them.
     """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, activation: str, gated: bool,
                  weight_format: str, group_size: int | None, nodes: Sequence[Sequence[int]], max_tokens: int,
-                 isa: str = "", int8_activations: bool = True):
+                 isa: str = "", int8_activations: bool = True, spin_us: int = SPIN_US_SHARED_CPUS):
         if activation not in ACTIVATIONS:
             raise BadInput(f"activation {activation!r} is unknown", f"use one of {', '.join(ACTIVATIONS)}")
         if weight_format not in WEIGHT_FORMATS:
@@ -60,7 +69,7 @@ class Engine:
         try:
             self._e = _module().Engine(int(hidden_size), int(intermediate_size), int(num_experts), activation,
                                        bool(gated), weight_format, int(group_size or 0), node_lists, int(max_tokens),
-                                       isa, bool(int8_activations))
+                                       isa, bool(int8_activations), int(spin_us))
         except ValueError as e:
             msg = str(e)
             if "AVX2" in msg or "not available" in msg:
@@ -89,6 +98,16 @@ class Engine:
     def pin_failures(self) -> int:
         """Threads that could not be pinned to their cpu (pinning is best effort)."""
         return self._e.pin_failures
+
+    def last_trace(self) -> dict[str, Any]:
+        """Where the last forward's time went, in microseconds after its launch: per thread, when it started and when
+        it left phase 0, phase A, the node barrier, phase B, the global barrier and phase C; plus the routing before."""
+        raw = list(self._e.last_trace())
+        if not raw:
+            return {"threads": [], "routing_us": None}
+        n = _module().Engine.TRACE_POINTS
+        rows = [[v / 1e3 for v in raw[i:i + n]] for i in range(0, len(raw) - 1, n)]
+        return {"threads": rows, "routing_us": raw[-1] / 1e3}
 
     def read_bandwidth(self, bytes_per_node: int = 1 << 30, reps: int = 3) -> float:
         """GB/s the engine's own pinned threads read from node-local buffers (best of reps): the decode roofline."""

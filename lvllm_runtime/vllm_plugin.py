@@ -292,13 +292,15 @@ class _Runtime:
                                   "grouped GEMMs of cuda_graph_step add no biases", "plan with --hot-experts 0")
         engine = None
         if len(set(self.plan.hot_experts.get(layer, ()))) < m.num_experts:
-            engine = self.cold_engine(nodes, moe_config.tp_rank)  # here, so a CPU it cannot run on fails early
+            # here, so a CPU it cannot run on fails early
+            engine = self.cold_engine(nodes, moe_config.tp_rank, str(moe_config.device).startswith("cuda"))
         return LvllmMoEMethod(moe_config, self, layer, nodes, engine)
 
-    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int):
-        """The process's engine over this rank's node slices, created at the first layer that has cold experts."""
+    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int, own_cpus: bool):
+        """The process's engine over this rank's node slices, created at the first layer that has cold experts.
+        own_cpus: the GPU runs the model, so the plan's cpus are the engine's alone and its workers may spin."""
         if self.engine is None:
-            from .engine import Engine
+            from .engine import SPIN_US_OWN_CPUS, SPIN_US_SHARED_CPUS, Engine
 
             m = self.store.manifest
             slots = {n.node: n for n in self.plan.nodes}
@@ -307,7 +309,8 @@ class _Runtime:
                 raise StoreError(f"plan's runtime.nodes has no entry for node(s) {missing}", "plan again")
             cpus = [list(slots[n].cpus[: slots[n].threads or None]) for n in nodes]
             self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
-                                 m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens)
+                                 m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens,
+                                 spin_us=SPIN_US_OWN_CPUS if own_cpus else SPIN_US_SHARED_CPUS)
             log.info("lvllm: TP rank %d computes store node slices %s with engine %s on cpus %s", tp_rank,
                      list(nodes), self.engine.isa, cpus)
         return self.engine

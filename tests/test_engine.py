@@ -9,6 +9,7 @@ from __future__ import annotations
 import ctypes
 import itertools
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -273,7 +274,8 @@ def small_engine(fmt="int4", **kw):
     gen = torch.Generator().manual_seed(3)
     H, In, E = 64, 64, 4
     shards, dense = make_shards(fmt, E, H, In, 1, True, 32, gen)
-    eng = Engine(H, In, E, "silu_glu", True, fmt, 32, kw.get("nodes", [[0, 1]]), max_tokens=8)
+    eng = Engine(H, In, E, "silu_glu", True, fmt, 32, kw.get("nodes", [[0, 1]]), max_tokens=8,
+                 spin_us=kw.get("spin_us", 50))
     eng.load_layer(0, shards)
     return eng, shards, dense
 
@@ -342,6 +344,26 @@ def test_forward_from_two_threads():
     assert not errors, errors
 
 
+@pytest.mark.parametrize("spin_us", [0, 5000])
+def test_spin_time_and_trace(spin_us):
+    """Workers that sleep at once (0) or spin through the gap (5 ms) give the same result; the last forward's
+    timeline has every thread's phase ends in order, after its launch."""
+    eng, _, dense = small_engine(spin_us=spin_us)
+    assert eng.last_trace() == {"threads": [], "routing_us": None}
+    gen = torch.Generator().manual_seed(9)
+    for _ in range(3):
+        ids, w = route(4, 2, 4, gen, skip=False)
+        x = torch.randn(4, 64, generator=gen)
+        out = torch.full((4, 64), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
+        tr = eng.last_trace()
+        assert len(tr["threads"]) == 2 and tr["routing_us"] >= 0
+        for row in tr["threads"]:
+            assert len(row) == 7 and row[0] >= 0 and row == sorted(row), row
+        time.sleep(0.002)
+
+
 def test_unpinnable_cpu_is_not_an_error():
     eng, _, dense = small_engine(nodes=[[0, 4095]])
     assert eng.pin_failures == 1
@@ -368,6 +390,7 @@ def test_unpinnable_cpu_is_not_an_error():
     (dict(nodes=[[-1]]), "negative"),
     (dict(max_tokens=0), "max_tokens"),
     (dict(num_experts=0), "num_experts"),
+    (dict(spin_us=-1), "spin_us"),
 ])
 def test_bad_construction(kwargs, match):
     args = dict(hidden_size=64, intermediate_size=64, num_experts=4, activation="silu_glu", gated=True,
