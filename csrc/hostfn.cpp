@@ -1,6 +1,8 @@
 // Host-callback driver of the engine (hostfn.h): one argument set per graph host node, core C++ calls only.
 #include "hostfn.h"
 
+#include <cmath>
+#include <cstdio>
 #include <exception>
 #include <new>
 #include <string>
@@ -15,6 +17,22 @@ struct lvllm_hostcall {
 };
 
 using lvllm::now_ns;
+
+namespace {
+
+// A failed forward inside a replayed graph has no caller to raise to: say so on stderr and make the output NaN, so
+// the failure shows in the logits instead of as stale numbers (HostCall.check() still raises where a caller syncs).
+void report_failure(lvllm_hostcall* c) {
+    std::fprintf(stderr, "lvllm: engine forward in a CUDA host callback failed (layer %d): %s; its output is NaN\n",
+                 c->args.layer, c->error.c_str());
+    const int64_t n = c->args.tokens * c->engine->config().hidden;
+    if (c->args.hidden_dtype == lvllm::Dtype::BF16)
+        for (int64_t i = 0; i < n; ++i) static_cast<uint16_t*>(c->args.out)[i] = 0x7FC0;
+    else
+        for (int64_t i = 0; i < n; ++i) static_cast<float*>(c->args.out)[i] = NAN;
+}
+
+}  // namespace
 
 extern "C" {
 
@@ -52,6 +70,7 @@ __attribute__((visibility("default"))) void lvllm_hostcall_run(void* p) {
     } catch (...) {
         c->error = "unknown C++ exception in the engine";
     }
+    if (!c->error.empty()) report_failure(c);
     c->t_done = now_ns();
     ++c->runs;
 }

@@ -211,7 +211,7 @@ def test_hot_experts_from_store_formats():
     assert hot_experts(layer, [], E, "cpu") is None
 
 
-def test_hostcall_reports_engine_errors_and_checks_buffers():
+def test_hostcall_reports_engine_errors_and_checks_buffers(capfd):
     gen = torch.Generator().manual_seed(3)
     eng = make_engine(random_layer(gen))
     h, ids, w, out = (torch.zeros(2, H).bfloat16(), torch.zeros(2, K, dtype=torch.int32), torch.zeros(2, K),
@@ -220,6 +220,9 @@ def test_hostcall_reports_engine_errors_and_checks_buffers():
         HostCall(eng, 0, h, ids, w, torch.zeros(2, H))  # out dtype differs from hidden
     call = HostCall(eng, 5, h, ids, w, out)  # layer 5 was never loaded: the callback must not crash
     call()
+    # inside a replayed graph nobody calls check(): the failure is on stderr and in the output
+    assert "host callback failed (layer 5): layer 5 is not loaded" in capfd.readouterr().err
+    assert out.float().isnan().all()
     with pytest.raises(EngineError, match="layer 5 is not loaded"):
         call.check()
     call.check()  # the error was taken
