@@ -142,13 +142,14 @@ void Engine::repack_expert(const ShardIn& in, NodeWeights& w, int e) const {
         return;
     }
     auto pack = [](const int32_t* src, const uint16_t* ssrc, uint8_t* dst, float* sdst, int64_t rows, int64_t K, int g) {
+        const Int4Mat m{dst, nullptr, K, g};
         for (int64_t r = 0; r < rows; ++r) {
             const int32_t* s = src + r * (K / 8);
-            uint8_t* d = dst + r * (K / 2);
+            uint8_t* d = const_cast<uint8_t*>(int4_row(m, r));
             auto u = [&](int64_t c) { return (static_cast<uint32_t>(s[c / 8]) >> (4 * (c % 8))) & 0xF; };
             for (int64_t b = 0; b < K / kInt4Block; ++b)
                 for (int i = 0; i < 16; ++i)
-                    d[b * kInt4BlockBytes + i] = static_cast<uint8_t>(u(32 * b + i) | (u(32 * b + 16 + i) << 4));
+                    d[b * kInt4BlockStride + i] = static_cast<uint8_t>(u(32 * b + i) | (u(32 * b + 16 + i) << 4));
             for (int64_t j = 0; j < K / g; ++j) sdst[r * (K / g) + j] = bf16_to_float(ssrc[r * (K / g) + j]);
         }
     };

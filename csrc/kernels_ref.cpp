@@ -10,7 +10,7 @@ void int4_rows_ref(const Int4Mat& m, int r0, int r1, const float* const* x, int 
                    int64_t) {
     const int64_t ng = m.K / m.g;
     for (int r = r0; r < r1; ++r) {
-        const uint8_t* row = m.q + static_cast<int64_t>(r) * (m.K / 2);
+        const uint8_t* row = int4_row(m, r);
         const float* sc = m.s + r * ng;
         for (int t = 0; t < nt; ++t) {
             float acc = 0.f;

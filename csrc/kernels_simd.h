@@ -20,7 +20,7 @@ inline void int4_tile(const Int4Mat& m, int r, const float* const* x, const floa
     using V = typename S::V;
     constexpr int PB = kInt4Block / S::W;
     constexpr bool kGroupAcc = NT <= 2;
-    const int64_t rb = m.K / 2, ng = m.K / m.g;
+    const int64_t ng = m.K / m.g;
     const int bpg = m.g / kInt4Block;
     V acc[NR][NT];
     for (int i = 0; i < NR; ++i)
@@ -28,7 +28,7 @@ inline void int4_tile(const Int4Mat& m, int r, const float* const* x, const floa
     const uint8_t* rows[NR];
     const float* sc[NR];
     for (int i = 0; i < NR; ++i) {
-        rows[i] = m.q + (r + i) * rb;
+        rows[i] = int4_row(m, r + i);
         sc[i] = m.s + (r + i) * ng;
     }
     for (int64_t gi = 0; gi < ng; ++gi) {
@@ -42,7 +42,7 @@ inline void int4_tile(const Int4Mat& m, int r, const float* const* x, const floa
         for (int bb = 0; bb < bpg; ++bb) {
             const int64_t b = gi * bpg + bb;
             typename S::R raw[NR];
-            for (int i = 0; i < NR; ++i) raw[i] = S::int4_load(rows[i] + b * kInt4BlockBytes);
+            for (int i = 0; i < NR; ++i) raw[i] = S::int4_load(rows[i] + b * kInt4BlockStride);
             for (int j = 0; j < PB; ++j) {
                 V xv[NT];
                 for (int t = 0; t < NT; ++t) xv[t] = S::loadu(x[t] + b * kInt4Block + j * S::W);

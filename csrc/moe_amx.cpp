@@ -143,7 +143,7 @@ void int4_block_vnni(const Int4Mat& m, int r, int64_t kb, uint16_t* dst) {
     const int64_t ng = m.K / m.g;
 #ifdef LVLLM_AMX_EMULATE
     for (int n = 0; n < 16; ++n) {
-        const uint8_t* row = m.q + static_cast<int64_t>(r + n) * (m.K / 2);
+        const uint8_t* row = int4_row(m, r + n);
         for (int i = 0; i < 16; ++i)
             for (int p = 0; p < 2; ++p) {
                 const int64_t col = kb * kTileK + 2 * i + p;
@@ -157,7 +157,7 @@ void int4_block_vnni(const Int4Mat& m, int r, int64_t kb, uint16_t* dst) {
                                            _mm512_set1_epi32(16));
     const int64_t gcol = kb * kTileK / m.g;
     for (int n = 0; n < 16; ++n) {
-        const uint8_t* p = m.q + static_cast<int64_t>(r + n) * (m.K / 2) + kb * kInt4BlockBytes;
+        const uint8_t* p = int4_row(m, r + n) + kb * kInt4BlockStride;
         const float sc = m.s[(r + n) * ng + gcol];
         const __m512 s = _mm512_set1_ps(sc), off = _mm512_set1_ps(-8.f * sc);
         const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
