@@ -47,7 +47,7 @@ public:
     ThreadPool& operator=(const ThreadPool&) = delete;
 
     void launch(JobFn fn, void* ctx);  // returns at once; one job at a time
-    void wait();                       // until every worker has returned from the job
+    void wait();                       // until every worker has returned from the job (spins briefly, then sleeps)
     bool busy() const { return busy_; }
     int64_t launched_at() const { return launched_ns_; }  // now_ns() of the last launch()
 

@@ -37,7 +37,7 @@ def _bad(e: Exception) -> BadInput:
 # the GPU's part of each decode layer (~0.1-0.5 ms), so a call finds its workers awake (waking 15 sleeping threads
 # cost ~60 us a call on the H200 host's Sapphire Rapids, bench/cpu_decode.py).
 SPIN_US_SHARED_CPUS = 50
-SPIN_US_OWN_CPUS = 2000
+SPIN_US_OWN_CPUS = 1000
 
 
 class Engine:
