@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from lvllm_runtime.arch import Routing  # noqa: E402
 from lvllm_runtime.cuda_graph_step import (CpuStep, HybridDecodeLayer, blocking_sync, capture, hot_experts,  # noqa: E402
                                             profile)
-from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine  # noqa: E402
+from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine, keep_other_threads_off  # noqa: E402
 from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
 from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
 
@@ -155,7 +155,7 @@ def cpu_range(arg: str) -> list[int]:
 def engine_cpus(arg: str | None) -> list[int]:
     if arg:
         return cpu_range(arg)
-    return ALL_CPUS[1:] if len(ALL_CPUS) > 2 else ALL_CPUS  # cpu 0 stays with Python and the CUDA callback thread
+    return ALL_CPUS[2:] if len(ALL_CPUS) > 4 else ALL_CPUS  # cpus 0-1: Python's main thread, the CUDA callback thread
 
 
 # ----------------------------------------------------------------------------------------------------------- stages
@@ -719,6 +719,8 @@ def main() -> int:
     args = ap.parse_args()
     if args.main_cpus:
         os.sched_setaffinity(0, cpu_range(args.main_cpus))  # before CUDA starts its threads
+    else:  # as the plugin does: this process's threads (and CUDA's, started later) off the engine's spinning cpus
+        keep_other_threads_off(engine_cpus(args.engine_cpus))
     if args.blocking_sync:
         args.blocking_sync = blocking_sync()  # False (recorded in env) when CUDA had started already
     if not torch.cuda.is_available():

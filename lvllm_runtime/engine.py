@@ -10,7 +10,8 @@ do not use (or set torch.set_num_threads low): both spinning on the same cores m
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import BadInput, EngineError
@@ -38,6 +39,28 @@ def _bad(e: Exception) -> BadInput:
 # cost ~60 us a call on the H200 host's Sapphire Rapids, bench/cpu_decode.py).
 SPIN_US_SHARED_CPUS = 50
 SPIN_US_OWN_CPUS = 1000
+
+
+def keep_other_threads_off(cpus: Iterable[int]) -> int:
+    """Take `cpus` out of the affinity of every thread of this process but the engine's workers (named lvllm-n*);
+    threads they start later inherit it. Own-cpu engines spin on their cores: a main thread or CUDA host-callback
+    thread landing there stalled every call by a scheduler slice (30B graph decode on the H100 host: 5.2 tok/s vs
+    35.5 with them on two cores of their own). A thread left with no cpu keeps its set. Returns the threads moved."""
+    engine = set(cpus)
+    moved = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                if f.read().startswith("lvllm-n"):
+                    continue
+            have = os.sched_getaffinity(int(tid))
+            keep = have - engine
+            if keep and keep != have:
+                os.sched_setaffinity(int(tid), keep)
+                moved += 1
+        except OSError:  # the thread ended meanwhile
+            continue
+    return moved
 
 
 class Engine:

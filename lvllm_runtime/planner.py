@@ -373,9 +373,14 @@ class _Planner:
         for i in range(self.numa):
             node = real[i % len(real)]
             cores = list(node.cores)
-            # One core of the GPU's node stays with the vLLM process that drives the GPU.
+            # Two cores of the GPU's node stay with the vLLM process that drives the GPU: its main thread (which
+            # spins while it waits for the GPU) and CUDA's host-callback thread (which runs the engine's decode
+            # calls). The engine's workers spin on theirs; with one core for both, a 30B graph decode step took
+            # 192 ms instead of 28 (bench/README.md).
             host_node = gpu_node if gpu_node is not None else real[0].id
-            if self.gpus and node.id == host_node and len(cores) > 2:
+            if self.gpus and node.id == host_node and len(cores) > 4:
+                cores = cores[2:]
+            elif self.gpus and node.id == host_node and len(cores) > 2:
                 cores = cores[1:]
             nodes.append({"node": node.id if len(real) >= self.numa else i, "cpus": cores, "threads": len(cores),
                           "virtual": bool(node.virtual or len(real) < self.numa)})

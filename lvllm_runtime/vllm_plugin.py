@@ -300,7 +300,7 @@ class _Runtime:
         """The process's engine over this rank's node slices, created at the first layer that has cold experts.
         own_cpus: the GPU runs the model, so the plan's cpus are the engine's alone and its workers may spin."""
         if self.engine is None:
-            from .engine import SPIN_US_OWN_CPUS, SPIN_US_SHARED_CPUS, Engine
+            from .engine import SPIN_US_OWN_CPUS, SPIN_US_SHARED_CPUS, Engine, keep_other_threads_off
 
             m = self.store.manifest
             slots = {n.node: n for n in self.plan.nodes}
@@ -311,6 +311,9 @@ class _Runtime:
             self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
                                  m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens,
                                  spin_us=SPIN_US_OWN_CPUS if own_cpus else SPIN_US_SHARED_CPUS)
+            if own_cpus:  # every rank's engine cpus, so no rank's threads land on another's spinning workers
+                moved = keep_other_threads_off(c for n in self.plan.nodes for c in n.cpus[: n.threads or None])
+                log.info("lvllm: %d threads of this process moved off the engines' cpus", moved)
             log.info("lvllm: TP rank %d computes store node slices %s with engine %s on cpus %s", tp_rank,
                      list(nodes), self.engine.isa, cpus)
         return self.engine

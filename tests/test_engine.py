@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import os
 import threading
 import time
 
@@ -16,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvllm_runtime.engine import Engine
+from lvllm_runtime.engine import Engine, keep_other_threads_off
 from lvllm_runtime.errors import BadInput, EngineError
 
 TOKENS = (1, 2, 7, 64, 513)
@@ -362,6 +363,43 @@ def test_spin_time_and_trace(spin_us):
         for row in tr["threads"]:
             assert len(row) == 7 and row[0] >= 0 and row == sorted(row), row
         time.sleep(0.002)
+
+
+def test_keep_other_threads_off():
+    """Every thread but the engine's workers leaves the engine's cpus (threads started later inherit that)."""
+    everything = os.sched_getaffinity(0)
+    if len(everything) < 2:
+        pytest.skip("needs two cpus")
+    cpu = max(everything)
+    eng, _, dense = small_engine(nodes=[[cpu]])
+    stop = threading.Event()
+    other = threading.Thread(target=stop.wait)
+    other.start()
+    tasks = [int(t) for t in os.listdir("/proc/self/task")]
+    try:
+        assert keep_other_threads_off([cpu]) >= 2
+        assert os.sched_getaffinity(0) == everything - {cpu}
+        assert os.sched_getaffinity(other.native_id) == everything - {cpu}
+        workers = [t for t in tasks if open(f"/proc/self/task/{t}/comm").read().startswith("lvllm-n")]
+        assert workers and all(os.sched_getaffinity(t) == {cpu} for t in workers)
+        seen = []
+        later = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        later.start()
+        later.join()
+        assert seen == [everything - {cpu}]
+        ids, w = torch.tensor([[0, 3]], dtype=torch.int32), torch.ones(1, 2)
+        x, out = torch.randn(1, 64), torch.full((1, 64), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
+    finally:
+        stop.set()
+        other.join()
+        for t in tasks:
+            try:
+                os.sched_setaffinity(t, everything)
+            except OSError:
+                pass
+        del eng
 
 
 def test_unpinnable_cpu_is_not_an_error():
