@@ -24,6 +24,18 @@ static_assert(kRowsA == kInt4Block, "phase A quantizes each work item's h column
 
 std::string str(int64_t v) { return std::to_string(v); }
 
+// Starts pulling the first bytes of rows [r0, r1) of an INT4 matrix (and their scales) toward L2, so a kernel that
+// switches to them does not begin on a cold stream: the kernels themselves prefetch only within the matrix they are
+// in, one 4-row group ahead. Decode reads many short chunks (a phase-B item: 32 rows of each routed expert).
+constexpr int64_t kPrefetchBytes = 4096;
+void prefetch_rows(const Int4Mat& m, int r0, int r1) {
+    const char* q = reinterpret_cast<const char*>(int4_row(m, r0 - r0 % kInt4Rows));
+    for (int64_t o = 0, n = std::min<int64_t>(kPrefetchBytes, int64_t(r1 - r0) * (m.K / 2)); o < n; o += 64)
+        __builtin_prefetch(q + o, 0, 2);
+    const char* sc = reinterpret_cast<const char*>(m.s + int64_t(r0) * (m.K / m.g));
+    for (int64_t o = 0, n = int64_t(r1 - r0) * (m.K / m.g) * 4; o < n; o += 64) __builtin_prefetch(sc + o, 0, 2);
+}
+
 const KernelTable* table_for(const std::string& name) {
     const CpuFeatures& f = cpu_features();
     if (name == "ref") return &kernels_ref();
@@ -343,7 +355,13 @@ void Engine::phase_a(int node, int gtid) {
         else if (q8_call(n)) kt_->int4_q8_rows(mat13(W, e), r0, r1, xqptr_.data() + s0, n, y, kRowsA);
         else kt_->int4_rows(mat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
     };
-    for (int it; (it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    // One item ahead: the next item is taken (and its gate rows prefetched) before this one is computed.
+    for (int it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed), next; it < items; it = next) {
+        next = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed);
+        if (cfg_.int4 && next < items) {
+            const int n0 = (next % cpe) * kRowsA;
+            prefetch_rows(mat13(W, active_[next / cpe]), n0, std::min(In, n0 + kRowsA));
+        }
         const int a = it / cpe, i0 = (it % cpe) * kRowsA, i1 = std::min(In, i0 + kRowsA), nr = i1 - i0;
         const int e = active_[a], off = offset_[a], cnt = count_[a];
         for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
@@ -351,6 +369,7 @@ void Engine::phase_a(int node, int gtid) {
             const int s0 = off + t0;
             const uint16_t* xb = wb ? xsb_.data() + int64_t(s0) * H : nullptr;
             if (cfg_.gated) {
+                if (cfg_.int4 && t0 == 0) prefetch_rows(mat13(W, e), In + i0, In + i1);  // up rows, read next
                 rows(e, i0, i1, s0, xb, n, gt);
                 rows(e, In + i0, In + i1, s0, xb, n, ut);
             } else {
@@ -388,6 +407,7 @@ void Engine::phase_b(int node, int gtid) {
         for (int64_t t = 0; t < T; ++t) std::memset(y + t * H + h0, 0, sizeof(float) * nr);
         for (size_t a = 0; a < active_.size(); ++a) {
             const int e = active_[a], off = offset_[a], cnt = count_[a];
+            if (cfg_.int4 && a + 1 < active_.size()) prefetch_rows(mat2(W, active_[a + 1]), h0, h1);
             for (int t0 = 0; t0 < cnt; t0 += kTokBlock) {
                 const int n = std::min(kTokBlock, cnt - t0);
                 const float* const* hs = hptr_[node].data() + off + t0;
