@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -296,9 +297,11 @@ class _Runtime:
             engine = self.cold_engine(nodes, moe_config.tp_rank, str(moe_config.device).startswith("cuda"))
         return LvllmMoEMethod(moe_config, self, layer, nodes, engine)
 
-    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int, own_cpus: bool):
+    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int, on_gpu: bool):
         """The process's engine over this rank's node slices, created at the first layer that has cold experts.
-        own_cpus: the GPU runs the model, so the plan's cpus are the engine's alone and its workers may spin."""
+        on_gpu: the GPU runs the model; if the plan also leaves this process two cpus outside every rank's engine
+        cpus (its main thread, CUDA's host-callback thread), those engine cpus are the engines' own: their workers
+        spin between calls and the process's other threads move off them."""
         if self.engine is None:
             from .engine import SPIN_US_OWN_CPUS, SPIN_US_SHARED_CPUS, Engine, keep_other_threads_off
 
@@ -308,11 +311,13 @@ class _Runtime:
             if missing:
                 raise StoreError(f"plan's runtime.nodes has no entry for node(s) {missing}", "plan again")
             cpus = [list(slots[n].cpus[: slots[n].threads or None]) for n in nodes]
+            every_engine_cpu = {c for n in self.plan.nodes for c in n.cpus[: n.threads or None]}
+            own_cpus = on_gpu and len(os.sched_getaffinity(0) - every_engine_cpu) >= 2
             self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
                                  m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens,
                                  spin_us=SPIN_US_OWN_CPUS if own_cpus else SPIN_US_SHARED_CPUS)
-            if own_cpus:  # every rank's engine cpus, so no rank's threads land on another's spinning workers
-                moved = keep_other_threads_off(c for n in self.plan.nodes for c in n.cpus[: n.threads or None])
+            if own_cpus:
+                moved = keep_other_threads_off(every_engine_cpu)
                 log.info("lvllm: %d threads of this process moved off the engines' cpus", moved)
             log.info("lvllm: TP rank %d computes store node slices %s with engine %s on cpus %s", tp_rank,
                      list(nodes), self.engine.isa, cpus)
