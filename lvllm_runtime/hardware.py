@@ -16,7 +16,9 @@ GB = 1e9
 
 # Every number the forecast rests on: physical properties or engineering estimates, the same for every model.
 ASSUMPTIONS: dict[str, float] = {
-    "cpu_stream_efficiency": 0.6,  # share of measured read bandwidth the engine reaches streaming expert slices
+    # share of measured read bandwidth the engine reaches streaming expert slices (decode on the H100/H200 boxes'
+    # Sapphire Rapids, bench/README.md: 79-105% of the same run's read bandwidth inside CUDA graphs)
+    "cpu_stream_efficiency": 0.8,
     "cpu_read_gbps_per_core_fallback": 5.0,  # per physical core when no `lvllm doctor --bench` number is given
     "gpu_bw_efficiency": 0.8,  # share of GPU memory bandwidth reached by decode GEMVs
     "gpu_flops_efficiency": 0.5,  # share of dense BF16 tensor peak reached by prefill GEMMs

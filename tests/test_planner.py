@@ -88,6 +88,23 @@ def test_forecast_decode_against_published(name, fixture, opts, decode, prefill,
     assert 1 / 1.5 <= got / decode <= 1.5
 
 
+def test_forecast_decode_against_h100_hybrid_measurement():
+    """Measured on the H100 box (bench/README.md, vLLM serve, session 4): a 4-layer slice of Qwen3-30B-A3B with every
+    routed expert in an INT4 store on the CPU engine (no hot experts) decodes at 501 tok/s at batch 1 and 904 at
+    batch 4 under `lvllm serve` (FULL_DECODE_ONLY). The planner forecasts the same run from the box's fixture."""
+    rec = dict(recipes.get("Qwen3-Coder-30B-A3B-Instruct").data)
+    rec["architecture"] = {**rec["architecture"], "num_hidden_layers": 4}
+    plan = make_plan(planner.model_from_recipe(rec), Hardware.load(HW / "h100-box.json"),
+                     PlanOptions(expert_format="int4", max_model_len=17408, max_num_seqs=4, hot_experts=0,
+                                 gpu_memory_utilization=0.5))
+    assert plan["fits"] and plan["forecast"]["hot_fraction"] == 0.0
+    got = {d["batch"]: d["tok_s"] for d in plan["forecast"]["decode"]}
+    for batch, measured in ((1, 501.0), (4, 904.0)):
+        print(f"\n4-layer Qwen3-30B-A3B INT4 on the H100 box, batch {batch}: forecast {got[batch]:.0f} tok/s, "
+              f"measured {measured:.0f}, ratio {got[batch] / measured:.2f}")
+        assert 1 / 1.5 <= got[batch] / measured <= 1.5
+
+
 def test_forecast_decode_against_h100_measurement():
     """Measured on the H100 box (shared/VLLM.md, vLLM 0.25): a 12-layer slice of Qwen3-30B-A3B, BF16, all in VRAM,
     batch 1 decodes at 510 tok/s. The planner puts every expert on the GPU and forecasts the same run."""
