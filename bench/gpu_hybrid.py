@@ -701,7 +701,7 @@ def main() -> int:
     ap.add_argument("--hot", default="16", help="hot experts per layer (the first ids), or 'plan': lvllm plan's count "
                                                 "for the whole model on this GPU")
     ap.add_argument("--shape", choices=sorted(SHAPES), default="qwen3-30b-a3b")
-    ap.add_argument("--engine-cpus", default=None, help="e.g. 1-15 (default: all but the first)")
+    ap.add_argument("--engine-cpus", default=None, help="e.g. 2-15 (default: all but the first two)")
     ap.add_argument("--check-steps", type=int, default=24)
     ap.add_argument("--time-steps", type=int, default=30)
     ap.add_argument("--prefill-layers", type=int, default=6)
