@@ -2,10 +2,11 @@
 
 The engine runs MoE layers that never sit in cache (layers cycled, fresh random routing per call) at decode sizes,
 back to back ("hot": workers still spinning) and with a gap between calls like the GPU's part of a layer ("gap").
-Each call's `Engine.last_trace()` gives per-thread phase ends; the table shows medians of: wake = last thread
-started, A = last thread done with phase A, B = last done with phase B, end = last done; all in microseconds after
-launch, next to the call's wall time and the roofline (distinct experts x expert bytes / the same threads' read
-bandwidth).
+Each call's `Engine.last_trace()` gives per-thread phase ends; each row shows medians over the calls of: wake = the
+first / last thread started, A = first / last thread done with phase A, B = the same for phase B, end = last thread
+done; microseconds after launch, next to the call's wall time (the Python call), the routing before the launch and the
+roofline (distinct experts x INT4 bytes / the same threads' read bandwidth, measured first). Layers must be larger
+than L3 together (the default 4 are: 1.2 GB / 0.6 GB).
 
     python bench/cpu_decode.py --cpus 1-15 --json bench/results/cpu_decode.json
     python bench/cpu_decode.py --reduced     # small, for a 2-core machine
