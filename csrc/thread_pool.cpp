@@ -81,8 +81,7 @@ ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes, int spin_us) 
     int total = 0;
     for (const auto& cpus : nodes) {
         node_threads_.push_back(static_cast<int>(cpus.size()));
-        node_barriers_.push_back(std::make_unique<Barrier>());
-        node_barriers_.back()->reset(static_cast<int>(cpus.size()), spin_ns_);
+        node_barriers_.push_back(std::make_unique<Barrier>(static_cast<int>(cpus.size()), spin_ns_));
         total += static_cast<int>(cpus.size());
     }
     global_barrier_.reset(total, spin_ns_);

@@ -21,7 +21,7 @@ void wake_all(const std::atomic<uint32_t>& word, const std::atomic<int>& sleeper
 
 class Barrier {
 public:
-    explicit Barrier(int n = 1) : n_(n) {}
+    explicit Barrier(int n = 1, int64_t spin_ns = 0) : n_(n), spin_ns_(spin_ns) {}
     void reset(int n, int64_t spin_ns) { n_ = n; spin_ns_ = spin_ns; }
     void arrive_and_wait();
 
@@ -30,7 +30,7 @@ private:
     alignas(64) std::atomic<uint32_t> gen_{0};
     std::atomic<int> sleepers_{0};
     int n_;
-    int64_t spin_ns_ = 0;
+    int64_t spin_ns_;
 };
 
 // Called on every worker: node index, thread index within the node, global thread index.

@@ -34,7 +34,7 @@ def _bad(e: Exception) -> BadInput:
 
 
 # Idle workers spin this long (microseconds) before they sleep. Shared: the engine's cpus also run vLLM-CPU's own
-# threads, which a spinning worker would slow. Own cores (a GPU host: the plan leaves a core for vLLM): spin through
+# threads, which a spinning worker would slow. Own cores (a GPU host: the plan leaves two for vLLM): spin through
 # the GPU's part of each decode layer (~0.1-0.5 ms), so a call finds its workers awake (waking 15 sleeping threads
 # cost ~60 us a call on the H200 host's Sapphire Rapids, bench/cpu_decode.py).
 SPIN_US_SHARED_CPUS = 50

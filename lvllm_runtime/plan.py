@@ -43,6 +43,11 @@ class NodeSlot:
     threads: int
     virtual: bool = False
 
+    @property
+    def engine_cpus(self) -> tuple[int, ...]:
+        """The cpus the engine's threads pin to: the first `threads` of `cpus` (all of them when threads is 0)."""
+        return self.cpus[: self.threads or None]
+
 
 @dataclass(frozen=True)
 class RuntimePlan:

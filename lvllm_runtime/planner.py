@@ -378,10 +378,8 @@ class _Planner:
             # calls). The engine's workers spin on theirs; with one core for both, a 30B graph decode step took
             # 192 ms instead of 28 (bench/README.md).
             host_node = gpu_node if gpu_node is not None else real[0].id
-            if self.gpus and node.id == host_node and len(cores) > 4:
-                cores = cores[2:]
-            elif self.gpus and node.id == host_node and len(cores) > 2:
-                cores = cores[1:]
+            if self.gpus and node.id == host_node:
+                cores = cores[2:] if len(cores) > 4 else cores[1:] if len(cores) > 2 else cores
             nodes.append({"node": node.id if len(real) >= self.numa else i, "cpus": cores, "threads": len(cores),
                           "virtual": bool(node.virtual or len(real) < self.numa)})
         # rank r owns a contiguous block of the store slices

@@ -310,8 +310,8 @@ class _Runtime:
             missing = [n for n in nodes if n not in slots]
             if missing:
                 raise StoreError(f"plan's runtime.nodes has no entry for node(s) {missing}", "plan again")
-            cpus = [list(slots[n].cpus[: slots[n].threads or None]) for n in nodes]
-            every_engine_cpu = {c for n in self.plan.nodes for c in n.cpus[: n.threads or None]}
+            cpus = [list(slots[n].engine_cpus) for n in nodes]
+            every_engine_cpu = {c for n in self.plan.nodes for c in n.engine_cpus}
             own_cpus = on_gpu and len(os.sched_getaffinity(0) - every_engine_cpu) >= 2
             self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
                                  m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens,

@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lvllm_runtime.engine import Engine, keep_other_threads_off
+from lvllm_runtime.engine import SPIN_US_SHARED_CPUS, Engine, keep_other_threads_off
 from lvllm_runtime.errors import BadInput, EngineError
 
 TOKENS = (1, 2, 7, 64, 513)
@@ -276,7 +276,7 @@ def small_engine(fmt="int4", **kw):
     H, In, E = 64, 64, 4
     shards, dense = make_shards(fmt, E, H, In, 1, True, 32, gen)
     eng = Engine(H, In, E, "silu_glu", True, fmt, 32, kw.get("nodes", [[0, 1]]), max_tokens=8,
-                 spin_us=kw.get("spin_us", 50))
+                 spin_us=kw.get("spin_us", SPIN_US_SHARED_CPUS))
     eng.load_layer(0, shards)
     return eng, shards, dense
 
