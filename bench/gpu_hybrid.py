@@ -6,13 +6,16 @@
 Stages (each one's result or error lands in gpu_hybrid.json as soon as it ends, so a cut-off run keeps its part):
   env      device, versions, cpus
   bw       ceilings: CPU read bandwidth with the engine's cores, pinned H2D bandwidth, bf16 GEMM rate
-  layer    one MoE layer of --shape (Qwen3-30B-A3B: E 128, top-8, H 2048, I 768; INT4 g128 random store; --hot
+Every stage builds the runtime `lvllm serve` builds (hybrid_runtime.HybridRuntime over a random INT4 g128 store written
+to --work in the store's own format, bench/random_store.py), so what is timed is the served code path.
+  layer    one MoE layer of --shape (Qwen3-30B-A3B: E 128, top-8, H 2048, I 768; --hot
            hot experts, or as many as `lvllm plan` keeps per layer for the whole model on this GPU):
            CUDA-graph replay == eager == all-GPU f32 reference over fresh routings at T = 1 and 4; per-layer split
            (D2H copy / host node / engine CPU time / H2D / hot-expert GPU / wait) and graph replay time
-  prefill  one layer: streamed GPU prefill == CPU engine; per-layer time at 1K / 8K tokens for both, vs bounds
+  prefill  --prefill-layers layers streamed from the registered store mapping: GPU prefill == CPU engine; per-layer
+           time of both at --prefill-tokens, vs bounds; the smallest T where GPU prefill wins (the plan's threshold)
   model    transformers Qwen3-MoE classes (config numbers of Qwen3-30B-A3B, --layers of them) with random weights,
-           MoE blocks replaced by the hybrid layer, experts in a random INT4 store in pinned host RAM: decode tok/s at
+           MoE blocks replaced by the runtime's layers (experts in the random store): decode tok/s at
            batch 1 and 4 eager vs CUDA graph vs all-GPU (bf16 experts on the GPU), logits compared; prefill tok/s
            with GPU prefill on / off
 CPU fallbacks of the same code paths are tested in tests/test_gpu_paths.py; this script needs CUDA.
@@ -37,12 +40,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import random_store  # noqa: E402
 from lvllm_runtime.arch import Routing  # noqa: E402
-from lvllm_runtime.cuda_graph_step import (CpuStep, HybridDecodeLayer, blocking_sync, capture, hot_experts,  # noqa: E402
-                                            profile)
-from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine, keep_other_threads_off  # noqa: E402
-from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts  # noqa: E402
-from lvllm_runtime.hybrid import LayerWeights, experts_torch, route  # noqa: E402
+from lvllm_runtime.cuda_graph_step import CpuStep, blocking_sync, capture, profile  # noqa: E402
+from lvllm_runtime.engine import Engine, keep_other_threads_off  # noqa: E402
+from lvllm_runtime.gpu_prefill import dequant_int4_bf16, grouped_experts  # noqa: E402
+from lvllm_runtime.hybrid import route  # noqa: E402
+from lvllm_runtime.hybrid_runtime import HybridRuntime, Placement  # noqa: E402
+from lvllm_runtime.plan import RuntimePlan  # noqa: E402
+from lvllm_runtime.quant import dequantize_int4  # noqa: E402
+from lvllm_runtime.store import ExpertStore  # noqa: E402
 
 # config.json numbers of the real models (--shape); the bench builds --layers of them
 SHAPES = {
@@ -121,26 +128,6 @@ def save(out: Path) -> None:
     tmp.replace(out / "gpu_hybrid.json")
 
 
-def random_layer_int4(seed: int) -> dict[str, torch.Tensor]:
-    """A random INT4 store layer (one node, I whole): random nibbles, bf16 scales ~ unit-variance outputs.
-    Drawn on the GPU (fast) and copied into pinned host memory."""
-    g = torch.Generator(device=DEV).manual_seed(seed)
-
-    def packed(*shape):
-        return torch.randint(-2**31, 2**31 - 1, shape, generator=g, device=DEV, dtype=torch.int64).to(torch.int32)
-
-    def scale(*shape, fan_in):
-        return ((torch.rand(*shape, generator=g, device=DEV) + 0.5) / (4.6 * fan_in**0.5)).bfloat16()
-
-    dev = {"w13.packed": packed(E, 2 * I, H // 8), "w13.scale": scale(E, 2 * I, H // G, fan_in=H),
-           "w2.packed": packed(E, H, I // 8), "w2.scale": scale(E, H, I // G, fan_in=I)}
-    out = {}
-    for k, v in dev.items():
-        out[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=torch.cuda.is_available())
-        out[k].copy_(v)
-    return out
-
-
 def expert_bytes(group: int = G) -> int:
     """INT4 bytes of one expert (gate+up+down nibbles and bf16 scales)."""
     n = 3 * I * H
@@ -193,24 +180,36 @@ def stage_bw(args) -> dict:
             "gemm_bf16_tflops": 2 * 8192**3 / mm_ms / 1e9}
 
 
-class LayerRig:
-    """One random Qwen3-30B-A3B layer: host INT4, the engine, hot experts on the GPU, the f32 all-GPU reference."""
+def runtime(args, layers: int, hot: int, gpu_prefill_min: int | None, max_tokens: int,
+            decode_sizes: tuple[int, ...] = (1, 4, 16)) -> HybridRuntime:
+    """The hybrid runtime `lvllm serve` builds (hybrid_runtime.HybridRuntime), over a random INT4 store of `layers`
+    layers at --shape written to --work, with a one-node plan on the engine cpus; every layer loaded."""
+    store = Path(args.work) / f"store-{args.shape}-L{layers}"
+    t0 = time.perf_counter()
+    random_store.write(store, layers, E, H, I, G, device=DEV)
+    wrote = time.perf_counter() - t0
+    plan = random_store.bench_plan(store, engine_cpus(args.engine_cpus), hot, gpu_prefill_min, args.window, max_tokens)
+    rt = HybridRuntime(RuntimePlan.from_dict(plan), ExpertStore.open(store), Placement(DEV, K, decode_sizes=decode_sizes))
+    t1 = time.perf_counter()
+    rt.load_all()
+    log(f"runtime: {layers} layers, store written/kept in {wrote:.1f}s, loaded in {time.perf_counter() - t1:.1f}s")
+    return rt
 
-    def __init__(self, args, layers: int = 1, max_tokens: int = 8192, hot: int = 16):
-        self.cpus = engine_cpus(args.engine_cpus)
-        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], max_tokens,
-                             spin_us=SPIN_US_OWN_CPUS)
-        self.host = {}
-        for L in range(layers):
-            self.host[L] = random_layer_int4(1000 + L)
-            self.engine.load_layer(L, [self.host[L]])
-        # the plan's hot experts would go here; the first `hot` ids stand in (routing is uniform)
-        self.hot = {L: hot_experts(LayerWeights(t, "int4", G), range(hot), E, DEV) for L, t in self.host.items()}
+
+class LayerRig:
+    """Random Qwen3-30B-A3B layers in the hybrid runtime, and the f32 all-GPU reference on the same store bytes."""
+
+    def __init__(self, args, layers: int = 1, max_tokens: int = 8192, hot: int = 16, gpu_prefill_min=None):
+        self.rt = runtime(args, layers, hot, gpu_prefill_min, max_tokens)
+        self.engine = self.rt.engine
+        self.host = {L: self.rt.store.layer(L, 0) for L in range(layers)}
 
     def reference(self, L: int, hidden, w, ids) -> torch.Tensor:
-        """All-GPU f32 reference on the same dequantized weights (hybrid.experts_torch)."""
-        lw = LayerWeights({k: v.to(DEV) for k, v in self.host[L].items()}, "int4", G)
-        return experts_torch(hidden.float(), w, ids, lw, "silu_glu", True)
+        """All-GPU f32 reference on the same dequantized weights (quant.dequantize_int4, grouped_experts in f32)."""
+        t = {k: v.to(DEV) for k, v in self.host[L].items()}
+        w13 = dequantize_int4(t["w13.packed"], t["w13.scale"], G)
+        w2 = dequantize_int4(t["w2.packed"], t["w2.scale"], G)
+        return grouped_experts(hidden.float(), w, ids, w13, w2, "silu_glu", True)
 
 
 def fresh_routing(t: int, gen: torch.Generator):
@@ -222,9 +221,8 @@ def stage_layer(args) -> dict:
     rig = LayerRig(args, layers=1, hot=args.hot)
     res = {"hot_experts": args.hot, "engine_isa": rig.engine.isa, "tokens": {}}
     gen = torch.Generator(device=DEV).manual_seed(0)
-    steps = {t: CpuStep(rig.engine, [0], t, H, K, torch.bfloat16, DEV) for t in (1, 4)}
+    steps, dec = rig.rt.decode_steps, rig.rt.layers[0].decode  # what the served layer runs at these batch sizes
     for t in (1, 4):
-        dec = HybridDecodeLayer(0, steps, "silu_glu", True, rig.hot[0])
         x = torch.zeros(t, H, dtype=torch.bfloat16, device=DEV)
         w = torch.zeros(t, K, device=DEV)
         ids = torch.zeros(t, K, dtype=torch.int32, device=DEV)
@@ -271,17 +269,17 @@ def stage_layer(args) -> dict:
 
 def stage_prefill(args) -> dict:
     nl = args.prefill_layers
-    rig = LayerRig(args, layers=nl, hot=0)
-    res = {"layers_streamed": nl, "window": args.window, "tokens": {}}
-    sp = StreamedPrefill({L: LayerWeights(rig.host[L], "int4", G) for L in range(nl)}, "silu_glu", True, DEV,
-                         args.window)
+    rig = LayerRig(args, layers=nl, hot=0, gpu_prefill_min=1, max_tokens=max(args.prefill_tokens))
+    res = {"layers_streamed": nl, "window": args.window, "tokens": {},
+           "store_pinned_read_only": rig.rt.prefill.pins.read_only, "store_pinned_gib": rig.rt.prefill.pins.nbytes / 2**30}
+    sp = rig.rt.prefill
     gen = torch.Generator(device=DEV).manual_seed(1)
     bw = RESULTS.get("bw", {})
     for t in args.prefill_tokens:
         x = (torch.randn(t, H, device=DEV, generator=gen) * 1.0).bfloat16()
         w, ids = fresh_routing(t, gen)
         entry = {}
-        if t <= 8192:
+        if t <= args.cpu_layer_max:
             gpu = sp.forward(0, x, w, ids)
             out = torch.empty(t, H, dtype=torch.bfloat16, pin_memory=True)
             hx, hi, hw = x.cpu(), ids.cpu(), w.cpu()
@@ -306,9 +304,13 @@ def stage_prefill(args) -> dict:
         w13, w2 = sp.w13, sp.w2
         entry["gpu_compute_only_ms"] = median_ms(lambda: grouped_experts(x, w, ids, w13, w2, "silu_glu", True), 3)
         entry["dequant_bytes_written"] = dq13 * 2
+        if "cpu_layer_ms" in entry:
+            entry["gpu_faster"] = entry["gpu_layer_ms"] < entry["cpu_layer_ms"]
         res["tokens"][t] = entry
         log(f"prefill T={t}", json.dumps(entry))
     res["layer_store_bytes"] = sp.layer_bytes
+    faster = [t for t in args.prefill_tokens if res["tokens"][t].get("gpu_faster")]
+    res["crossover_tokens"] = min(faster) if faster else None  # smallest measured T where GPU prefill wins
     return res
 
 
@@ -371,43 +373,25 @@ class ModelRig:
         self.model, self.cfg, self.layers = model.eval(), cfg, layers
         params = set(__import__("inspect").signature(model.model.layers[0].forward).parameters)
         self.kv_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
-        self.cpus = engine_cpus(args.engine_cpus)
-        self.engine = Engine(H, I, E, "silu_glu", True, "int4", G, [self.cpus], args.max_tokens,
-                             spin_us=SPIN_US_OWN_CPUS)
-        self.host, self.hot, self.allgpu = {}, {}, None
-        t0 = time.perf_counter()
-        for L in range(layers):
-            self.host[L] = random_layer_int4(2000 + L)
-            self.engine.load_layer(L, [self.host[L]])
-            self.hot[L] = hot_experts(LayerWeights(self.host[L], "int4", G), range(args.hot), E, DEV)
-        log(f"model: {layers} layers, store in pinned RAM + engine loaded in {time.perf_counter() - t0:.1f}s")
-        self.steps: dict[int, CpuStep] = {}
-        self.dec = {}
-        self.prefill = StreamedPrefill({L: LayerWeights(self.host[L], "int4", G) for L in range(layers)},
-                                       "silu_glu", True, DEV, args.window)
+        self.rt = runtime(args, layers, args.hot, args.gpu_prefill_min, args.max_tokens)
+        self.engine, self.steps = self.rt.engine, self.rt.decode_steps
+        self.host = {L: self.rt.store.layer(L, 0) for L in range(layers)}
+        self.allgpu = None
         self.mode = "hybrid"          # hybrid | allgpu | none
-        self.gpu_prefill_min = args.gpu_prefill_min
-        self.gpu_prefill_on = True
         self.layers_used = layers
 
-    def step_for(self, t: int) -> CpuStep:
-        if t not in self.steps:
-            self.steps[t] = CpuStep(self.engine, range(self.layers), t, H, K, torch.bfloat16, DEV)
-        return self.steps[t]
+    def gpu_prefill(self, on: bool) -> None:
+        """GPU prefill on (the plan's threshold) or off (every prompt through the engine) in every layer."""
+        for moe in self.rt.layers.values():
+            moe.gpu_prefill_min_tokens = self.rt.plan.gpu_prefill_min_tokens if on else None
 
     def experts(self, L: int, x, w, ids) -> torch.Tensor:
-        t = x.shape[0]
         if self.mode == "none":  # the model without its routed experts: what the GPU alone costs
             return torch.zeros_like(x)
         if self.mode == "allgpu":
             w13, w2 = self.allgpu[L]
             return grouped_experts(x, w, ids, w13, w2, "silu_glu", True).to(x.dtype)
-        if self.gpu_prefill_on and t >= self.gpu_prefill_min:
-            return self.prefill.forward(L, x, w, ids)
-        self.step_for(t)
-        dec = self.dec.get(L) or HybridDecodeLayer(L, self.steps, "silu_glu", True, self.hot[L])
-        self.dec[L] = dec
-        return dec(x, w, ids)
+        return self.rt.layers[L].forward(x, w, ids)  # the served layer: its own choice of path
 
     def build_allgpu(self, layers: int) -> None:
         self.allgpu = {}
@@ -558,7 +542,7 @@ def stage_model(args) -> dict:
         pos = torch.arange(t, device=DEV).view(1, t)
         e = {}
         with torch.no_grad():
-            rig.gpu_prefill_on = True
+            rig.gpu_prefill(True)
             on = None
 
             def run_on():
@@ -567,23 +551,22 @@ def stage_model(args) -> dict:
             ms = median_ms(run_on, 2, warm=1)
             e["gpu_prefill_ms"], e["gpu_prefill_tok_s"] = ms, t * 1e3 / ms
             if t <= args.cpu_prefill_max:
-                rig.gpu_prefill_on = False
+                rig.gpu_prefill(False)
                 t0 = time.perf_counter()
                 off = rig.forward(ids, None, None, pos).float()
                 torch.cuda.synchronize()
                 ms = (time.perf_counter() - t0) * 1e3
                 e["cpu_prefill_ms"], e["cpu_prefill_tok_s"] = ms, t * 1e3 / ms
                 e["rel_logits_gpu_vs_cpu_prefill"] = rel(on, off)
-                rig.gpu_prefill_on = True
+                rig.gpu_prefill(True)
         res["prefill"][t] = e
         log(f"model prefill T={t}", e)
         torch.cuda.empty_cache()
         save(Path(args.out))
 
     # all-GPU: bf16 experts on the device for as many layers as fit; hybrid logits compared on the same layers
-    rig.prefill = None
-    rig.hot = {}
-    rig.dec = {}
+    del rig.rt.prefill.slots  # the staging goes; the runtime's layers are not used below
+    rig.rt.layers.clear()
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     per_layer = 3 * E * I * H * 2
@@ -705,7 +688,10 @@ def main() -> int:
     ap.add_argument("--check-steps", type=int, default=24)
     ap.add_argument("--time-steps", type=int, default=30)
     ap.add_argument("--prefill-layers", type=int, default=6)
-    ap.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")], default=[1024, 8192])
+    ap.add_argument("--prefill-tokens", type=lambda s: [int(x) for x in s.split(",")],
+                    default=[128, 256, 512, 1024, 2048, 8192])
+    ap.add_argument("--cpu-layer-max", type=int, default=8192, help="one-layer CPU engine timing only up to this T")
+    ap.add_argument("--work", default="/tmp/lvllm-bench", help="where the random stores are written (and kept)")
     ap.add_argument("--cpu-prefill-max", type=int, default=1024, help="full-model CPU prefill only up to this T")
     ap.add_argument("--window", type=int, default=1)
     ap.add_argument("--gpu-prefill-min", type=int, default=256)

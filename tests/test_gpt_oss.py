@@ -71,10 +71,21 @@ def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.float() - ref).norm(dim=1) / ref.norm(dim=1)).max().item()
 
 
+def _grouped_f32(x, w, ids, weights, m):
+    """gpu_prefill.grouped_experts in f32 over store-format weights (their biases where they have them)."""
+    from lvllm_runtime.gpu_prefill import grouped_experts
+
+    e = weights.num_experts
+    w13, w2 = (torch.stack(t) for t in zip(*(weights.expert(i, torch.float32) for i in range(e))))
+    t = weights.tensors
+    b13, b2 = (t[k].float() if k in t else None for k in ("w13.bias", "w2.bias"))
+    return grouped_experts(x, w, ids, w13, w2, m.activation, m.gated, None, b13, b2)
+
+
 @pytest.mark.parametrize("fmt,nodes", [("bf16", 1), ("bf16", 2), ("int4", 2)])
-def test_experts_torch_with_biases_equals_transformers(stores, fmt, nodes):
-    """join_node_slices + experts_torch (the GPU-prefill and hot-expert math) == transformers on the same weights."""
-    from lvllm_runtime.hybrid import experts_torch, join_node_slices
+def test_grouped_experts_with_biases_equals_transformers(stores, fmt, nodes):
+    """join_node_slices + grouped_experts (the GPU-prefill and hot-expert math) == transformers on the same weights."""
+    from lvllm_runtime.hybrid import join_node_slices
 
     src, by_kind = stores
     store = by_kind[fmt, nodes]
@@ -86,12 +97,12 @@ def test_experts_torch_with_biases_equals_transformers(stores, fmt, nodes):
         x, ids, w = _tokens(store, seed=layer)
         with torch.no_grad():
             ref = _transformers_experts(src, store, layer)(x, ids.long(), w)
-        assert _rel_err(experts_torch(x, w, ids, weights, m.activation, m.gated), ref) < 1e-5
+        assert _rel_err(_grouped_f32(x, w, ids, weights, m), ref) < 1e-5
 
 
 def test_rank_slices_add_the_down_bias_once(stores):
     """TP: rank 1's node slice has no w2.bias (node 0 holds it), so the ranks' partial sums add it exactly once."""
-    from lvllm_runtime.hybrid import experts_torch, join_node_slices
+    from lvllm_runtime.hybrid import join_node_slices
 
     src, by_kind = stores
     store = by_kind["bf16", 2]
@@ -100,7 +111,7 @@ def test_rank_slices_add_the_down_bias_once(stores):
     ranks = [join_node_slices([store.layer(layer, n)], "bf16", m.gated) for n in range(2)]
     assert "w2.bias" in ranks[0].tensors and "w2.bias" not in ranks[1].tensors
     x, ids, w = _tokens(store)
-    out = sum(experts_torch(x, w, ids, r, m.activation, m.gated) for r in ranks)
+    out = sum(_grouped_f32(x, w, ids, r, m) for r in ranks)
     with torch.no_grad():
         ref = _transformers_experts(src, store, layer)(x, ids.long(), w)
     assert _rel_err(out, ref) < 1e-5
@@ -110,8 +121,10 @@ def test_rank_slices_add_the_down_bias_once(stores):
 def test_hybrid_layer_with_biases_equals_transformers(stores, one_torch_thread, mode):
     """HybridMoE on the CPU: cold experts on the C++ engine (store shards with biases), hot ones with torch, and the
     whole-layer (GPU-prefill) path; each equals transformers on the store's weights."""
+    from lvllm_runtime.cuda_graph_step import HybridDecodeLayer, hot_experts
     from lvllm_runtime.engine import Engine
-    from lvllm_runtime.hybrid import ExpertStreamer, HotExperts, HybridMoE, join_node_slices
+    from lvllm_runtime.gpu_prefill import LayerShape, StreamedPrefill
+    from lvllm_runtime.hybrid import HybridMoE, join_node_slices
 
     src, by_kind = stores
     store = by_kind["bf16", 2]
@@ -125,10 +138,13 @@ def test_hybrid_layer_with_biases_equals_transformers(stores, one_torch_thread, 
         engine = Engine(m.hidden_size, m.node_intermediate_size, m.num_experts, m.activation, m.gated,
                         m.weight_format, m.group_size, [[0]] * m.numa_nodes, max_tokens=16)
         engine.load_layer(layer, shards)
-    hot = HotExperts.build(weights, hot_ids, m.num_experts, "cpu") if hot_ids else None
-    streamer = ExpertStreamer({layer: weights}, "cpu") if mode == "whole_layer" else None
-    moe = HybridMoE(layer, m.num_experts, m.activation, m.gated, engine, hot, streamer,
-                    gpu_prefill_min_tokens=1 if streamer else None)
+    hot = hot_experts(weights, hot_ids, m.num_experts, "cpu", torch.float32)
+    prefill = None
+    if mode == "whole_layer":
+        prefill = StreamedPrefill(LayerShape(m.weight_format, m.group_size, m.gated, m.activation), "cpu")
+        prefill.add_layer(layer, shards)
+    moe = HybridMoE(layer, engine, HybridDecodeLayer(layer, {}, m.activation, m.gated, hot), prefill,
+                    1 if prefill else None)
     x, ids, w = _tokens(store)
     with torch.no_grad():
         ref = _transformers_experts(src, store, layer)(x, ids.long(), w)
@@ -153,7 +169,7 @@ def served(stores, tmp_path_factory):
     paths["bf16"] = bf16
     layers = by_kind["bf16", 1].manifest.moe_layers
     prefill = make_plan(src, bf16)
-    prefill["runtime"]["gpu_prefill_min_tokens"] = 2  # prompts through experts_torch, decode through the engine
+    prefill["runtime"]["gpu_prefill_min_tokens"] = 2  # prompts through the whole-layer path, decode through the engine
     old = root / "bf16-without-bias-key"  # what a store quantized before expert biases existed says of itself
     shutil.copytree(bf16, old)
     manifest = json.loads((old / "lvllm.json").read_text())

@@ -4,7 +4,8 @@
   float64 reference on the same random INT4 layer;
 - the decode step's host call (csrc/hostfn.cpp, the C function a CUDA graph's host node runs) called directly, with
   hot experts split off, against the same reference over fresh routings;
-- StreamedPrefill on the CPU (no streaming there) over several layers;
+- StreamedPrefill over several layers, INT4 and BF16 stores, one and two node slices (on the CPU nothing streams;
+  on CUDA the same test streams from registered host memory);
 - the CUDA-only pieces (cudaLaunchHostFunc, graph capture, Triton dequant) run only where CUDA is present.
 """
 
@@ -16,8 +17,8 @@ import torch
 from lvllm_runtime.cuda_graph_step import CpuStep, HostCall, HybridDecodeLayer, StepBuffers, hot_experts, shared_steps
 from lvllm_runtime.engine import Engine
 from lvllm_runtime.errors import BadInput, EngineError
-from lvllm_runtime.gpu_prefill import StreamedPrefill, dequant_int4_bf16, grouped_experts
-from lvllm_runtime.hybrid import HybridMoE, LayerWeights, experts_torch, join_node_slices
+from lvllm_runtime.gpu_prefill import LayerShape, StreamedPrefill, dequant_int4_bf16, grouped_experts
+from lvllm_runtime.hybrid import HybridMoE, LayerWeights, join_node_slices
 from lvllm_runtime.quant import dequantize_int4
 
 H, I, E, K, G = 128, 64, 8, 2, 32
@@ -50,10 +51,13 @@ def routing(gen: torch.Generator, t: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def reference(hidden, w, ids, layer: LayerWeights) -> torch.Tensor:
-    """float64 reference over the dequantized weights (hybrid.experts_torch in f32 over f64 sums is enough here)."""
+    """float64 reference over the dequantized weights, looped over tokens and picks."""
     t = layer.tensors
-    w13 = dequantize_int4(t["w13.packed"], t["w13.scale"], G).double()
-    w2 = dequantize_int4(t["w2.packed"], t["w2.scale"], G).double()
+    if layer.weight_format == "bf16":
+        w13, w2 = t["w13"].double(), t["w2"].double()
+    else:
+        w13 = dequantize_int4(t["w13.packed"], t["w13.scale"], G).double()
+        w2 = dequantize_int4(t["w2.packed"], t["w2.scale"], G).double()
     x = hidden.double()
     out = torch.zeros_like(x)
     for ti in range(x.shape[0]):
@@ -161,7 +165,7 @@ def test_shared_steps_serve_every_size_from_one_buffer_set():
         for step in steps.values():
             step.add_layer(L)
         hot = hot_experts(join_node_slices(shards, "int4", True, G), [1, 6], E, "cpu")
-        moe[L] = HybridMoE(L, E, "silu_glu", True, eng, decode=HybridDecodeLayer(L, steps, "silu_glu", True, hot))
+        moe[L] = HybridMoE(L, eng, HybridDecodeLayer(L, steps, "silu_glu", True, hot))
     base = steps[5].buffers
     for t, step in steps.items():
         assert step.buffers is base and step.h_pin.data_ptr() == base.h_pin.data_ptr()
@@ -188,26 +192,26 @@ def test_hybrid_moe_all_hot_decode_needs_no_engine():
     gen = torch.Generator().manual_seed(22)
     layer = LayerWeights(random_layer(gen)[0], "int4", G)
     dec = HybridDecodeLayer(0, {}, "silu_glu", True, hot_experts(layer, list(range(E)), E, "cpu"))
-    moe = HybridMoE(0, E, "silu_glu", True, None, decode=dec)
+    moe = HybridMoE(0, None, dec)
     hidden = torch.randn(3, H, generator=gen).bfloat16()
     w, ids = routing(gen, 3)
     assert moe.all_hot and not moe.uses_decode_step(3)
     assert rel(moe.forward(hidden, w, ids), reference(hidden, w, ids, layer)) < 2e-2
     with pytest.raises(ValueError, match="cold experts need an engine"):
-        HybridMoE(0, E, "silu_glu", True, None, decode=HybridDecodeLayer(0, {}, "silu_glu", True,
-                                                                         hot_experts(layer, [0], E, "cpu")))
+        HybridMoE(0, None, HybridDecodeLayer(0, {}, "silu_glu", True, hot_experts(layer, [0], E, "cpu")))
 
 
 def test_hot_experts_from_store_formats():
     gen = torch.Generator().manual_seed(4)
     layer = LayerWeights(random_layer(gen)[0], "int4", G)
-    w13, w2, slot = hot_experts(layer, [5, 2], E, "cpu")
+    hot = hot_experts(layer, [5, 2], E, "cpu")
+    w13, w2, slot = hot.w13, hot.w2, hot.slot
     assert slot.tolist() == [-1, -1, 1, -1, -1, 0, -1, -1]
     assert torch.equal(w13[1], dequant_int4_bf16(layer.tensors["w13.packed"][2], layer.tensors["w13.scale"][2], G))
     assert w2.shape == (2, H, I) and w2.dtype == torch.bfloat16
     bf = LayerWeights({"w13": torch.randn(E, 2 * I, H, generator=gen), "w2": torch.randn(E, H, I, generator=gen)}, "bf16")
-    b13, _, _ = hot_experts(bf, [7], E, "cpu")
-    assert torch.equal(b13[0], bf.tensors["w13"][7].bfloat16())
+    one = hot_experts(bf, [7], E, "cpu")
+    assert torch.equal(one.w13[0], bf.tensors["w13"][7].bfloat16()) and one.b13 is None
     assert hot_experts(layer, [], E, "cpu") is None
 
 
@@ -228,25 +232,46 @@ def test_hostcall_reports_engine_errors_and_checks_buffers(capfd):
     call.check()  # the error was taken
 
 
-def test_streamed_prefill_cpu_over_layers():
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def bf16_shards(shards: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.Tensor]]:
+    """The same weights as a BF16 store's node slices."""
+    return [{"w13": dequantize_int4(s["w13.packed"], s["w13.scale"], G).bfloat16(),
+             "w2": dequantize_int4(s["w2.packed"], s["w2.scale"], G).bfloat16()} for s in shards]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("fmt,nodes", [("int4", 1), ("int4", 2), ("bf16", 2)])
+def test_streamed_prefill_over_layers(device, fmt, nodes):
+    """The one prefill path: every layer, in order and out of order, equals the reference on its own weights."""
     gen = torch.Generator().manual_seed(5)
-    layers = {L: random_layer(gen, 2) for L in (0, 1, 2)}
-    sp = StreamedPrefill.from_shards(layers, "silu_glu", True, G, "cpu", window=1)
+    layers = {L: random_layer(gen, nodes) for L in (0, 1, 2)}
+    if fmt == "bf16":
+        layers = {L: bf16_shards(s) for L, s in layers.items()}
+    sp = StreamedPrefill(LayerShape(fmt, G if fmt == "int4" else None, True, "silu_glu"), device, window=1)
+    for L, shards in layers.items():
+        sp.add_layer(L, shards)
     assert sp.layer_bytes == sum(v.numel() * v.element_size() for s in layers[0] for v in s.values())
     hidden = torch.randn(33, H, generator=gen).bfloat16()
     w, ids = routing(gen, 33)
-    for L in (0, 1, 2):
-        got = sp.forward(L, hidden, w, ids)
-        ref = reference(hidden, w, ids, sp.host[L])
-        assert rel(got, ref) < 1.5e-2
-        alt = experts_torch(hidden.float(), w, ids, sp.get(L), "silu_glu", True)  # hybrid's whole-layer face
-        assert rel(alt, ref) < 1.5e-2
+    try:
+        for L in (0, 1, 2, 1, 0, 2):
+            got = sp.forward(L, hidden.to(device), w.to(device), ids.to(device)).cpu()
+            full = join_node_slices(layers[L], fmt, True, G if fmt == "int4" else None)
+            ref = reference(hidden, w, ids, full)
+            assert rel(got, ref) < 1.5e-2, (L, rel(got, ref))
+    finally:
+        if sp.pins is not None:
+            torch.cuda.synchronize()
+            sp.pins.close()
 
 
-def test_streamed_prefill_refuses_bf16_stores():
-    bf16 = LayerWeights({"w13": torch.zeros(E, 2 * I, H).bfloat16(), "w2": torch.zeros(E, H, I).bfloat16()}, "bf16")
-    with pytest.raises(BadInput, match="INT4"):
-        StreamedPrefill({0: bf16}, "silu_glu", True, "cpu")
+def test_streamed_prefill_refuses_shards_of_another_format():
+    bf16 = {"w13": torch.zeros(E, 2 * I, H).bfloat16(), "w2": torch.zeros(E, H, I).bfloat16()}
+    sp = StreamedPrefill(LayerShape("int4", G, True, "silu_glu"), "cpu")
+    with pytest.raises(BadInput, match="int4 store"):
+        sp.add_layer(0, [bf16])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graph capture needs a GPU (bench/gpu_hybrid.py)")

@@ -1,5 +1,5 @@
-"""hybrid.py against transformers' own MoE blocks (routing + experts) and its three compute paths against each other
-with the real C++ engine: all cold, hot + cold, and the whole-layer (GPU-prefill) path on the CPU."""
+"""hybrid.py against transformers' own MoE blocks (routing + experts) and HybridMoE's paths against a float64
+reference with the real C++ engine: all cold, hot + cold, all hot, and the whole-layer (GPU-prefill) path on the CPU."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from lvllm_runtime import arch, zoo
-from lvllm_runtime.hybrid import (ExpertStreamer, HotExperts, HybridMoE, LayerWeights, experts_torch,
-                                  join_node_slices, route)
+from lvllm_runtime.cuda_graph_step import HybridDecodeLayer, hot_experts
+from lvllm_runtime.gpu_prefill import LayerShape, StreamedPrefill, grouped_experts
+from lvllm_runtime.hybrid import HybridMoE, LayerWeights, join_node_slices, route
 from lvllm_runtime.quant import quantize_int4
 
 ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"]
@@ -16,7 +17,7 @@ ARCHS = ["qwen3_moe", "mixtral", "deepseek_v3", "glm4_moe"]
 
 @pytest.mark.parametrize("model_type", ARCHS)
 def test_route_and_experts_equal_transformers_block(model_type):
-    """route() + experts_torch() (+ the block's shared experts) == the transformers MoE block, float32."""
+    """route() + grouped_experts() (+ the block's shared experts) == the transformers MoE block, float32."""
     torch.manual_seed(0)
     model = zoo.make_model(model_type).float()
     moe = arch.resolve(model.config.to_dict())
@@ -30,8 +31,8 @@ def test_route_and_experts_equal_transformers_block(model_type):
         want = block(hidden[None])
         want = (want[0] if isinstance(want, tuple) else want)[0]
         weights, ids = route(hidden @ block.gate.weight.T, moe.routing, bias)
-        layer = LayerWeights({"w13": block.experts.gate_up_proj, "w2": block.experts.down_proj}, "bf16")
-        got = experts_torch(hidden, weights, ids, layer, moe.activation, moe.gated)
+        got = grouped_experts(hidden, weights, ids, block.experts.gate_up_proj, block.experts.down_proj,
+                              moe.activation, moe.gated)
         if hasattr(block, "shared_experts"):
             got = got + block.shared_experts(hidden)
     assert ids.dtype == torch.int32 and weights.dtype == torch.float32 and ids.shape == (24, moe.routing.top_k)
@@ -72,10 +73,33 @@ def test_node_slices_join_back_to_the_full_layer(weight_format):
         torch.testing.assert_close(w2[:, n:], one2, rtol=0, atol=0)
 
 
+def reference(hidden: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor, full: LayerWeights) -> torch.Tensor:
+    """float64 loop over tokens and picks on the dequantized weights: the math, written independently of the runtime."""
+    out = torch.zeros(hidden.shape, dtype=torch.float64)
+    for t in range(hidden.shape[0]):
+        for j in range(ids.shape[1]):
+            e = int(ids[t, j])
+            if e >= 0:
+                w13, w2 = (w.double() for w in full.expert(e, torch.float32))
+                g, u = (w13 @ hidden[t].double()).chunk(2)
+                out[t] += float(weights[t, j]) * (w2 @ (torch.nn.functional.silu(g) * u))
+    return out
+
+
+def _layer(engine, shards, weight_format, hot=(), whole=False, group=None):
+    full = join_node_slices(shards, weight_format, True, group)
+    prefill = None
+    if whole:
+        prefill = StreamedPrefill(LayerShape(weight_format, group, True, "silu_glu"), "cpu")
+        prefill.add_layer(3, shards)
+    dec = HybridDecodeLayer(3, {}, "silu_glu", True, hot_experts(full, list(hot), E, "cpu"))
+    return HybridMoE(3, engine, dec, prefill, 1 if whole else None)
+
+
 @pytest.mark.parametrize("weight_format", ["bf16", "int4"])
 @pytest.mark.parametrize("tokens", [1, 5, 64])
 def test_engine_hot_and_whole_layer_paths_agree(weight_format, tokens):
-    """Cold (engine), hot+cold and whole-layer paths give the f32 reference on the same weights."""
+    """Cold (engine), hot+cold and whole-layer paths give the float64 reference on the same weights."""
     engine_mod = pytest.importorskip("lvllm_runtime.engine")
     full, shards = _random_layer(weight_format)
     engine = engine_mod.Engine(H, I // NODES, E, "silu_glu", True, weight_format, full.group_size,
@@ -85,35 +109,32 @@ def test_engine_hot_and_whole_layer_paths_agree(weight_format, tokens):
     hidden = torch.randn(tokens, H).bfloat16()
     weights, ids = route(torch.randn(tokens, E), arch.Routing("softmax", K, True))
     ids[0, 1] = -1  # a skipped slot (as vLLM's expert map or a masked hot expert gives)
-    reference = experts_torch(hidden.float(), weights, ids, full, "silu_glu", True)
+    want = reference(hidden, weights, ids, full)
 
-    cold = HybridMoE(3, E, "silu_glu", True, engine).forward(hidden, weights, ids)
-    hot = HotExperts.build(full, [0, 3, 5], E, "cpu")
-    mixed = HybridMoE(3, E, "silu_glu", True, engine, hot=hot).forward(hidden, weights, ids)
-    streamer = ExpertStreamer({3: full}, "cpu", window=1)
-    whole = HybridMoE(3, E, "silu_glu", True, engine, streamer=streamer, gpu_prefill_min_tokens=1)
-    assert whole.uses_whole_layer(tokens)
-    layer_out = whole.forward(hidden, weights, ids)
-
-    scale = reference.abs().max()
-    for name, got in (("engine", cold), ("hot+engine", mixed), ("whole layer", layer_out)):
+    cold = _layer(engine, shards, weight_format, group=full.group_size)
+    mixed = _layer(engine, shards, weight_format, hot=[0, 3, 5], group=full.group_size)
+    whole = _layer(engine, shards, weight_format, whole=True, group=full.group_size)
+    assert (cold.path(tokens), mixed.path(tokens), whole.path(tokens)) == ("engine", "engine", "gpu_prefill")
+    outs = {name: moe.forward(hidden, weights, ids) for name, moe in
+            (("engine", cold), ("hot+engine", mixed), ("whole layer", whole))}
+    scale = want.abs().max()
+    for name, got in outs.items():
         assert got.dtype == torch.bfloat16 and got.shape == hidden.shape
-        err = (got.float() - reference).abs().max() / scale
+        err = (got.double() - want).abs().max() / scale
         assert err < 2e-2, f"{name}: max error {err:.3g} of the output scale"
-    err = (layer_out.float() - cold.float()).abs().max() / scale
-    assert err < 2e-2, f"whole-layer vs engine path: {err:.3g}"
 
 
 def test_all_hot_needs_no_engine_and_cold_needs_one():
-    full, _ = _random_layer("bf16")
+    full, shards = _random_layer("bf16")
     hidden = torch.randn(3, H).bfloat16()
     weights, ids = route(torch.randn(3, E), arch.Routing("softmax", K, True))
-    out = HybridMoE(0, E, "silu_glu", True, None, hot=HotExperts.build(full, range(E), E, "cpu")).forward(
-        hidden, weights, ids)
-    torch.testing.assert_close(out.float(), experts_torch(hidden, weights, ids, full, "silu_glu", True), atol=1e-2,
-                               rtol=1e-2)
+    moe = _layer(None, shards, "bf16", hot=range(E))
+    assert moe.path(3) == "hot"
+    want = reference(hidden, weights, ids, full)
+    err = (moe.forward(hidden, weights, ids).double() - want).abs().max() / want.abs().max()
+    assert err < 2e-2
     with pytest.raises(ValueError, match="cold experts need an engine"):
-        HybridMoE(0, E, "silu_glu", True, None, hot=HotExperts.build(full, [1], E, "cpu"))
+        _layer(None, shards, "bf16", hot=[1])
 
 
 def test_route_grouped_topk_keeps_only_the_best_groups():

@@ -19,6 +19,20 @@ ARCHS = {"qwen3_moe": {}, "mixtral": {}, "glm4_moe": {}, "deepseek_v3": DEEPSEEK
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 
+def without_routed_experts(src, dst):
+    """A copy of checkpoint `src` with every routed-expert tensor deleted, as a user may keep it after quantizing."""
+    import re
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    for f in dst.glob("*.safetensors"):
+        kept = {k: v for k, v in load_file(f).items() if not re.search(r"\.mlp\.experts\.", k)}
+        save_file(kept, f, metadata={"format": "pt"})
+    return dst
+
+
 @pytest.fixture(scope="module")
 def e2e(zoo, tmp_path_factory):
     """Build checkpoints and stores, run every job in one vLLM child process, return (results, paths)."""
@@ -40,10 +54,15 @@ def e2e(zoo, tmp_path_factory):
     q3 = paths["qwen3_moe"]
     q3["bf16x2"] = root / "qwen3_moe-bf16x2"
     quantize(q3["model"], q3["bf16x2"], QuantizeOptions(weight_format="bf16", numa_nodes=2, workers=1))
+    q3["stripped"] = without_routed_experts(q3["model"], root / "qwen3_moe-stripped")
+    prefill_plan = make_plan(q3["model"], q3["bf16"])
     jobs = [{"name": "qwen3_moe/no_plugin", "model": str(q3["model"]), "no_plugins": True}] + jobs + [
         {"name": "qwen3_moe/hot+cold", "model": str(q3["model"]),
          "plan": make_plan(q3["model"], q3["bf16"], hot={0: [0, 3, 5], 1: [1, 2, 3, 4, 5, 6, 7]})},
         {"name": "qwen3_moe/2nodes", "model": str(q3["model"]), "plan": make_plan(q3["model"], q3["bf16x2"])},
+        {"name": "qwen3_moe/from_store", "model": str(q3["stripped"]), "plan": make_plan(q3["stripped"], q3["bf16"])},
+        {"name": "qwen3_moe/whole_layer", "model": str(q3["model"]),
+         "plan": {**prefill_plan, "runtime": {**prefill_plan["runtime"], "gpu_prefill_min_tokens": 2}}},
         {"name": "qwen3_moe/stock_bf16", "model": str(q3["model"]), "dtype": "bfloat16"},
         {"name": "qwen3_moe/bf16_bf16", "model": str(q3["model"]), "dtype": "bfloat16",
          "plan": make_plan(q3["model"], q3["bf16"])},
@@ -105,6 +124,24 @@ def test_int4_store_first_token_close_to_stock_and_reference(e2e, arch, record_p
           f"{kl_ref:.2e}, KL(transformers || stock) = {kl_gap:.2e}")
     assert 0 < kl_stock < INT4_KL_VS_STOCK
     assert kl_ref < INT4_REFERENCE_GAP_FACTOR * kl_gap + INT4_REFERENCE_FLOOR
+
+
+def test_store_serves_a_checkpoint_without_routed_experts(e2e):
+    """Serve from the store: the plugin never reads routed-expert tensors, so a checkpoint without them serves alike."""
+    results, paths = e2e
+    from safetensors import safe_open
+
+    with safe_open(next(paths["qwen3_moe"]["stripped"].glob("*.safetensors")), "pt") as f:
+        assert not any(".mlp.experts." in k for k in f.keys())
+    got = ok(results, "qwen3_moe/from_store")
+    assert got["info"]["methods"] == ["LvllmMoEMethod"]
+    assert got["tokens"] == ok(results, "qwen3_moe/bf16")["tokens"] == ok(results, "qwen3_moe/stock")["tokens"]
+
+
+def test_whole_layer_prefill_path_equals_stock(e2e):
+    """Prompts through the runtime's one prefill path (StreamedPrefill, torch on the CPU), decode through the engine."""
+    results, _ = e2e
+    assert ok(results, "qwen3_moe/whole_layer")["tokens"] == ok(results, "qwen3_moe/stock")["tokens"]
 
 
 def test_hot_and_cold_experts_together_equal_stock(e2e):

@@ -1,0 +1,90 @@
+"""Page-lock memory the process already holds (the mapped store files) for DMA, instead of copying it into pinned
+buffers: GPU prefill streams each layer's store bytes straight from the pages the store's mapping reads.
+
+`cudaHostRegister` with `cudaHostRegisterReadOnly` pins the page-cache pages of a private file mapping without
+copying them (a writable pin would break copy-on-write and duplicate every page). torch then treats tensors inside a
+registered range as pinned (`is_pinned()` asks cudaPointerGetAttributes), so `copy_(non_blocking=True)` is a DMA.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+from collections.abc import Iterable
+
+import torch
+
+from .errors import DoesNotFit
+
+_PORTABLE, _READ_ONLY = 0x01, 0x08  # cudaHostRegisterPortable, cudaHostRegisterReadOnly
+_PAGE = mmap.PAGESIZE
+
+
+def _runtime() -> ctypes.CDLL:
+    from .cuda_graph_step import cudart
+
+    rt = cudart()
+    rt.cudaHostRegister.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_uint]
+    rt.cudaHostRegister.restype = ctypes.c_int
+    rt.cudaHostUnregister.argtypes = [ctypes.c_void_p]
+    rt.cudaHostUnregister.restype = ctypes.c_int
+    rt.cudaGetLastError.restype = ctypes.c_int
+    return rt
+
+
+def spans(tensors: Iterable[torch.Tensor], gap: int = 1 << 20) -> list[tuple[int, int]]:
+    """Page-aligned [start, end) address ranges covering `tensors`, neighbours closer than `gap` merged (the tensors
+    of one safetensors file lie back to back, so a layer file becomes one range)."""
+    raw = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
+    out: list[list[int]] = []
+    for a, b in raw:
+        a, b = a // _PAGE * _PAGE, -(-b // _PAGE) * _PAGE
+        if out and a <= out[-1][1] + gap:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return [(a, b) for a, b in out]
+
+
+class HostPins:
+    """The ranges this process registered; each range once, all unregistered on close."""
+
+    def __init__(self):
+        self.ranges: list[tuple[int, int]] = []
+        self.read_only = True
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b - a for a, b in self.ranges)
+
+    def covers(self, start: int, end: int) -> bool:
+        return any(a <= start and end <= b for a, b in self.ranges)
+
+    def register(self, tensors: Iterable[torch.Tensor]) -> int:
+        """Page-lock the ranges of `tensors` not registered yet; returns the bytes newly locked."""
+        rt, added = _runtime(), 0
+        for a, b in spans(tensors):
+            if self.covers(a, b):
+                continue
+            rc = rt.cudaHostRegister(a, b - a, _PORTABLE | (_READ_ONLY if self.read_only else 0))
+            if rc != 0 and self.read_only:  # no read-only registration on this device/driver: writable pin
+                rt.cudaGetLastError()
+                self.read_only = False
+                rc = rt.cudaHostRegister(a, b - a, _PORTABLE)
+            if rc != 0:
+                rt.cudaGetLastError()
+                msg = rt.cudaGetErrorString(rc).decode()
+                raise DoesNotFit(f"cannot page-lock {(b - a) / 2**30:.2f} GiB of the expert store for GPU prefill "
+                                 f"after {self.nbytes / 2**30:.1f} GiB ({msg})",
+                                 "raise the locked-memory limit (ulimit -l unlimited) or plan with "
+                                 "--gpu-prefill-min-tokens 0")
+            self.ranges.append((a, b))
+            added += b - a
+        return added
+
+    def close(self) -> None:
+        if self.ranges:
+            rt = _runtime()
+            for a, _ in self.ranges:
+                rt.cudaHostUnregister(a)
+            self.ranges = []
