@@ -311,6 +311,7 @@ def stage_prefill(args) -> dict:
     res["layer_store_bytes"] = sp.layer_bytes
     faster = [t for t in args.prefill_tokens if res["tokens"][t].get("gpu_faster")]
     res["crossover_tokens"] = min(faster) if faster else None  # smallest measured T where GPU prefill wins
+    rig.rt.close()
     return res
 
 
@@ -565,8 +566,8 @@ def stage_model(args) -> dict:
         save(Path(args.out))
 
     # all-GPU: bf16 experts on the device for as many layers as fit; hybrid logits compared on the same layers
-    del rig.rt.prefill.slots  # the staging goes; the runtime's layers are not used below
-    rig.rt.layers.clear()
+    rig.rt.close()  # staging and registered pages go; the runtime's layers are not used below
+    rig.rt.prefill = None
     torch.cuda.empty_cache()
     free, _ = torch.cuda.mem_get_info()
     per_layer = 3 * E * I * H * 2

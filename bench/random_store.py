@@ -32,16 +32,18 @@ def _tensor(name: str, shape: tuple[int, ...], h: int, n: int, gen: torch.Genera
 
 
 def write(path: str | Path, layers: int, e: int, h: int, i: int, group: int = 128, nodes: int = 1, seed: int = 0,
-          device: str | torch.device = "cpu") -> StoreManifest:
-    """A complete random INT4 store of `layers` MoE layers (kept when one of these shapes is there already)."""
+          device: str | torch.device = "cpu", config_sha256: str = "") -> StoreManifest:
+    """A complete random INT4 store of `layers` MoE layers (kept when one of these shapes is there already);
+    `config_sha256` ties it to a model directory (manifest.config_sha256 of its config.json) for `lvllm serve`."""
     path = Path(path)
-    man = StoreManifest(format_version=FORMAT_VERSION, model_type="qwen3_moe", config_sha256="", source_path="random",
+    man = StoreManifest(format_version=FORMAT_VERSION, model_type="qwen3_moe", config_sha256=config_sha256,
+                        source_path="random",
                         weight_format="int4", group_size=group, numa_nodes=nodes, num_experts=e, hidden_size=h,
                         intermediate_size=i, activation="silu_glu", gated=True, moe_layers=tuple(range(layers)))
     try:
         old = read_complete_manifest(path)
         if (old.moe_layers, old.num_experts, old.hidden_size, old.intermediate_size, old.group_size,
-                old.numa_nodes) == (man.moe_layers, e, h, i, group, nodes):
+                old.numa_nodes, old.config_sha256) == (man.moe_layers, e, h, i, group, nodes, config_sha256):
             return old
     except StoreError:
         pass

@@ -36,8 +36,8 @@ sys.path.insert(0, str(ROOT))
 
 # Qwen3-30B-A3B config.json numbers (decoder layers given by --layers)
 Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
-          num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=20480)
-MAX_LEN = 17408  # 16K prompt + decode room
+          num_attention_heads=32, num_key_value_heads=4, head_dim=128, max_position_embeddings=40960)
+MAX_LEN = 33792  # 32K prompt + decode room
 VOCAB = 512  # the zoo's; every run returns full prompt distributions (--max-logprobs VOCAB) for KL
 GPU_UTIL = "0.5"
 # PIECEWISE with a user splitting_ops list: vLLM 0.25 asserts that every op of CompilationConfig._attention_ops is in it
@@ -67,9 +67,10 @@ RUNS = {
 }
 RUNS["int4-eager-bi"], RUNS["int4-full-nocompile-bi"] = RUNS["int4-eager"], RUNS["int4-full-nocompile"]
 # plan name -> (store, hot experts per layer); a run "int4-hot32-<mode>" serves RUNS["int4-<mode>"] with that plan
-PLANS = {"int4": ("int4", 0), "bf16": ("bf16", 0), "int4-hot32": ("int4", 32)}
+PLANS = {"int4": ("int4", 0), "bf16": ("bf16", 0), "int4-hot32": ("int4", 32), "int4-hotplan": ("int4", "auto")}
 for _mode in ("eager", "full-nocompile", "full-decode-only", "eager-bi", "full-nocompile-bi"):
     RUNS[f"int4-hot32-{_mode}"] = ("int4-hot32", RUNS[f"int4-{_mode}"][1])
+    RUNS[f"int4-hotplan-{_mode}"] = ("int4-hotplan", RUNS[f"int4-{_mode}"][1])
 RESULTS: dict = {"runs": {}}
 
 
@@ -124,6 +125,81 @@ def prepare(work: Path, layers: int, logs: Path) -> dict:
     return info
 
 
+def dense_checkpoint(work: Path, layers: int) -> Path:
+    """A Qwen3-MoE checkpoint at Q3 shapes with every weight but the routed experts (random, drawn on the GPU when there
+    is one): what a user keeps after quantizing ("serve from the store"); tokenizer and chat template from the zoo."""
+    import shutil
+
+    import torch
+    from safetensors.torch import save_file
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from lvllm_runtime import zoo
+
+    out = work / "model-dense"
+    if (out / ".done").exists():
+        return out
+    seed = zoo.build("qwen3_moe", work / "zoo-tokenizer", "bf16")  # the tiny zoo model: tokenizer files only
+    out.mkdir(parents=True, exist_ok=True)
+    for f in seed.iterdir():
+        if f.name != "model.safetensors" and f.is_file() and not f.name.startswith("."):
+            shutil.copy(f, out / f.name)
+    cfg = json.loads((seed / "config.json").read_text())
+    cfg.update(Q3, num_hidden_layers=layers)
+    (out / "config.json").write_text(json.dumps(cfg, indent=1))
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out), dtype=torch.bfloat16)
+    g = torch.Generator(device=dev).manual_seed(0)
+    tensors = {}
+    for name, p in model.state_dict().items():
+        if ".mlp.experts." in name:
+            continue
+        t = torch.ones(p.shape, dtype=torch.bfloat16, device=dev) if "norm" in name else \
+            (torch.randn(p.shape, generator=g, device=dev) * 0.02).bfloat16()
+        tensors[name] = t.cpu()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    (out / ".done").touch()
+    return out
+
+
+def prepare_from_store(work: Path, layers: int, logs: Path, prefill_min: int) -> dict:
+    """Serve from the store at full depth: the dense-only checkpoint, a random INT4 g128 store written directly in
+    the store format (bench/random_store.py, tied to that config), and `lvllm plan`s of it (no hot experts, and the
+    plan's own hot experts for the GPU budget)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import random_store
+
+    from lvllm_runtime.manifest import config_sha256
+
+    t = time.time()
+    model = dense_checkpoint(work, layers)
+    info = {"layers": layers, "dense_build_s": round(time.time() - t, 1),
+            "checkpoint_gib": round((model / "model.safetensors").stat().st_size / 2**30, 2)}
+    t = time.time()
+    import torch
+
+    random_store.write(work / "store-int4", layers, Q3["num_experts"], Q3["hidden_size"], Q3["moe_intermediate_size"],
+                       128, device="cuda" if torch.cuda.is_available() else "cpu",
+                       config_sha256=config_sha256(model / "config.json"))
+    info["store_write_s"] = round(time.time() - t, 1)
+    info["store_gib"] = round(sum(f.stat().st_size for f in (work / "store-int4").rglob("*") if f.is_file()) / 2**30, 2)
+    for name, hot in (("int4", "0"), ("int4-hotplan", "auto")):
+        plan = work / f"plan-{name}.json"
+        cmd = ["lvllm", "plan", str(model), "--store", str(work / "store-int4"), "--max-model-len", str(MAX_LEN),
+               "--max-num-seqs", "16", "--gpu-memory-utilization", GPU_UTIL, "--gpu-prefill-min-tokens",
+               str(prefill_min), "--out", str(plan), "--json"]
+        if hot != "auto":
+            cmd[-3:-3] = ["--hot-experts", hot]
+        info[f"plan_{name}_s"] = sh(cmd, logs / f"plan-{name}.log", 120)
+        p = json.loads(plan.read_text())
+        info[f"plan_{name}"] = {"runtime": {k: v for k, v in p["runtime"].items() if k != "hot_experts"},
+                                "hot_experts_per_layer": sorted({len(v) for v in p["runtime"]["hot_experts"].values()}),
+                                "vllm": p["vllm"], "memory": p.get("memory"), "forecast": p.get("forecast")}
+    info["model_dir"] = str(model)
+    return info
+
+
 def http(url: str, body: dict | None = None, timeout: float = 300) -> dict:
     req = urllib.request.Request(url, json.dumps(body).encode() if body is not None else None,
                                  {"Content-Type": "application/json"})
@@ -148,7 +224,8 @@ def stream(base: str, model: str, ids: list[int], max_tokens: int) -> dict:
                     counts.append(n)
                     ids += ch[0].get("token_ids") or []
     total = sum(counts)
-    return {"tokens": total, "ttft_s": round(times[0] - t0, 4), "t_first": times[0], "t_last": times[-1],
+    return {"tokens": total, "ttft_s": round(times[0] - t0, 4), "t0": t0, "t_first": times[0], "t_last": times[-1],
+            "times": times,
             "decode_tok_s": round((total - counts[0]) / (times[-1] - times[0]), 2) if len(times) > 1 else None,
             "token_ids": ids}
 
@@ -163,6 +240,10 @@ def batch(base: str, model: str, prompts: list[list[int]], max_tokens: int) -> d
     return {"streams": len(runs), "per_stream_decode_tok_s": [r["decode_tok_s"] for r in runs],
             "aggregate_decode_tok_s": round(sum(r["decode_tok_s"] for r in runs), 2),
             "overlap_s": round(end - start, 3), "token_ids": [r["token_ids"] for r in runs]}
+
+
+PROMPTS = [(1024, 64, 3), (8192, 32, 3), (32768, 16, 2)]  # (prompt tokens, new tokens, repeats); --prompts
+ITL_LONG = 32768  # the prompt prefilled while a stream decodes; --itl-long
 
 
 def measure(base: str, model: str, deadline: float) -> dict:
@@ -192,7 +273,7 @@ def measure(base: str, model: str, deadline: float) -> dict:
                                              "messages": [{"role": "user", "content": "Hello, who are you?"}]})
     res["chat"] = c["choices"][0]["message"]["content"]
     rng = random.Random(0)
-    for plen, new, reps in ((1024, 64, 3), (16384, 32, 2)):
+    for plen, new, reps in PROMPTS:
         if time.time() > deadline:
             res[f"p{plen}"] = "skipped: deadline"
             continue
@@ -200,23 +281,58 @@ def measure(base: str, model: str, deadline: float) -> dict:
         for _ in range(reps):
             runs.append(stream(base, model, [rng.randrange(10, 500) for _ in range(plen)], new))
         steady = runs[1:]  # the first includes warm-up
+        for r in runs:
+            r.pop("times")
         res[f"p{plen}"] = {"runs": runs, "ttft_s": statistics.median(x["ttft_s"] for x in steady),
+                           "prefill_tok_s": round(plen / statistics.median(x["ttft_s"] for x in steady)),
                            "decode_tok_s": statistics.median(x["decode_tok_s"] for x in steady)}
+    for b in (4, 16):
+        if time.time() < deadline:
+            rng = random.Random(b)
+            r = batch(base, model, [[rng.randrange(10, 500) for _ in range(1024)] for _ in range(b)], 64)
+            res[f"batch{b}_p1024"] = r
     if time.time() < deadline:
-        rng = random.Random(2)
-        res["batch4_p1024"] = batch(base, model, [[rng.randrange(10, 500) for _ in range(1024)] for _ in range(4)], 64)
+        res["itl_during_prefill"] = itl_during_prefill(base, model, ITL_LONG)
     return res
+
+
+def itl_during_prefill(base: str, model: str, long_len: int) -> dict:
+    """A decoding stream's inter-token latency before and while a second request prefills `long_len` tokens: p50/p99
+    of the gaps idle, and of the gaps that overlap the long request's prefill (its send to its first token)."""
+    import threading
+
+    rng = random.Random(3)
+    box: dict = {}
+    dec = threading.Thread(target=lambda: box.update(d=stream(base, model, [rng.randrange(10, 500) for _ in range(1024)],
+                                                              400)))
+    dec.start()
+    time.sleep(2.0)  # into steady decode
+    long = stream(base, model, [rng.randrange(10, 500) for _ in range(long_len)], 1)
+    dec.join()
+    times = box["d"]["times"]
+    gaps = [(b - a, a, b) for a, b in zip(times, times[1:])]
+    idle = sorted(g for g, a, _ in gaps if a < long["t0"])
+    during = sorted(g for g, a, b in gaps if b > long["t0"] and a < long["t_first"])
+
+    def pct(v, q):
+        return round(v[min(len(v) - 1, int(q * len(v)))] * 1e3, 2) if v else None
+
+    out = {"long_ttft_s": long["ttft_s"], "idle_gaps": len(idle), "during_gaps": len(during),
+           "idle_p50_ms": pct(idle, 0.5), "idle_p99_ms": pct(idle, 0.99), "during_p50_ms": pct(during, 0.5),
+           "during_p99_ms": pct(during, 0.99), "during_max_ms": round(max(during) * 1e3, 1) if during else None}
+    out["p99_ratio"] = round(out["during_p99_ms"] / out["idle_p99_ms"], 2) if during and idle else None
+    return out
 
 
 def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: float) -> dict:
     plan_name, extra = RUNS[name]
     fmt = PLANS[plan_name][0] if plan_name else None
-    model = work / "model"
+    model = Path(info.get("model_dir") or work / "model")
     if fmt is None:
         extra = [str(int(info["expert_gib_bf16"]) + 1) if a == "CPU_GB" else a for a in extra]
         cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", "model", "--port", str(port), "--max-model-len", str(MAX_LEN),
-               "--max-num-seqs", "4", "--gpu-memory-utilization", GPU_UTIL, "--max-logprobs", str(VOCAB), *extra]
+               "--max-num-seqs", "16", "--gpu-memory-utilization", GPU_UTIL, "--max-logprobs", str(VOCAB), *extra]
     else:
         cmd = ["lvllm", "serve", str(model), "--store", str(work / f"store-{fmt}"), "--plan",
                str(work / f"plan-{plan_name}.json"), "--port", str(port), "--ready-timeout", "400", "--",
@@ -269,11 +385,12 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
 def greedy_ids(run: dict) -> list[list[int]]:
     """Every greedy token sequence a run produced, in a fixed order: the fixed prompt, then the streamed prompts."""
     seqs = [run.get("greedy_token_ids") or []]
-    for p in ("p1024", "p16384"):
+    for p in (f"p{n}" for n, _, _ in PROMPTS):
         if isinstance(run.get(p), dict):
             seqs += [r.get("token_ids") or [] for r in run[p]["runs"]]
-    if isinstance(run.get("batch4_p1024"), dict):
-        seqs += run["batch4_p1024"]["token_ids"]
+    for b in ("batch4_p1024", "batch16_p1024"):
+        if isinstance(run.get(b), dict):
+            seqs += run[b]["token_ids"]
     return seqs
 
 
@@ -326,7 +443,17 @@ def main() -> None:
     ap.add_argument("--runs", default="int4-eager")
     ap.add_argument("--seconds", type=float, default=480, help="stop starting servers after this")
     ap.add_argument("--small", action="store_true", help="tiny shapes: rehearse the steps on a CPU vLLM")
+    ap.add_argument("--from-store", action="store_true", help="serve a dense-only checkpoint from a random store "
+                                                              "written directly (full depth within the disk and call)")
+    ap.add_argument("--gpu-prefill-min-tokens", type=int, default=32, help="the plans' GPU-prefill threshold "
+                                                                            "(--from-store)")
+    ap.add_argument("--prompts", default=None, help="prompt lengths, e.g. 1024,8192,32768")
+    ap.add_argument("--itl-long", type=int, default=ITL_LONG)
     a = ap.parse_args()
+    global ITL_LONG
+    ITL_LONG = a.itl_long
+    if a.prompts:
+        PROMPTS[:] = [(int(n), 16, 2) for n in a.prompts.split(",")]
     deadline = time.time() + a.seconds
     if a.small:
         global GPU_UTIL
@@ -344,7 +471,8 @@ def main() -> None:
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
     RESULTS["env"] = {"gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__, "cpus": os.cpu_count()}
     try:
-        RESULTS["prepare"] = prepare(a.work, a.layers, logs)
+        RESULTS["prepare"] = (prepare_from_store(a.work, a.layers, logs, a.gpu_prefill_min_tokens) if a.from_store
+                              else prepare(a.work, a.layers, logs))
     except Exception as e:
         RESULTS["prepare_error"] = repr(e)[:2000]
         save(a.out, a.work)
@@ -359,11 +487,13 @@ def main() -> None:
         RESULTS["runs"][name] = serve(name, a.work, logs, 8100 + i, RESULTS["prepare"], deadline)
         r = RESULTS["runs"][name]
         log(name, json.dumps({k: r.get(k) for k in ("ready_s", "error", "greedy_token_ids", "chat")})[:700])
-        for p in ("p1024", "p16384"):
+        for p in (f"p{n}" for n, _, _ in PROMPTS):
             if isinstance(r.get(p), dict):
-                log(name, p, "ttft", r[p]["ttft_s"], "decode", r[p]["decode_tok_s"])
-        if isinstance(r.get("batch4_p1024"), dict):
-            log(name, "batch 4 decode", r["batch4_p1024"]["aggregate_decode_tok_s"])
+                log(name, p, "ttft", r[p]["ttft_s"], "prefill tok/s", r[p]["prefill_tok_s"], "decode", r[p]["decode_tok_s"])
+        for b in ("batch4_p1024", "batch16_p1024"):
+            if isinstance(r.get(b), dict):
+                log(name, b, "decode", r[b]["aggregate_decode_tok_s"])
+        log(name, "ITL during prefill", r.get("itl_during_prefill"))
         RESULTS["greedy_equal"] = compare(RESULTS["runs"])
         RESULTS["teacher_forced"] = compare_forced(RESULTS["runs"])
         save(a.out, a.work)

@@ -214,6 +214,12 @@ class StreamedPrefill:
             self.ready: dict[int, tuple[int, torch.cuda.Event]] = {}  # layer -> (slot, copy done)
             self.next_slot = 0
 
+    def close(self) -> None:
+        """Wait for the copies in flight and unregister the store pages (the runtime's close)."""
+        if self.on_cuda:
+            torch.cuda.synchronize(self.device)
+            self.pins.close()
+
     def _issue(self, layer: int) -> None:
         """Start copying `layer` into the next slot once that slot's previous layer has been computed."""
         if layer in self.ready:

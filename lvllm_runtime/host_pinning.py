@@ -46,45 +46,61 @@ def spans(tensors: Iterable[torch.Tensor], gap: int = 1 << 20) -> list[tuple[int
     return [(a, b) for a, b in out]
 
 
+def _uncovered(a: int, b: int, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of [a, b) outside every range in `ranges` (a page may hold the ends of two tensors)."""
+    parts = [(a, b)]
+    for x, y in ranges:
+        parts = [q for p0, p1 in parts for q in ((p0, min(p1, x)), (max(p0, y), p1)) if q[0] < q[1]]
+    return parts
+
+
 class HostPins:
-    """The ranges this process registered; each range once, all unregistered on close."""
+    """The ranges this process registered, each page once; the registered tensors are kept alive (so their mapping
+    cannot go while CUDA holds it) until `close` unregisters them."""
 
     def __init__(self):
         self.ranges: list[tuple[int, int]] = []
         self.read_only = True
+        self._keep: list[torch.Tensor] = []
 
     @property
     def nbytes(self) -> int:
         return sum(b - a for a, b in self.ranges)
 
-    def covers(self, start: int, end: int) -> bool:
-        return any(a <= start and end <= b for a, b in self.ranges)
-
     def register(self, tensors: Iterable[torch.Tensor]) -> int:
-        """Page-lock the ranges of `tensors` not registered yet; returns the bytes newly locked."""
+        """Page-lock the pages of `tensors` not registered yet; returns the bytes newly locked."""
+        tensors = list(tensors)
         rt, added = _runtime(), 0
-        for a, b in spans(tensors):
-            if self.covers(a, b):
-                continue
-            rc = rt.cudaHostRegister(a, b - a, _PORTABLE | (_READ_ONLY if self.read_only else 0))
-            if rc != 0 and self.read_only:  # no read-only registration on this device/driver: writable pin
-                rt.cudaGetLastError()
-                self.read_only = False
-                rc = rt.cudaHostRegister(a, b - a, _PORTABLE)
-            if rc != 0:
-                rt.cudaGetLastError()
-                msg = rt.cudaGetErrorString(rc).decode()
-                raise DoesNotFit(f"cannot page-lock {(b - a) / 2**30:.2f} GiB of the expert store for GPU prefill "
-                                 f"after {self.nbytes / 2**30:.1f} GiB ({msg})",
-                                 "raise the locked-memory limit (ulimit -l unlimited) or plan with "
-                                 "--gpu-prefill-min-tokens 0")
-            self.ranges.append((a, b))
-            added += b - a
+        for a0, b0 in spans(tensors):
+            for a, b in _uncovered(a0, b0, self.ranges):
+                rc = rt.cudaHostRegister(a, b - a, _PORTABLE | (_READ_ONLY if self.read_only else 0))
+                if rc != 0 and self.read_only:  # no read-only registration on this device/driver: writable pin
+                    rt.cudaGetLastError()
+                    self.read_only = False
+                    rc = rt.cudaHostRegister(a, b - a, _PORTABLE)
+                if rc != 0:
+                    rt.cudaGetLastError()
+                    msg = rt.cudaGetErrorString(rc).decode()
+                    raise DoesNotFit(f"cannot page-lock {(b - a) / 2**30:.2f} GiB of the expert store for GPU prefill "
+                                     f"after {self.nbytes / 2**30:.1f} GiB ({msg})",
+                                     "raise the locked-memory limit (ulimit -l unlimited) or plan with "
+                                     "--gpu-prefill-min-tokens 0")
+                self.ranges.append((a, b))
+                added += b - a
+        self._keep += tensors
         return added
 
     def close(self) -> None:
+        """Unregister everything (after the GPU is done with the copies); the tensors may go after this."""
         if self.ranges:
             rt = _runtime()
             for a, _ in self.ranges:
                 rt.cudaHostUnregister(a)
             self.ranges = []
+        self._keep = []
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - at interpreter exit CUDA may be gone already; nothing to undo then
+            pass

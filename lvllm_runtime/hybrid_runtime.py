@@ -254,3 +254,9 @@ class HybridRuntime:
         for layer in self.store.manifest.moe_layers:
             self.load_layer(layer)
         return self.layers
+
+    def close(self) -> None:
+        """Give back what outlives the layers: the registered store pages (the engine goes with this object)."""
+        if self.prefill is not None:
+            self.prefill.close()
+        self.layers.clear()
