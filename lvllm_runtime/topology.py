@@ -46,11 +46,30 @@ class NumaNode:
     mem_total: int
     mem_free: int
     virtual: bool = False
+    package: int = 0  # the socket (physical_package_id of its first cpu)
+    efficiency_cores: tuple[int, ...] = ()  # the members of `cores` that are E-cores of a hybrid (P/E) CPU
 
     @property
     def smt_threads(self) -> int:
         """Most logical cpus per physical core (1 without SMT)."""
         return -(-len(self.cpus) // len(self.cores)) if self.cores else 0
+
+    @property
+    def performance_cores(self) -> tuple[int, ...]:
+        """The cores the engine's threads go on: the P-cores of a hybrid CPU (an E-core computes its share of every
+        expert at a fraction of a P-core's speed and every thread waits for the slowest), else every core."""
+        p = tuple(c for c in self.cores if c not in set(self.efficiency_cores))
+        return p or self.cores
+
+
+@dataclass(frozen=True)
+class MemoryNode:
+    """A NUMA node with memory and no cpus (CXL expanders, HBM in flat mode): listed, never given a store slice,
+    since no engine thread runs beside it."""
+
+    id: int
+    mem_total: int
+    mem_free: int
 
 
 @dataclass(frozen=True)
@@ -85,6 +104,9 @@ class Topology:
     versions: dict[str, str | None] = field(default_factory=dict)
     virtual_numa: bool = False
     gpu_note: str | None = None
+    memory_nodes: tuple[MemoryNode, ...] = ()
+    offline_cpus: tuple[int, ...] = ()  # present in the machine (`possible`) but not online
+    hybrid: bool = False  # cpuinfo's `hybrid` flag or /sys/devices/cpu_atom: P- and E-cores
 
     @property
     def cores(self) -> int:
@@ -113,50 +135,83 @@ class Topology:
                 f"hardware description has topology_version {version!r}, this lvllm reads {TOPOLOGY_VERSION}",
                 "regenerate it with `lvllm doctor --json`",
             )
+        fix = "regenerate it with `lvllm doctor --json`"
+        if not isinstance(d.get("nodes"), (list, tuple)) or not d["nodes"]:
+            raise BadInput("hardware description lists no NUMA nodes (`nodes` is empty or not a list)", fix)
+        if not isinstance(d.get("isa"), dict):
+            raise BadInput("hardware description has no `isa` object, so the engine's kernels are unknown", fix)
         try:
-            nodes = tuple(
-                NumaNode(
-                    id=int(n["id"]),
-                    cpus=tuple(int(c) for c in n["cpus"]),
-                    cores=tuple(int(c) for c in n["cores"]),
-                    mem_total=int(n["mem_total"]),
-                    mem_free=int(n["mem_free"]),
-                    virtual=bool(n.get("virtual", False)),
-                )
-                for n in d["nodes"]
-            )
+            nodes = tuple(_node_from_dict(n) for n in d["nodes"])
             gpus = tuple(
                 Gpu(
                     index=int(g["index"]),
                     name=str(g["name"]),
-                    vram_total=int(g["vram_total"]),
-                    vram_free=int(g.get("vram_free", g["vram_total"])),
+                    vram_total=_int(g["vram_total"]),
+                    vram_free=_int(g.get("vram_free", g["vram_total"])),
                     compute_capability=str(g.get("compute_capability", "")),
-                    pcie_gen=g.get("pcie_gen"),
-                    pcie_width=g.get("pcie_width"),
-                    numa_node=g.get("numa_node"),
+                    pcie_gen=_opt_int(g.get("pcie_gen")),
+                    pcie_width=_opt_int(g.get("pcie_width")),
+                    numa_node=_opt_int(g.get("numa_node")),
                 )
-                for g in d.get("gpus", ())
+                for g in d.get("gpus") or ()
             )
-            isa = {k: bool(d.get("isa", {}).get(k, False)) for k in ISA_FLAGS}
+            isa = {k: _flag(d["isa"].get(k, False), f"isa.{k}") for k in ISA_FLAGS}
             return cls(
                 cpu_model=str(d.get("cpu_model", "unknown")),
                 nodes=nodes,
                 isa=isa,
-                l3_bytes=d.get("l3_bytes"),
-                ram_total=int(d["ram_total"]),
-                ram_available=int(d.get("ram_available", d["ram_total"])),
+                l3_bytes=_opt_int(d.get("l3_bytes")),
+                ram_total=_int(d["ram_total"]),
+                ram_available=_int(d.get("ram_available", d["ram_total"])),
                 thp=str(d.get("thp", "unknown")),
-                numa_balancing=d.get("numa_balancing"),
+                numa_balancing=_opt_int(d.get("numa_balancing")),
                 gpus=gpus,
-                versions=dict(d.get("versions", {})),
+                versions=dict(d.get("versions") or {}),
                 virtual_numa=bool(d.get("virtual_numa", False)),
                 gpu_note=d.get("gpu_note"),
+                memory_nodes=tuple(MemoryNode(_int(m["id"]), _int(m["mem_total"]), _int(m["mem_free"]))
+                                   for m in d.get("memory_nodes") or ()),
+                offline_cpus=tuple(int(c) for c in d.get("offline_cpus") or ()),
+                hybrid=_flag(d.get("hybrid", False), "hybrid"),
             )
-        except (KeyError, TypeError, ValueError) as e:
-            raise BadInput(
-                f"hardware description is missing or has a bad field: {e}", "regenerate it with `lvllm doctor --json`"
-            ) from None
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            what = f"no field {e}" if isinstance(e, KeyError) else str(e)
+            raise BadInput(f"hardware description is missing or has a bad field: {what}", fix) from None
+
+
+def _int(v: Any) -> int:
+    """An integer field; a bool, a string or null there is a wrong type, not a number."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{v!r} is not a number")
+    return int(v)
+
+
+def _opt_int(v: Any) -> int | None:
+    return None if v is None else _int(v)
+
+
+def _flag(v: Any, name: str) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"{name} is {v!r}, not true/false")
+    return v
+
+
+def _node_from_dict(n: Any) -> NumaNode:
+    if not isinstance(n, dict):
+        raise ValueError(f"node {n!r} is not an object")
+    cpus, cores = tuple(_int_list(n["cpus"], "cpus")), tuple(_int_list(n["cores"], "cores"))
+    if not cores:
+        raise ValueError(f"node {n['id']} has no cores (a memory-only node belongs under memory_nodes)")
+    return NumaNode(
+        id=_int(n["id"]), cpus=cpus, cores=cores, mem_total=_int(n["mem_total"]), mem_free=_int(n["mem_free"]), virtual=bool(n.get("virtual", False)), package=_opt_int(n.get("package")) or 0,
+        efficiency_cores=tuple(_int_list(n.get("efficiency_cores") or [], "efficiency_cores")),
+    )
+
+
+def _int_list(v: Any, name: str) -> list[int]:
+    if not isinstance(v, (list, tuple)):
+        raise ValueError(f"{name} is {v!r}, not a list of cpu numbers")
+    return [_int(c) for c in v]
 
 
 def parse_cpulist(text: str) -> tuple[int, ...]:
@@ -244,32 +299,56 @@ def _first_siblings(sysfs: Path, cpus: tuple[int, ...]) -> dict[int, int]:
     return first
 
 
-def _real_nodes(sysfs: Path, cpus: tuple[int, ...], first: dict[int, int], meminfo: dict[str, int]) -> list[NumaNode]:
-    """Nodes from /sys/devices/system/node; without that directory, one node with every cpu and all the RAM.
-    Nodes without cpus (memory-only, e.g. CXL) are left out: no engine thread can run there."""
+def _real_nodes(sysfs: Path, cpus: tuple[int, ...], first: dict[int, int], meminfo: dict[str, int],
+                efficiency: set[int]) -> tuple[list[NumaNode], list[MemoryNode]]:
+    """(nodes with cpus, memory-only nodes) from /sys/devices/system/node; without that directory, one node with
+    every cpu and all the RAM. A node with memory and no online cpu (CXL) is a MemoryNode: its RAM is the machine's,
+    but no engine thread runs there."""
     node_dir = sysfs / "devices/system/node"
     found: list[tuple[int, tuple[int, ...], dict[str, int]]] = []
+    memory_only: list[MemoryNode] = []
     if node_dir.is_dir():
         ids = sorted(int(p.name[4:]) for p in node_dir.glob("node*") if p.name[4:].isdigit())
         for node_id in ids:
             p = node_dir / f"node{node_id}"
             node_cpus = tuple(c for c in parse_cpulist(_read(p / "cpulist") or "") if c in first)
+            mem = _meminfo(_read(p / "meminfo"))
             if node_cpus:
-                found.append((node_id, node_cpus, _meminfo(_read(p / "meminfo"))))
+                found.append((node_id, node_cpus, mem))
+            elif mem.get("MemTotal"):
+                memory_only.append(MemoryNode(node_id, mem["MemTotal"], mem.get("MemFree", 0)))
     if not found:
         found = [(0, cpus, {"MemTotal": meminfo.get("MemTotal", 0), "MemFree": meminfo.get("MemFree", 0)})]
     # A node whose meminfo cannot be read gets an even share of the machine's RAM rather than zero.
     share = len(found)
-    return [
-        NumaNode(
+    nodes = []
+    for node_id, node_cpus, mem in found:
+        cores = tuple(sorted({first[c] for c in node_cpus}))
+        package = (_read(sysfs / f"devices/system/cpu/cpu{node_cpus[0]}/topology/physical_package_id") or "0").strip()
+        nodes.append(NumaNode(
             id=node_id,
             cpus=node_cpus,
-            cores=tuple(sorted({first[c] for c in node_cpus})),
+            cores=cores,
             mem_total=mem.get("MemTotal", meminfo.get("MemTotal", 0) // share),
             mem_free=mem.get("MemFree", meminfo.get("MemFree", 0) // share),
-        )
-        for node_id, node_cpus, mem in found
-    ]
+            package=int(package) if package.isdigit() else 0,
+            efficiency_cores=tuple(c for c in cores if c in efficiency),
+        ))
+    return nodes, memory_only
+
+
+def _efficiency_cpus(sysfs: Path) -> tuple[set[int], bool]:
+    """(E-core cpus, whether the CPU is hybrid) from the hybrid PMU's /sys/devices/cpu_atom/cpus (Alder Lake and
+    later, Core Ultra): the kernel lists P-cores under cpu_core and E-cores under cpu_atom."""
+    atom = _read(sysfs / "devices/cpu_atom/cpus")
+    return (set(parse_cpulist(atom)), True) if atom is not None else (set(), False)
+
+
+def _offline_cpus(sysfs: Path, online: tuple[int, ...]) -> tuple[int, ...]:
+    """cpus the kernel could run (`possible`, else `present`) that are not online."""
+    cpu_dir = sysfs / "devices/system/cpu"
+    text = _read(cpu_dir / "present") or _read(cpu_dir / "possible")
+    return tuple(c for c in parse_cpulist(text) if c not in set(online)) if text else ()
 
 
 def split_virtual(nodes: list[NumaNode], n: int, first: dict[int, int]) -> tuple[NumaNode, ...]:
@@ -284,6 +363,7 @@ def split_virtual(nodes: list[NumaNode], n: int, first: dict[int, int]) -> tuple
     total = sum(node.mem_total for node in nodes)
     free = sum(node.mem_free for node in nodes)
     cpus_in_nodes = [c for node in nodes for c in node.cpus]
+    efficiency = {c for node in nodes for c in node.efficiency_cores}
     out = []
     for i in range(n):
         chunk = cores[len(cores) * i // n : len(cores) * (i + 1) // n]
@@ -296,13 +376,15 @@ def split_virtual(nodes: list[NumaNode], n: int, first: dict[int, int]) -> tuple
                 mem_total=total // n,
                 mem_free=free // n,
                 virtual=True,
+                efficiency_cores=tuple(c for c in chunk if c in efficiency),
             )
         )
     return tuple(out)
 
 
-def _cpuinfo(procfs: Path) -> tuple[str, dict[str, bool]]:
-    """CPU model name and ISA flags from the first processor block of /proc/cpuinfo (non-x86: all False)."""
+def _cpuinfo(procfs: Path) -> tuple[str, dict[str, bool], bool]:
+    """CPU model name, ISA flags and the `hybrid` flag (P/E cores) from the first processor block of /proc/cpuinfo
+    (non-x86: all False)."""
     text = _read(procfs / "cpuinfo") or ""
     model, flags = None, None
     for line in text.splitlines():
@@ -315,7 +397,7 @@ def _cpuinfo(procfs: Path) -> tuple[str, dict[str, bool]]:
         if model is not None and flags is not None:
             break
     flags = flags or set()
-    return model or platform.processor() or "unknown", {k: k in flags for k in ISA_FLAGS}
+    return model or platform.processor() or "unknown", {k: k in flags for k in ISA_FLAGS}, "hybrid" in flags
 
 
 def _l3_bytes(sysfs: Path) -> int | None:
@@ -455,10 +537,12 @@ def probe(sysfs: str | Path = "/sys", procfs: str | Path = "/proc", gpus: bool =
     if "MemTotal" not in meminfo:
         raise BadInput(f"cannot read MemTotal from {procfs / 'meminfo'}", "run on Linux with /proc mounted")
     first = _first_siblings(sysfs, cpus)
-    nodes: tuple[NumaNode, ...] = tuple(_real_nodes(sysfs, cpus, first, meminfo))
+    efficiency, hybrid_pmu = _efficiency_cpus(sysfs)
+    real, memory_only = _real_nodes(sysfs, cpus, first, meminfo, efficiency)
+    nodes: tuple[NumaNode, ...] = tuple(real)
     if virtual is not None:
         nodes = split_virtual(list(nodes), virtual, first)
-    cpu_model, isa = _cpuinfo(procfs)
+    cpu_model, isa, hybrid_flag = _cpuinfo(procfs)
     gpu_list: tuple[Gpu, ...] = ()
     note: str | None = "not probed"
     driver: dict[str, str | None] = {}
@@ -493,4 +577,7 @@ def probe(sysfs: str | Path = "/sys", procfs: str | Path = "/proc", gpus: bool =
         versions=versions,
         virtual_numa=virtual is not None,
         gpu_note=note,
+        memory_nodes=tuple(memory_only),
+        offline_cpus=_offline_cpus(sysfs, _online_cpus(sysfs)),
+        hybrid=hybrid_flag or hybrid_pmu,
     )

@@ -162,7 +162,8 @@ def test_cli_plan_runs_for_every_recipe():
 def test_infeasible_plan_exits_1_with_knob_and_writes_nothing(tmp_path):
     out = tmp_path / "plan.json"
     res = runner.invoke(app, ["plan", "--recipe", "MiniMax-M2.1", "--hardware", str(HW / "epyc9684x2-rtx5090.json"),
-                              "--expert-format", "bf16", "--json", "--out", str(out)])
+                              "--expert-format", "bf16", "--gpu-prefill-min-tokens", "1024", "--json", "--out",
+                              str(out)])
     assert res.exit_code == 1
     plan = json.loads(res.stdout)
     assert not plan["fits"]
