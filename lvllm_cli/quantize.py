@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import shlex
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -63,8 +66,15 @@ def quantize(
                            calibration_seq_len, parse_memory(max_memory) if max_memory else None,
                            progress=lambda p: stderr.print(f"[dim]calibrate: {p.stage} {p.detail}[/]", highlight=False),
                            numa_nodes=resolve_numa_nodes(options.numa_nodes))
-    with _ProgressView() as view:
-        result = run_quantize(source, out_dir, options, progress=view.update)
+    try:
+        with _ProgressView() as view:
+            result = run_quantize(source, out_dir, options, progress=view.update)
+    except KeyboardInterrupt:
+        # Finished layers stay listed in the unfinished manifest; --resume keeps them and writes the rest.
+        resume_cmd = shlex.join(["lvllm", "quantize", *sys.argv[2:], *([] if resume else ["--resume"])])
+        stderr.print(f"[bold red]error:[/] interrupted; the store in {escape(str(out_dir))} is unfinished "
+                     f"[dim]->[/] finish it: {escape(resume_cmd)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
     summary = result.to_dict()
     if json_out:
         emit_json(summary)

@@ -274,6 +274,54 @@ class Checkpoint:
             for e in experts:
                 for name in self._tensor_names(layer, e):
                     self._need(name)
+                for name, shape in self._expected_shapes(layer, e).items():
+                    self._check_shape(name, shape)
+
+    def _expected_shapes(self, layer: int, expert: int) -> dict[str, list[int]]:
+        """The shape config.json implies for each tensor of one expert (a fused layer: of the whole layer). FP8
+        scales are checked against their weight by `fp8_scale_block`; MXFP4 by `_check_mxfp4`."""
+        m = self.model
+        h, i, e = m.hidden_size, m.intermediate_size, m.num_experts
+        rows13 = (2 if m.gated else 1) * i
+        out: dict[str, list[int]] = {}
+        if m.layout == "fused":
+            if self.source_format != "mxfp4":
+                names = m.fused_names(layer)
+                transposed = m.fused_transposed
+                out[names["gate_up"]] = [e, h, rows13] if transposed else [e, rows13, h]
+                out[names["down"]] = [e, i, h] if transposed else [e, h, i]
+            bias = self._bias_names(layer)
+            if bias:
+                out[bias["gate_up"]], out[bias["down"]] = [e, rows13], [e, h]
+            return out
+        for key, base in self._bases(layer, expert).items():
+            n, k = (h, i) if key == "down" else (i, h)
+            if self.source_format == "int4_ct":
+                g = self.group_size
+                if not g or k % g or k % 8:
+                    raise CorruptCheckpoint(f"{base}: {k} input columns do not divide into INT4 groups of {g}",
+                                            "check that the checkpoint matches its config.json")
+                out[f"{base}.weight_packed"], out[f"{base}.weight_scale"] = [n, k // 8], [n, k // g]
+            else:
+                out[f"{base}.weight"] = [n, k]
+                if self.source_format in ("fp8_block", "fp8_ct"):
+                    suffix = "weight_scale_inv" if self.source_format == "fp8_block" else "weight_scale"
+                    name = f"{base}.{suffix}"
+                    try:
+                        fp8_scale_block(n, k, self._shape(name), self._block)
+                    except CorruptCheckpoint as err:
+                        raise CorruptCheckpoint(f"{name}: {err.message}", err.fix) from None
+        return out
+
+    def _check_shape(self, name: str, shape: list[int]) -> None:
+        got = self._shape(name)
+        if got != shape:
+            m = self.model
+            raise CorruptCheckpoint(
+                f"{name} has shape {got}, config.json implies {shape} ({m.num_experts} experts, hidden size "
+                f"{m.hidden_size}, expert intermediate size {m.intermediate_size})",
+                "check that the checkpoint matches its config.json",
+            )
 
     def _need(self, name: str) -> None:
         if name not in self._where:
@@ -409,6 +457,28 @@ def dequant_mxfp4(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return (values * torch.exp2(scales.float() - 127).unsqueeze(-1)).reshape(n, groups * 2 * half)
 
 
+def fp8_scale_block(n: int, k: int, scale_shape: list[int], block: tuple[int, int] | None) -> tuple[int, int]:
+    """The block (bn, bk) a [N, K] FP8 weight's scale of `scale_shape` is read in: (N, K) per tensor ([1] or []),
+    (1, K) per channel ([N, 1] or [N]), else the declared `block` (undeclared: 128x128 when it tiles the weight,
+    else the ratio of the shapes). CorruptCheckpoint when the scale does not tile the weight."""
+    numel = math.prod(scale_shape)
+    if numel == 1:
+        return n, k
+    if numel == n and (len(scale_shape) == 1 or scale_shape[-1] == 1):
+        return 1, k
+    if len(scale_shape) != 2:
+        raise CorruptCheckpoint(f"FP8 scale of shape {scale_shape} does not fit a [{n}, {k}] weight",
+                                "check quantization_config against the weights")
+    sn, sk = scale_shape
+    if block is None:
+        block = (128, 128) if (-(-n // 128), -(-k // 128)) == (sn, sk) else (-(-n // sn), -(-k // sk))
+    bn, bk = block
+    if -(-n // bn) != sn or -(-k // bk) != sk:
+        raise CorruptCheckpoint(f"FP8 scale of shape {[sn, sk]} does not tile a [{n}, {k}] weight in {bn}x{bk} blocks",
+                                "check quantization_config against the weights")
+    return bn, bk
+
+
 def _dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | None) -> torch.Tensor:
     """q float8_e4m3fn [N, K] times its scale: per tensor ([1] or []), per channel ([N, 1]), or per block
     ([ceil(N/bn), ceil(K/bk)], edge blocks partial) -> float32 [N, K]."""
@@ -421,12 +491,7 @@ def _dequant_fp8(q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int] | 
     if s.numel() == n and (s.dim() == 1 or s.shape[-1] == 1):
         return torch.mul(x, s.reshape(n, 1), out=out)
     sn, sk = s.shape
-    if block is None:  # undeclared: the usual 128x128 when it tiles the weight, else the ratio of the shapes
-        block = (128, 128) if (-(-n // 128), -(-k // 128)) == (sn, sk) else (-(-n // sn), -(-k // sk))
-    bn, bk = block
-    if -(-n // bn) != sn or -(-k // bk) != sk:
-        raise CorruptCheckpoint(f"FP8 scale of shape {[sn, sk]} does not tile a [{n}, {k}] weight in {bn}x{bk} blocks",
-                                "check quantization_config against the weights")
+    bn, bk = fp8_scale_block(n, k, list(s.shape), block)
     if n % bn == 0 and k % bk == 0:
         torch.mul(x.view(sn, bn, sk, bk), s[:, None, :, None], out=out.view(sn, bn, sk, bk))
         return out

@@ -68,6 +68,9 @@ class StoreManifest:
     split_axis: str = "intermediate"
     calibration: dict | None = None  # calibrate.read_record of a GPTQ/AWQ source (method, data, versions); None: RTN
     expert_bias: bool = False  # w13.bias / w2.bias present (gpt-oss); manifests older than the key have none
+    # INT4 only: the group the weights were quantized in, when a node slice is narrower than it and the store keeps
+    # them in smaller `group_size` groups, each scale repeated (quant.stored_group_size); None: group_size itself
+    quantized_group_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.weight_format not in WEIGHT_FORMATS:

@@ -64,3 +64,21 @@ def pick_group_size(dims: Iterable[int], requested: int | str = "auto") -> int:
     if bad:
         raise BadInput(f"group size {g} does not divide the expert dimensions {bad}", "use --group-size auto")
     return g
+
+
+def stored_group_size(group: int, dims: Iterable[int]) -> int | None:
+    """The group a matrix quantized in groups of `group` is stored in once its columns are cut into pieces of the
+    sizes `dims` (a node's slice): `group` when it divides them all, else the largest of GROUP_SIZES that divides
+    `group` and every piece (each scale is then repeated `group // stored` times, the packed codes are unchanged:
+    a 128-group over two nodes of 64 columns is two 64-groups with the same scale); None when none does."""
+    dims = list(dims)
+    for g in GROUP_SIZES:
+        if g <= group and group % g == 0 and all(d % g == 0 for d in dims):
+            return g
+    return None
+
+
+def regroup_scales(scale: torch.Tensor, group: int, stored: int) -> torch.Tensor:
+    """scale [..., N, K/group] -> [..., N, K/stored]: each scale repeated for the `group // stored` stored groups it
+    covers (see `stored_group_size`)."""
+    return scale if stored == group else scale.repeat_interleave(group // stored, dim=-1)

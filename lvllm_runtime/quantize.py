@@ -32,11 +32,13 @@ import torch
 from .calibrate import read_record
 from .checkpoint import Checkpoint
 from .errors import BadInput, DoesNotFit, StoreError
-from .quant import GROUP_SIZES, pick_group_size, quantize_int4
+from .quant import GROUP_SIZES, pick_group_size, quantize_int4, regroup_scales, stored_group_size
 from .store import (
     FORMAT_VERSION,
+    LOCK,
     ExpertStore,
     LayerFileWriter,
+    StoreLock,
     StoreManifest,
     config_sha256,
     file_sha256,
@@ -47,7 +49,8 @@ from .store import (
 
 TEST_DELAY_ENV = "LVLLM_QUANTIZE_TEST_DELAY_S"
 DEFAULT_THRESHOLD = {"int4": 0.2, "bf16": 0.01}  # relative Frobenius error per expert matrix
-DISK_MARGIN = 64 << 20
+DISK_MARGIN = 64 << 20  # beyond the store's exact size: the manifest, directory entries, the file system's own use
+ENGINE_ALIGN = 32  # csrc/engine.cpp refuses a hidden size or per-node intermediate size that is not a multiple of it
 
 
 @dataclass(frozen=True)
@@ -207,26 +210,37 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
             "choose --numa-nodes that divides it",
         )
     inter = m.intermediate_size // nodes
-    group = None
+    group = quantized_group = None
     if opts.weight_format == "int4":
         if ckpt.source_format == "int4_ct":
-            group = ckpt.group_size
-            if opts.group_size not in ("auto", group, str(group)):
+            quantized_group = ckpt.group_size
+            if opts.group_size not in ("auto", quantized_group, str(quantized_group)):
                 raise BadInput(
-                    f"the checkpoint is INT4 with group {group}; passing it through cannot change the group to {opts.group_size}",
-                    f"use --group-size auto (or {group})",
+                    f"the checkpoint is INT4 with group {quantized_group}; passing it through cannot change the group "
+                    f"to {opts.group_size}",
+                    f"use --group-size auto (or {quantized_group})",
                 )
-            if group not in GROUP_SIZES:
-                raise BadInput(f"the checkpoint's INT4 group {group} is not one the engine runs ({list(GROUP_SIZES)})",
-                               "quantize from the BF16/FP8 checkpoint instead")
-            bad = [d for d in (m.hidden_size, inter) if d % group or d % 8]
-            if bad:
-                raise BadInput(
-                    f"INT4 group {group} cannot be split over {nodes} nodes: dimensions {bad} do not divide",
-                    "choose --numa-nodes so that intermediate_size / nodes is a multiple of the group size",
-                )
-        else:
-            group = pick_group_size([m.hidden_size, inter], opts.group_size)
+            if quantized_group not in GROUP_SIZES:
+                raise BadInput(f"the checkpoint's INT4 group {quantized_group} is not one the engine runs "
+                               f"({list(GROUP_SIZES)})", "quantize from the BF16/FP8 checkpoint instead")
+        else:  # auto: the largest group a node slice holds; an explicit group may span the node slices
+            dims = [m.hidden_size, inter if opts.group_size == "auto" else m.intermediate_size]
+            quantized_group = pick_group_size(dims, opts.group_size)
+        group = stored_group_size(quantized_group, [m.hidden_size, inter])
+        if group is None:
+            raise BadInput(
+                f"INT4 group {quantized_group} cannot be split over {nodes} nodes: no group of {list(GROUP_SIZES)} "
+                f"divides both it and the per-node dimensions {[m.hidden_size, inter]}",
+                "choose --numa-nodes so that intermediate_size / nodes is a multiple of 32",
+            )
+    if m.hidden_size % ENGINE_ALIGN or inter % ENGINE_ALIGN:
+        splits = m.hidden_size % ENGINE_ALIGN == 0 and m.intermediate_size % ENGINE_ALIGN == 0
+        raise BadInput(
+            f"the CPU engine runs experts whose hidden size and per-node intermediate size are multiples of "
+            f"{ENGINE_ALIGN}; {nodes} node(s) give hidden {m.hidden_size}, intermediate {inter} per node",
+            f"choose --numa-nodes so that {m.intermediate_size} / nodes is a multiple of {ENGINE_ALIGN}" if splits
+            else "lvllm's CPU engine cannot run this model's experts",
+        )
     layers = m.moe_layers
     if opts.layers is not None:
         lo, hi = opts.layers
@@ -250,6 +264,7 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
         source_format=ckpt.source_format,
         calibration=read_record(ckpt.path),
         expert_bias=ckpt.expert_bias,
+        quantized_group_size=quantized_group if quantized_group != group else None,
     )
 
 
@@ -261,11 +276,16 @@ def _settings(man: StoreManifest) -> dict:
     return d
 
 
+def _leftover(out: Path, path: Path) -> bool:
+    """A path a run of quantize leaves behind without content of its own: the lock, a temp file, `layers/`."""
+    return path.name == LOCK or ".partial-" in path.name or path == out / "layers"
+
+
 def _files_done(out: Path, target: StoreManifest, resume: bool) -> dict:
     """Check the output directory against the store to be written; return the finished files that can be kept."""
     existing = read_manifest(out)
     if existing is None:
-        if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if out.is_dir() and not all(_leftover(out, p) for p in out.rglob("*")):
             raise BadInput(f"{out} is not empty and holds no expert store", "choose an empty or new output directory")
         return {}
     if existing.config_sha256 != target.config_sha256 or existing.model_type != target.model_type:
@@ -323,15 +343,18 @@ def _node_slices(man: StoreManifest, parts: dict[str, torch.Tensor | tuple],
 
 
 def _convert_expert(ckpt: Checkpoint, man: StoreManifest, layer: int, expert: int) -> list[dict[str, torch.Tensor]]:
-    """One expert -> its per-node store tensors. INT4 sources pass through bit for bit; biases are kept in BF16."""
+    """One expert -> its per-node store tensors. INT4 sources pass through bit for bit (scales repeated when the
+    store's groups are smaller, see quant.stored_group_size); biases are kept in BF16."""
     bias = ckpt.read_expert_bias(layer, expert, dtype=torch.bfloat16) if man.expert_bias else None
-    if man.weight_format == "int4" and ckpt.source_format == "int4_ct":
-        return _node_slices(man, ckpt.read_expert_int4(layer, expert), bias)
-    # BF16 is both the store's BF16 format and the dtype INT4 RTN divides in (as compressed-tensors does).
-    w = ckpt.read_expert(layer, expert, dtype=torch.bfloat16)
-    if man.weight_format == "int4":  # row-wise groups: each projection quantizes on its own, no concatenation
-        return _node_slices(man, {k: quantize_int4(v, man.group_size) for k, v in w.items()}, bias)
-    return _node_slices(man, w, bias)
+    if man.weight_format == "bf16":
+        return _node_slices(man, ckpt.read_expert(layer, expert, dtype=torch.bfloat16), bias)
+    group = man.quantized_group_size or man.group_size
+    if ckpt.source_format == "int4_ct":
+        parts = ckpt.read_expert_int4(layer, expert)
+    else:  # RTN divides in BF16, as compressed-tensors does; each projection quantizes on its own (row-wise groups)
+        parts = {k: quantize_int4(v, group) for k, v in ckpt.read_expert(layer, expert, dtype=torch.bfloat16).items()}
+    parts = {k: (packed, regroup_scales(scale, group, man.group_size)) for k, (packed, scale) in parts.items()}
+    return _node_slices(man, parts, bias)
 
 
 class _Run:
@@ -422,21 +445,31 @@ def quantize(
     ckpt = Checkpoint.open(model_dir)
     target = _target_manifest(ckpt, options)
     out = Path(out_dir).resolve()
+    if out.exists() and not out.is_dir():
+        raise BadInput(f"{out} is a file, not a directory", "pass a directory for the store (new, empty, or one to --resume)")
+    with StoreLock(out):
+        return _quantize_locked(t0, ckpt, target, out, options, progress)
+
+
+def _quantize_locked(t0: float, ckpt: Checkpoint, target: StoreManifest, out: Path, options: QuantizeOptions,
+                     progress: Callable[[Progress], None] | None) -> QuantizeResult:
+    """`quantize` once this process holds the store's lock: no other writer runs, so every temp file is stale."""
     kept = _files_done(out, target, options.resume)
     todo = [L for L in target.moe_layers if not all(layer_file(L, n) in kept for n in range(target.numa_nodes))]
     needed = sum(target.file_bytes(L, n) for L in todo for n in range(target.numa_nodes))
     free = free_disk_bytes(out)
     if needed + DISK_MARGIN > free:
         raise DoesNotFit(
-            f"not enough disk space in {out}: the store needs {needed / 1e9:.2f} GB more, {free / 1e9:.2f} GB are free",
+            f"not enough disk space in {out}: the store needs {_size(needed)} more plus a {_size(DISK_MARGIN)} margin, "
+            f"{_size(free)} free",
             "free some space or choose another output directory",
         )
 
     manifest = replace(target, files=dict(kept), complete=False)
     try:
-        (out / "layers").mkdir(parents=True, exist_ok=True)
-        for stale in (out / "layers").glob(".*.partial-*"):
+        for stale in out.rglob(".*.partial-*"):  # left by a killed run (layer files and the manifest alike)
             stale.unlink()
+        (out / "layers").mkdir(parents=True, exist_ok=True)
         write_manifest(out, manifest)
     except OSError as e:
         raise BadInput(f"cannot write the store into {out}: {e.strerror}", "choose a writable output directory") from None
@@ -488,6 +521,14 @@ def quantize(
         threshold=threshold,
         workers=workers,
     )
+
+
+def _size(n: int) -> str:
+    """Bytes for a person: 1.23 GB, 45.6 MB, 7.8 kB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
 
 
 def _finish_and_record(out: Path, manifest: StoreManifest, layer: int, writers: list[LayerFileWriter]) -> None:

@@ -10,14 +10,16 @@ is written last and only then says `complete: true`; while a conversion runs it 
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import fcntl
 import hashlib
 import os
 from pathlib import Path
 
 import torch
 
-from .atomic import fsync_dir, temp_name
+from .atomic import fsync_dir, temp_name, write_failure
 from .checkpoint import SafetensorsFile
 from .errors import DoesNotFit, StoreError
 from .manifest import (  # noqa: F401 - re-exported: store.py is where callers have always found these
@@ -94,6 +96,67 @@ class LayerFileWriter:
             os.close(self._fd)
             self._fd = -1
         self.tmp.unlink(missing_ok=True)
+
+
+LOCK = ".lvllm.lock"  # in the store directory while a quantize writes it; holds the writer's pid
+
+
+class StoreLock:
+    """An exclusive `fcntl` lock on the store directory's LOCK file, held by the one process writing the store; a
+    second writer gets a StoreError naming the pid that holds it. The kernel drops the lock when its holder dies
+    (kill -9 included), so a stale file never blocks. On release the file is removed, and the directory too when
+    this lock made it and nothing else was written (a refused run leaves no trace)."""
+
+    def __init__(self, store_dir: Path):
+        self.dir = store_dir
+        self.path = store_dir / LOCK
+        self._fd = -1
+        self._made_dir = False
+
+    def __enter__(self) -> "StoreLock":
+        try:
+            self._made_dir = not self.dir.exists()
+            self.dir.mkdir(parents=True, exist_ok=True)
+            while True:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+                    os.close(fd)
+                    raise StoreError(f"{self.dir} is being written by another lvllm quantize (pid {holder})",
+                                     "wait for it to finish, or stop that process and run again with --resume") from None
+                # The holder before us may have removed the file between our open and our lock: lock the new one.
+                if _same_file(fd, self.path):
+                    break
+                os.close(fd)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as e:
+            self._release_dir()
+            raise write_failure(self.path, e) from None
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.path.unlink(missing_ok=True)  # while still locked, so no one locks the file we remove
+        os.close(self._fd)
+        self._fd = -1
+        self._release_dir()
+
+    def _release_dir(self) -> None:
+        if self._made_dir:
+            with contextlib.suppress(OSError):  # not empty: the run wrote something (its manifest says what)
+                self.dir.rmdir()
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether the open `fd` is still the file at `path`."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return os.path.samestat(os.fstat(fd), st)
 
 
 class ExpertStore:

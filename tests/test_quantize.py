@@ -269,8 +269,30 @@ def test_no_group_size_divides(zoo, tmp_path, monkeypatch, capsys):
     code, _, err = _cli(monkeypatch, capsys, zoo("qwen3_moe", "bf16", moe_intermediate_size=72), tmp_path / "out")
     _one_line_error(code, err, "no INT4 group size in [128, 64, 32] divides the expert dimensions [128, 72]")
     assert not (tmp_path / "out").exists()
-    code, _, err = _cli(monkeypatch, capsys, zoo("qwen3_moe", "int4"), tmp_path / "out", "--numa-nodes", "4")
-    _one_line_error(code, err, "cannot be split over 4 nodes")
+    code, _, err = _cli(monkeypatch, capsys, zoo("qwen3_moe", "int4"), tmp_path / "out", "--numa-nodes", "8")
+    _one_line_error(code, err, "cannot be split over 8 nodes")
+
+
+@pytest.mark.parametrize("variant", ["int4", "bf16"])
+def test_int4_group_128_over_nodes_narrower_than_it(zoo, tmp_path, variant):
+    """I = 128 over 2 nodes: 64 columns of down_proj per node. A 128-group is stored as two 64-groups with its scale
+    written twice; the packed codes do not change, so the dequantized experts equal the 128-group ones exactly."""
+    src = zoo("qwen3_moe", variant, **({"group_size": 128} if variant == "int4" else {}))
+    options = QuantizeOptions(numa_nodes=2, workers=1, group_size=128 if variant == "bf16" else "auto")
+    result = quantize(src, tmp_path / "s", options)
+    store = ExpertStore.open(tmp_path / "s")
+    man = store.manifest
+    assert result.passed and (man.group_size, man.quantized_group_size) == (64, 128)
+    ckpt = Checkpoint.open(src)
+    for layer in man.moe_layers:
+        w = ckpt.read_expert(layer, 5, dtype=torch.bfloat16)
+        gate = quantize_int4(w["gate"], 128) if variant == "bf16" else ckpt.read_expert_int4(layer, 5)["gate"]
+        down = quantize_int4(w["down"], 128) if variant == "bf16" else ckpt.read_expert_int4(layer, 5)["down"]
+        assert torch.equal(_whole(store, layer, "w2.packed")[5], down[0])
+        assert torch.equal(_whole(store, layer, "w2.scale")[5], down[1].repeat_interleave(2, dim=-1))
+        assert torch.equal(_whole(store, layer, "w13.scale")[5][:128], gate[1].repeat_interleave(2, dim=-1))
+        w13, w2 = store.expert(layer, 5)
+        assert torch.equal(w2, dequantize_int4(*down, 128)) and torch.equal(w13[:128], dequantize_int4(*gate, 128))
 
 
 def test_output_dir_of_another_model_and_full_disk(zoo, tmp_path, monkeypatch, capsys):
@@ -291,7 +313,7 @@ def test_output_dir_of_another_model_and_full_disk(zoo, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(quantize_mod, "free_disk_bytes", lambda path: 10_000)
     code, _, err = _cli(monkeypatch, capsys, zoo("qwen3_moe", "bf16"), tmp_path / "full")
-    _one_line_error(code, err, "GB are free")
+    _one_line_error(code, err, f"plus a {quantize_mod._size(quantize_mod.DISK_MARGIN)} margin, 10 kB free")
     assert "not enough disk space" in err and not (tmp_path / "full").exists()
 
 
