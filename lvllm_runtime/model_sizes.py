@@ -139,12 +139,13 @@ def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:
     """Largest of 128/64/32 dividing H and the per-node slice of I (as quant.pick_group_size), or the request."""
     dims = (shape.expert_hidden, shape.expert_intermediate // numa_nodes)
     choices = (128, 64, 32) if requested in ("auto", None) else (int(requested),)
+    working = [g for g in (128, 64, 32) if all(d % g == 0 and d >= g for d in dims)]
     for g in choices:
-        if all(d % g == 0 and d >= g for d in dims):
+        if g in working:
             return g
     raise BadInput(
         f"no INT4 group size in {list(choices)} divides hidden {dims[0]} and the per-node expert slice {dims[1]}",
-        "use --group-size 32, fewer --numa-nodes, or --expert-format bf16",
+        f"use --group-size {working[0]}" if working else "use fewer --numa-nodes, or --expert-format bf16",
     )
 
 

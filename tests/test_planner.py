@@ -257,3 +257,159 @@ def test_predicted_host_memory_matches_vllm_cpu_rss(tmp_path):
     print(f"\npredicted {row['predicted_added'] / 2**30:.3f} GiB, measured {row['measured_added_anon'] / 2**30:.3f} "
           f"GiB anonymous RSS, ratio {row['ratio_anon']:.2f}")
     assert 0.85 <= row["ratio_anon"] <= 1.15
+
+
+def _machine(nodes: list[tuple[int, int, int]], gpu: bool = True, fixture: str = "epyc9555x2-rtxpro6000",
+             efficiency: int = 0) -> Hardware:
+    """The fixture's CPU and GPU with other NUMA nodes: (package, cores, GiB of RAM) each, cpus numbered in order;
+    the last `efficiency` cores of every node are E-cores. No bandwidth measured (per-core fallback)."""
+    from dataclasses import replace
+
+    from lvllm_runtime.topology import NumaNode
+
+    topo = Hardware.load(HW / f"{fixture}.json").topology
+    out, c = [], 0
+    for i, (pkg, cores, gib) in enumerate(nodes):
+        ids = tuple(range(c, c + cores))
+        c += cores
+        out.append(NumaNode(i, ids, ids, gib << 30, gib << 30, package=pkg,
+                            efficiency_cores=ids[cores - efficiency:] if efficiency else ()))
+    gpus = tuple(replace(g, numa_node=0) for g in topo.gpus) if gpu else ()
+    return Hardware(replace(topo, nodes=tuple(out), gpus=gpus, ram_total=sum(n.mem_total for n in out),
+                            ram_available=sum(n.mem_free for n in out)))
+
+
+def _qwen30b() -> tuple[dict, planner.ModelSource]:
+    rec = recipes.get("Qwen3-Coder-30B-A3B-Instruct").data
+    return rec, planner.model_from_recipe(rec)
+
+
+def test_fewer_slices_than_nodes_spread_over_sockets_and_forecast_only_their_bandwidth():
+    """2 slices on a 2-socket machine of 8 nodes (NPS4): one node per socket, and decode reads 2 nodes' bandwidth."""
+    hw = _machine([(0, 16, 96)] * 4 + [(1, 16, 96)] * 4)
+    rec, src = _qwen30b()
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(numa_nodes=2), rec))
+    numa = [n["numa_node"] for n in plan["runtime"]["nodes"]]
+    packages = {hw.topology.nodes[i].package for i in numa}
+    assert len(numa) == 2 and packages == {0, 1}, numa
+    assert [n["node"] for n in plan["runtime"]["nodes"]] == [0, 1]  # slice indices, what rank_nodes names
+    per_node, _ = hw.read_gbps(hw.topology.nodes[0])
+    assert plan["forecast"]["bandwidth"]["cpu_read_gbps"] == pytest.approx(2 * per_node)
+
+
+@pytest.mark.parametrize("nodes", [6, 8])
+def test_recipe_group_size_yields_to_the_split(nodes):
+    """The recipe pins g128; 768 / 8 nodes = 96 rows per node, which only g32 divides: the plan takes 32."""
+    hw = _machine([(i * 2 // nodes, 8, 64) for i in range(nodes)])
+    rec, src = _qwen30b()
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(), rec))
+    assert plan["store"]["group_size"] == (128 if 768 // nodes % 128 == 0 else 32), plan["reasons"]
+
+
+def test_group_size_refusal_names_a_group_that_works():
+    rec, src = _qwen30b()
+    with pytest.raises(planner.BadInput) as e:
+        make_plan(src, _machine([(0, 8, 64)] * 8), PlanOptions(group_size=128))
+    assert e.value.fix == "use --group-size 32"
+
+
+def test_no_gpu_prefill_staging_where_no_chunk_reaches_it():
+    """MiniMax-M2.1 BF16 on a 32 GB 5090: at the batch size memory allows, streaming a 7 GB layer is slower than the
+    CPU engine, so the plan reserves no staging, fits, and says why; asking for GPU prefill brings the staging back."""
+    rec = recipes.get("MiniMax-M2.1").data
+    hw = Hardware.load(HW / "epyc9684x2-rtx5090.json")
+    plan = make_plan(planner.model_from_recipe(rec), hw, planner.apply_recipe_defaults(
+        PlanOptions(expert_format="bf16"), rec))
+    assert plan["fits"], plan["reasons"]
+    assert plan["runtime"]["gpu_prefill_min_tokens"] is None
+    assert plan["memory"]["gpus"][0]["parts"]["prefill_staging"] == 0
+    assert plan["forecast"]["gpu_prefill"].startswith("off: even a full")
+    asked = make_plan(planner.model_from_recipe(rec), hw, planner.apply_recipe_defaults(
+        PlanOptions(expert_format="bf16", gpu_prefill_min_tokens=1024), rec))
+    assert asked["memory"]["gpus"][0]["parts"]["prefill_staging"] > 0
+
+
+def test_gpu_prefill_threshold_is_the_crossover_within_the_batch():
+    """On the H100 box the INT4 30B plan streams from the crossover: at it the GPU path is no slower than the CPU's,
+    one token below it is slower, and it is never above the batch."""
+    rec, src = _qwen30b()
+    hw = Hardware.load(HW / "h100-box.json")
+    opt = planner.apply_recipe_defaults(PlanOptions(expert_format="int4", hot_experts=0), rec)
+    p = planner._Planner(src, hw, planner.apply_recipe_defaults(opt, rec))
+    plan = p.plan()
+    t, mbt = plan["runtime"]["gpu_prefill_min_tokens"], plan["runtime"]["max_batch_tokens"]
+    staging = p.layer_store_all
+    assert t is not None and 1 < t <= mbt
+    assert p._gpu_layer_s(t, 1.0, staging) <= p._cpu_layer_s(t, 1.0)
+    assert p._gpu_layer_s(t - 1, 1.0, staging) > p._cpu_layer_s(t - 1, 1.0)
+    big = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(gpu_prefill_min_tokens=10 ** 6), rec))
+    assert big["runtime"]["gpu_prefill_min_tokens"] is None and "above the" in big["forecast"]["gpu_prefill"]
+
+
+def test_cpu_prefill_never_beats_the_read_bound():
+    """CPU-only prefill of a 1K prompt cannot exceed reading every layer's distinct experts once per chunk."""
+    rec, src = _qwen30b()
+    hw = _machine([(0, 64, 512), (1, 64, 512)], gpu=False)
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(expert_format="int4"), rec))
+    bw = plan["forecast"]["bandwidth"]["cpu_effective_gbps"] * 1e9
+    store_per_layer = plan["store"]["bytes"] / len(src.shape.moe_layers)
+    for row in plan["forecast"]["prefill"]:
+        chunks = -(-row["tokens"] // row["chunk"])
+        bound = row["tokens"] / (chunks * len(src.shape.moe_layers) * store_per_layer / bw)
+        assert row["tok_s"] <= bound * 1.001, row
+
+
+def test_engine_rate_measured_by_doctor_bench_replaces_the_table():
+    from dataclasses import replace
+
+    rec, src = _qwen30b()
+    hw = _machine([(0, 32, 256)], gpu=False)
+    opt = planner.apply_recipe_defaults(PlanOptions(expert_format="int4", max_model_len=1024), rec)
+    slow = make_plan(src, replace(hw, engine_gflops_per_core={"int4": 1.0}), opt)["forecast"]["prefill"][0]
+    fast = make_plan(src, replace(hw, engine_gflops_per_core={"int4": 100.0}), opt)["forecast"]["prefill"][0]
+    assert slow["cpu_rate"] == "int4 measured here" and fast["tok_s"] > 10 * slow["tok_s"]
+
+
+def test_decode_at_max_model_len_reads_the_kv_cache():
+    rec, src = _qwen30b()
+    plan = make_plan(src, Hardware.load(HW / "h100-box.json"), planner.apply_recipe_defaults(
+        PlanOptions(max_model_len=131072, max_num_seqs=4, kv_cache_dtype="fp8"), rec))
+    short, long = plan["forecast"]["decode"], plan["forecast"]["decode_at_max_model_len"]
+    assert [d["context"] for d in long] == [131072, 131072] and short[0]["context"] == 1024
+    assert long[-1]["gpu_dense_ms"] > short[-1]["gpu_dense_ms"] and long[-1]["tok_s"] < short[-1]["tok_s"]
+
+
+def test_engine_threads_on_p_cores_of_a_hybrid_cpu():
+    rec, src = _qwen30b()
+    hw = _machine([(0, 16, 128)], gpu=False, efficiency=8)
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(), rec))
+    assert plan["runtime"]["nodes"][0]["cpus"] == list(range(8))
+
+
+def test_uneven_node_says_which_node_is_short_and_by_how_much():
+    rec, src = _qwen30b()
+    hw = _machine([(0, 16, 64), (1, 16, 4)], gpu=False)
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(expert_format="int4"), rec))
+    assert not plan["fits"]
+    why = " ".join(r["why"] for r in plan["reasons"])
+    assert "NUMA node 1 needs" in why and "short by" in why
+
+
+def test_two_nodes_per_tp_rank_through_the_runtime_plan(tmp_path):
+    """Issue 24, CPU side: 4 store slices on 4 nodes shared by 2 TP ranks: rank r computes slices 2r and 2r+1
+    (what hybrid_runtime.rank_nodes requires), each slot with its own node's cpus."""
+    from lvllm_runtime.plan import save_plan
+
+    rec, src = _qwen30b()
+    hw = _machine([(0, 8, 64), (0, 8, 64), (1, 8, 64), (1, 8, 64)], gpu=False)
+    plan = make_plan(src, hw, planner.apply_recipe_defaults(PlanOptions(tp=2, numa_nodes=4), rec))
+    assert plan["runtime"]["rank_nodes"] == [[0, 1], [2, 3]]
+    save_plan(plan, tmp_path / "plan.json")
+    rt = RuntimePlan.from_dict(load_plan(tmp_path / "plan.json"))
+    assert rt.tp_size == 2 and rt.store_numa_nodes == 4
+    for rank in (0, 1):
+        slots = rt.nodes_for_rank(rank)
+        assert [s.node for s in slots] == [2 * rank, 2 * rank + 1]
+        assert [s.numa_node for s in slots] == [2 * rank, 2 * rank + 1]
+        cpus = [set(s.engine_cpus) for s in slots]
+        assert cpus[0].isdisjoint(cpus[1]) and all(len(c) == 8 for c in cpus)
