@@ -190,6 +190,7 @@ def serve(
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Print the vLLM command and exit.")] = False,
     quantize: Annotated[bool, typer.Option("--quantize", help="Make (or finish) the expert store first when it is missing or incomplete.")] = False,
+    verify_store: Annotated[bool, typer.Option("--verify-store", help="Check the sha256 of every store file against its manifest (done anyway the first time, and after the store changes).")] = False,
     ready_timeout: Annotated[
         Optional[float], typer.Option(help="Give up when vLLM is not ready after this many seconds.")
     ] = None,
@@ -209,9 +210,9 @@ def serve(
             with stages:
                 setup = launcher.prepare(
                     model, recipe=recipe_data, store=store, plan_path=plan, host=host, port=port,
-                    user_args=user_args, quantize=quantize, on_stage=stages.start,
+                    user_args=user_args, quantize=quantize, verify_store=verify_store, on_stage=stages.start,
                 )
-                stages.done("store", str(setup.store))
+                stages.done("store", f"{setup.store}: {setup.store_check}")
                 stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")
                 show_overrides(setup.command)
                 if not dry_run:
@@ -225,8 +226,7 @@ def serve(
             sys.stdout.flush()
             stderr.print("[dim]serving; Ctrl-C stops vLLM and all its processes[/]")
             rc = follow(server)
-            raise launcher.VllmFailed(f"vLLM exited with code {rc}", f"see the vLLM log {server.log_path}",
-                                      launcher.read_tail(server.log_path))
+            raise server.failure(f"vLLM exited with code {rc}")
         except KeyboardInterrupt:
             stderr.print("stopping vLLM ...")
         except LvllmError as e:

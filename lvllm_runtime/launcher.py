@@ -9,6 +9,7 @@ engine core, the workers and anything they spawned, and nothing of it survives l
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib.util
 import json
 import os
@@ -26,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from .errors import BadInput, EngineError, StoreError, VllmUnsupported
+from .errors import BadInput, EngineError, StoreError, VllmUnsupported, find_plugin_error
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 # vLLM flags whose values are secrets: shown masked in every printed command.
@@ -384,6 +385,16 @@ class VllmServer:
         return None if self.process is None else self.process.poll()
 
     def failure(self, what: str) -> "VllmFailed":
+        """`what` with the log's tail; when the plugin logged an error of its own, that error instead (its fix
+        naming the log), without the tail: the plugin's line is the cause, the rest is vLLM unwinding."""
+        try:
+            log = self.log_path.read_text(errors="replace")
+        except OSError:
+            log = ""
+        plugin = find_plugin_error(log)
+        if plugin is not None:
+            fix = f"{plugin.fix}; vLLM's log: {self.log_path}" if plugin.fix else f"see vLLM's log {self.log_path}"
+            return VllmFailed(plugin.message, fix, "")
         return VllmFailed(what, f"see the vLLM log {self.log_path}", read_tail(self.log_path))
 
     def wait_ready(
@@ -517,6 +528,7 @@ class ServeSetup:
     store: Path
     log_path: Path
     plan_made: bool
+    store_check: str  # what was checked of the store's files against its manifest, and how long it took
 
 
 def config_sha(model: Path) -> str:
@@ -594,6 +606,33 @@ def check_store(model: Path, store: Path):
     return manifest
 
 
+def verified_stamp(store: Path) -> Path:
+    """The file whose mtime says when the sha256 of `store`'s files last matched its manifest (kept in the cache:
+    a store may be read-only)."""
+    from . import envs
+
+    key = hashlib.sha256(str(store.resolve()).encode()).hexdigest()[:16]
+    return envs.cache_dir() / "verified" / f"{key}.json"
+
+
+def check_store_files(store: Path, manifest, verify: bool) -> str:
+    """Check every layer file's size against the manifest, and its sha256 too with `verify` or when the manifest is
+    newer than the last verified stamp; StoreError at the first mismatch. Returns what was checked, timed."""
+    from .atomic import write_json
+    from .store import MANIFEST, check_files, format_bytes
+
+    stamp = verified_stamp(store)
+    hashes = verify or not stamp.is_file() or (store / MANIFEST).stat().st_mtime_ns > stamp.stat().st_mtime_ns
+    t0 = time.monotonic()
+    hashed = check_files(store, manifest, hashes)
+    seconds = time.monotonic() - t0
+    files = len(manifest.files)
+    if not hashes:
+        return f"sizes of {files} files checked (sha256 matched on an earlier start; --verify-store checks again)"
+    write_json(stamp, {"store": str(store.resolve()), "verified_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+    return f"sha256 of {files} files ({format_bytes(hashed)}) checked in {seconds:.2f} s"
+
+
 def check_plan(plan: Mapping[str, Any], plan_path: Path, model: Path, store: Path | None) -> None:
     """BadInput when a given plan was made for another model or store, or needs a GPU this machine lacks."""
     sha = plan.get("model", {}).get("config_sha256")
@@ -633,6 +672,7 @@ def prepare(
     port: int = 8000,
     user_args: Sequence[str] = (),
     quantize: bool = False,
+    verify_store: bool = False,
     on_stage: Callable[[str, str], None] | None = None,
 ) -> ServeSetup:
     """Find (or with `quantize`, make) the expert store, load or make the plan, and assemble the vLLM command.
@@ -661,6 +701,9 @@ def prepare(
         make_store(model, chosen, lambda detail: stage("store", detail))
     manifest = check_store(model, chosen)
     chosen = chosen.resolve()
+    stage("store", "checking the store's files against its manifest")
+    store_check = check_store_files(chosen, manifest, verify_store)
+    stage("store", store_check)
 
     made = plan is None
     if plan is None:
@@ -684,7 +727,7 @@ def prepare(
         user_args=user_args,
     )
     log_path = run_dir(model) / f"vllm-{command.port}.log"
-    return ServeSetup(command, plan, Path(plan_path), chosen, log_path, made)
+    return ServeSetup(command, plan, Path(plan_path), chosen, log_path, made, store_check)
 
 
 def fit_plan_to_store(plan: dict, plan_path: Path, store: Path, manifest, model: Path) -> tuple[dict, Path]:

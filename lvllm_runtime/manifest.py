@@ -40,6 +40,14 @@ def config_sha256(config_path: str | os.PathLike) -> str:
     return hashlib.sha256(Path(config_path).read_bytes()).hexdigest()
 
 
+def format_bytes(n: int) -> str:
+    """A size for a person, three digits: 1.23 GB, 45.6 MB, 7.8 kB (messages about store files and free disk)."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.3g} {unit}"
+    return f"{n} bytes"
+
+
 def file_sha256(path: str | os.PathLike) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()

@@ -42,6 +42,7 @@ from .store import (
     StoreManifest,
     config_sha256,
     file_sha256,
+    format_bytes,
     layer_file,
     read_manifest,
     write_manifest,
@@ -460,8 +461,9 @@ def _quantize_locked(t0: float, ckpt: Checkpoint, target: StoreManifest, out: Pa
     free = free_disk_bytes(out)
     if needed + DISK_MARGIN > free:
         raise DoesNotFit(
-            f"not enough disk space in {out}: the store needs {_size(needed)} more plus a {_size(DISK_MARGIN)} margin, "
-            f"{_size(free)} free",
+            f"not enough disk space in {out}: the store needs {format_bytes(needed)} more plus a "
+            f"{format_bytes(DISK_MARGIN)} margin, "
+            f"{format_bytes(free)} free",
             "free some space or choose another output directory",
         )
 
@@ -521,14 +523,6 @@ def _quantize_locked(t0: float, ckpt: Checkpoint, target: StoreManifest, out: Pa
         threshold=threshold,
         workers=workers,
     )
-
-
-def _size(n: int) -> str:
-    """Bytes for a person: 1.23 GB, 45.6 MB, 7.8 kB."""
-    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
-        if n >= scale:
-            return f"{n / scale:.3g} {unit}"
-    return f"{n} bytes"
 
 
 def _finish_and_record(out: Path, manifest: StoreManifest, layer: int, writers: list[LayerFileWriter]) -> None:

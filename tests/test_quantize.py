@@ -21,7 +21,7 @@ from lvllm_runtime.checkpoint import Checkpoint
 from lvllm_runtime.errors import BadInput
 from lvllm_runtime.quant import dequantize_int4, quantize_int4
 from lvllm_runtime.quantize import QuantizeOptions, quantize
-from lvllm_runtime.store import ExpertStore, file_sha256, layer_file
+from lvllm_runtime.store import ExpertStore, file_sha256, format_bytes, layer_file
 
 CASES = [(arch, variant) for arch in sorted(zoo_module.ZOO) for variant in zoo_module.variants(arch)]
 
@@ -313,7 +313,7 @@ def test_output_dir_of_another_model_and_full_disk(zoo, tmp_path, monkeypatch, c
 
     monkeypatch.setattr(quantize_mod, "free_disk_bytes", lambda path: 10_000)
     code, _, err = _cli(monkeypatch, capsys, zoo("qwen3_moe", "bf16"), tmp_path / "full")
-    _one_line_error(code, err, f"plus a {quantize_mod._size(quantize_mod.DISK_MARGIN)} margin, 10 kB free")
+    _one_line_error(code, err, f"plus a {format_bytes(quantize_mod.DISK_MARGIN)} margin, 10 kB free")
     assert "not enough disk space" in err and not (tmp_path / "full").exists()
 
 

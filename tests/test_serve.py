@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import selectors
 import shlex
 import shutil
@@ -210,6 +211,59 @@ def test_store_of_another_model(model_and_store, zoo, cache, invoke):
     other = zoo("qwen3_moe", "bf16", num_hidden_layers=3)
     r = invoke(str(other), "--store", str(store), "--dry-run")
     assert r.exit_code == 1 and "made from another model" in r.stderr, r.output
+
+
+def one_error_line(r: Run) -> str:
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert r.exit_code == 1 and len(errors) == 1, r.output
+    return errors[0]
+
+
+def test_damaged_store_is_refused_before_vllm(model_and_store, cache, tmp_path, invoke):
+    model, store = model_and_store
+    copy = tmp_path / "store"
+    shutil.copytree(store, copy)
+    files = len(ExpertStore.open(copy).manifest.files)
+    r = invoke(str(model), "--store", str(copy), "--dry-run")
+    assert r.exit_code == 0 and re.search(rf"sha256 of {files} files \(.+\) checked in [0-9.]+ s", r.stderr), r.output
+    layer = copy / "layers" / "L001.n0.safetensors"
+    data = bytearray(layer.read_bytes())
+    data[-300:-100] = bytes(b ^ 0xFF for b in data[-300:-100])  # 200 bytes flipped, size unchanged
+    layer.write_bytes(bytes(data))
+    r = invoke(str(model), "--store", str(copy), "--dry-run")  # verified before and unchanged since: sizes only
+    assert r.exit_code == 0 and f"sizes of {files} files checked" in r.stderr, r.output
+    r = invoke(str(model), "--store", str(copy), "--dry-run", "--verify-store")
+    assert "L001.n0.safetensors does not match its sha256" in one_error_line(r) and "--resume" in r.stderr
+    launcher.verified_stamp(copy).unlink()  # never verified: the first start checks the sha256 without being asked
+    assert "does not match its sha256" in one_error_line(invoke(str(model), "--store", str(copy), "--dry-run"))
+    layer.write_bytes(bytes(data[:-1000]))  # truncated: found by the size check on every start
+    assert "L001.n0.safetensors is " in one_error_line(invoke(str(model), "--store", str(copy), "--dry-run"))
+    assert not list(cache.rglob("vllm-*.log"))
+
+
+PLUGIN_FAILS = """
+import sys
+from lvllm_runtime.errors import StoreError, plugin_error_line
+e = StoreError("the BF16 store's per-node intermediate size 48 is not a multiple of 32", "quantize with --numa-nodes 1")
+if {marker}:
+    print("(EngineCore pid=7) ERROR lvllm " + plugin_error_line(e), flush=True)
+print("Traceback (most recent call last):\\n  File 'x.py', line 1, in <module>")
+print("lvllm_runtime.errors.StoreError: " + str(e))
+print("RuntimeError: Engine core initialization failed. See root cause above.", flush=True)
+sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("marker", [True, False])
+def test_plugin_error_inside_vllm_is_the_one_line(model_and_store, cache, tmp_path, monkeypatch, invoke, marker):
+    model, store = model_and_store
+    shim = fake_vllm(tmp_path / "shim", PLUGIN_FAILS.format(marker=marker))
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(shim), *sys.path]))
+    r = invoke(str(model), "--store", str(store), "--port", str(launcher.free_port()))
+    line = one_error_line(r)
+    assert "per-node intermediate size 48 is not a multiple of 32" in line and "exited with code" not in line
+    assert ("quantize with --numa-nodes 1; vLLM's log:" in line) == marker
+    assert "RuntimeError" not in r.stderr  # vLLM's unwinding stays in the log
 
 
 def test_port_in_use_stops_before_vllm(model_and_store, cache, invoke):
