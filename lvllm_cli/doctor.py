@@ -29,13 +29,19 @@ def doctor(
         Optional[Path],
         typer.Option("--model", metavar="DIR", help="Also check that this model folder's experts fit in free RAM."),
     ] = None,
+    plan: Annotated[
+        Optional[Path],
+        typer.Option("--plan", metavar="FILE", help="Also check that each node this plan uses has its share free."),
+    ] = None,
     sysfs: Annotated[Path, typer.Option(hidden=True, help="Read another sysfs tree (GPUs not probed).")] = Path("/sys"),
     procfs: Annotated[Path, typer.Option(hidden=True, help="Read another procfs tree.")] = Path("/proc"),
 ) -> None:
     """Show NUMA nodes, cores, ISA, RAM, GPUs and versions, then PASS/WARN/FAIL checks with a fix for each."""
     live = sysfs == Path("/sys")
     topo = probe(sysfs, procfs, gpus=live)
-    results = checks_mod.run_checks(topo, model)
+    from lvllm_runtime.plan import load_plan
+
+    results = checks_mod.run_checks(topo, model, load_plan(plan) if plan else None)
     measured = None
     if bench:
         from lvllm_runtime.membench import bench_topology
@@ -80,8 +86,12 @@ def _render(topo: Topology, results: list[checks_mod.Check], measured: dict[str,
     for col in ("node", "cpus", "cores", "threads/core", "memory", "free"):
         nodes.add_column(col, justify="left" if col == "cpus" else "right")
     for n in topo.nodes:
-        nodes.add_row(str(n.id), format_cpulist(n.cpus), str(len(n.cores)), str(n.smt_threads), _gib(n.mem_total),
+        e = len(n.efficiency_cores)
+        cores = f"{len(n.cores) - e}P + {e}E" if e else str(len(n.cores))
+        nodes.add_row(str(n.id), format_cpulist(n.cpus), cores, str(n.smt_threads), _gib(n.mem_total),
                       _gib(n.mem_free))
+    for m in topo.memory_nodes:
+        nodes.add_row(str(m.id), "[dim]none (memory only)[/]", "0", "-", _gib(m.mem_total), _gib(m.mem_free))
     stdout.print(nodes)
 
     if topo.gpus:

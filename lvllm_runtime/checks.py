@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import BadInput, CorruptCheckpoint
-from .topology import Topology
+from .topology import Topology, format_cpulist
 
 GiB = 1 << 30
 
@@ -69,11 +69,15 @@ def check_isa(topo: Topology) -> Check:
 
 
 def check_numa_balancing(topo: Topology) -> Check:
-    if topo.numa_balancing == 1:
+    """1 migrates pages towards the cpus touching them, 2 (memory tiering) promotes and demotes them between DRAM
+    and slower tiers (CXL): either moves expert slices away from the node their engine threads were placed for."""
+    moves = {1: "keeps migrating expert pages between nodes", 2: "(memory tiering) moves expert pages between DRAM "
+             "and slower memory tiers such as CXL"}
+    if topo.numa_balancing in moves:
         return Check(
             "numa_balancing",
             Status.WARN,
-            "kernel.numa_balancing=1: the kernel keeps migrating expert pages between nodes while serving",
+            f"kernel.numa_balancing={topo.numa_balancing}: the kernel {moves[topo.numa_balancing]} while serving",
             "sudo sysctl -w kernel.numa_balancing=0",
         )
     if topo.numa_balancing is None:
@@ -110,7 +114,7 @@ def check_node_memory(topo: Topology) -> Check:
             f"node(s) {', '.join(map(str, empty))} have cores but no local memory: their threads read remote RAM",
             "populate memory channels on every socket (or use NPS1 / fewer nodes)",
         )
-    in_nodes = sum(n.mem_total for n in topo.nodes)
+    in_nodes = sum(n.mem_total for n in topo.nodes) + sum(m.mem_total for m in topo.memory_nodes)
     if topo.ram_total and abs(in_nodes - topo.ram_total) > 0.1 * topo.ram_total:
         return Check(
             "node_memory",
@@ -123,6 +127,65 @@ def check_node_memory(topo: Topology) -> Check:
     return Check(
         "node_memory", Status.PASS, f"{len(topo.nodes)} {kind}node(s), {_gib(in_nodes)} RAM, {topo.cores} cores"
     )
+
+
+def check_memory_only_nodes(topo: Topology) -> list[Check]:
+    """CPU-less nodes (CXL expanders): their RAM is the machine's, but no engine thread runs beside it, so plans
+    put no expert slice there and count only the nodes with cores."""
+    if not topo.memory_nodes:
+        return []
+    listed = ", ".join(f"node {m.id} ({_gib(m.mem_total)}, {_gib(m.mem_free)} free)" for m in topo.memory_nodes)
+    return [Check("memory_only_nodes", Status.PASS,
+                  f"memory-only NUMA node(s) without cpus (CXL or similar): {listed}; lvllm places no expert slice "
+                  "there, plans use the nodes with cores")]
+
+
+def check_offline_cpus(topo: Topology) -> list[Check]:
+    if not topo.offline_cpus:
+        return []
+    cpus = format_cpulist(topo.offline_cpus)
+    first = topo.offline_cpus[0]
+    return [Check("offline_cpus", Status.WARN,
+                  f"cpu(s) {cpus} are present but offline: no engine thread runs on them",
+                  f"bring them online: echo 1 | sudo tee /sys/devices/system/cpu/cpu{first}/online (and the others "
+                  "listed), then plan again")]
+
+
+def check_hybrid_cores(topo: Topology) -> list[Check]:
+    """A decode call ends when its slowest thread does: E-cores among the engine's threads hold back every P-core."""
+    if not topo.hybrid:
+        return []
+    e_cores = [c for n in topo.nodes for c in n.efficiency_cores]
+    if not e_cores:
+        return [Check("hybrid_cores", Status.WARN,
+                      "hybrid CPU (P- and E-cores), but the kernel does not say which cores are E-cores "
+                      "(no /sys/devices/cpu_atom/cpus): plans may put engine threads on E-cores",
+                      "use a kernel with the hybrid PMU (5.16 or newer), or run lvllm under `taskset -c <P-cores>`")]
+    p_cores = [c for n in topo.nodes for c in n.performance_cores]
+    return [Check("hybrid_cores", Status.PASS,
+                  f"hybrid CPU: {len(p_cores)} P-cores (cpus {format_cpulist(p_cores)}) run the engine, "
+                  f"{len(e_cores)} E-cores (cpus {format_cpulist(e_cores)}) are left to the rest")]
+
+
+def check_plan_nodes_free(topo: Topology, plan: dict[str, Any]) -> list[Check]:
+    """Each node's share of a plan (its expert slice, and the vLLM process on the first) against what that node has
+    free now: the kernel puts what does not fit on another node, and the engine then reads it remotely."""
+    real = {n.id: n for n in topo.nodes if not n.virtual}
+    out = []
+    for entry in (plan.get("memory") or {}).get("nodes") or []:
+        node = real.get(entry.get("node"))
+        need = int(entry.get("need") or 0)
+        if node is None:
+            continue
+        if need > node.mem_free:
+            out.append(Check(f"node{node.id}_free_memory", Status.WARN,
+                             f"the plan puts {_gib(need)} on NUMA node {node.id}, which has {_gib(node.mem_free)} "
+                             f"free of {_gib(node.mem_total)}: the rest would land on other nodes",
+                             f"free memory on node {node.id} (stop what runs there, or drop the page cache: echo 1 | "
+                             "sudo tee /proc/sys/vm/drop_caches) before serving"))
+    if not out and real:
+        out.append(Check("plan_nodes_free_memory", Status.PASS, "every node the plan uses has its share free"))
+    return out
 
 
 def check_gpus(topo: Topology) -> list[Check]:
@@ -281,13 +344,17 @@ def check_model(topo: Topology, fp: Footprint) -> Check:
     return Check("model_fits_ram", Status.PASS, f"{fp.path}: {what}; {_gib(avail)} RAM available")
 
 
-def run_checks(topo: Topology, model_dir: str | Path | None = None) -> list[Check]:
-    """Every machine check, then the model check when a folder is given (raises BadInput for a non-model folder)."""
+def run_checks(topo: Topology, model_dir: str | Path | None = None, plan: dict[str, Any] | None = None) -> list[Check]:
+    """Every machine check, then the model check when a folder is given (raises BadInput for a non-model folder),
+    then the plan's per-node memory against what each node has free."""
     out = [check_isa(topo), check_numa_balancing(topo), check_thp(topo), check_node_memory(topo)]
+    out += check_memory_only_nodes(topo) + check_offline_cpus(topo) + check_hybrid_cores(topo)
     out += check_gpus(topo)
     out.append(check_vllm(topo))
     if model_dir is not None:
         out.append(check_model(topo, read_footprint(model_dir)))
+    if plan is not None:
+        out += check_plan_nodes_free(topo, plan)
     return out
 
 

@@ -106,7 +106,7 @@ class Topology:
     gpu_note: str | None = None
     memory_nodes: tuple[MemoryNode, ...] = ()
     offline_cpus: tuple[int, ...] = ()  # present in the machine (`possible`) but not online
-    hybrid: bool = False  # cpuinfo's `hybrid` flag or /sys/devices/cpu_atom: P- and E-cores
+    hybrid: bool = False  # cpuinfo's `hybrid_cpu` flag or /sys/devices/cpu_atom: P- and E-cores
 
     @property
     def cores(self) -> int:
@@ -345,9 +345,8 @@ def _efficiency_cpus(sysfs: Path) -> tuple[set[int], bool]:
 
 
 def _offline_cpus(sysfs: Path, online: tuple[int, ...]) -> tuple[int, ...]:
-    """cpus the kernel could run (`possible`, else `present`) that are not online."""
-    cpu_dir = sysfs / "devices/system/cpu"
-    text = _read(cpu_dir / "present") or _read(cpu_dir / "possible")
+    """cpus present in the machine that are not online (`possible` would also count empty hotplug slots)."""
+    text = _read(sysfs / "devices/system/cpu/present")
     return tuple(c for c in parse_cpulist(text) if c not in set(online)) if text else ()
 
 
@@ -383,7 +382,7 @@ def split_virtual(nodes: list[NumaNode], n: int, first: dict[int, int]) -> tuple
 
 
 def _cpuinfo(procfs: Path) -> tuple[str, dict[str, bool], bool]:
-    """CPU model name, ISA flags and the `hybrid` flag (P/E cores) from the first processor block of /proc/cpuinfo
+    """CPU model name, ISA flags and the `hybrid_cpu` flag (P/E cores) from the first processor block of /proc/cpuinfo
     (non-x86: all False)."""
     text = _read(procfs / "cpuinfo") or ""
     model, flags = None, None
@@ -397,7 +396,7 @@ def _cpuinfo(procfs: Path) -> tuple[str, dict[str, bool], bool]:
         if model is not None and flags is not None:
             break
     flags = flags or set()
-    return model or platform.processor() or "unknown", {k: k in flags for k in ISA_FLAGS}, "hybrid" in flags
+    return model or platform.processor() or "unknown", {k: k in flags for k in ISA_FLAGS}, "hybrid_cpu" in flags
 
 
 def _l3_bytes(sysfs: Path) -> int | None:

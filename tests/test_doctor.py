@@ -239,3 +239,72 @@ def test_bench_on_a_cpu_outside_the_affinity_mask_is_a_clear_error():
     bad = max(os.sched_getaffinity(0)) + 1000
     with pytest.raises(LvllmError, match=f"could not start on cpus 0,{bad}"):
         read_bandwidth([0, bad], 8 << 20, 0.05)
+
+
+def test_cxl_node_is_listed_and_does_not_confuse_the_memory_check():
+    """A memory-only (CXL) node: listed as such, its RAM counted with the rest (no 'nodes do not see all RAM'
+    warning); numa_balancing=2 (tiering) warns as 1 does."""
+    p = run("doctor", "--json", *tree("xeon_cxl"))
+    report = json.loads(p.stdout)
+    checks = by_name(report)
+    assert checks["memory_only_nodes"]["status"] == "PASS" and "node 1" in checks["memory_only_nodes"]["message"]
+    assert checks["node_memory"]["status"] == "PASS", checks["node_memory"]
+    assert checks["numa_balancing"]["status"] == "WARN" and "tiering" in checks["numa_balancing"]["message"]
+    assert checks["numa_balancing"]["fix"] == "sudo sysctl -w kernel.numa_balancing=0"
+    assert [m["id"] for m in report["topology"]["memory_nodes"]] == [1]
+    assert "memory only" in run("doctor", *tree("xeon_cxl")).stdout
+
+
+def test_offline_cpus_warn_with_the_command_that_brings_them_back():
+    checks = by_name(json.loads(run("doctor", "--json", *tree("ryzen_smt")).stdout))
+    assert checks["offline_cpus"]["status"] == "WARN" and "31" in checks["offline_cpus"]["message"]
+    assert "cpu31/online" in checks["offline_cpus"]["fix"]
+    assert "offline_cpus" not in by_name(json.loads(run("doctor", "--json", *tree("xeon_2s")).stdout))
+
+
+def test_low_free_memory_on_a_node_the_plan_uses(tmp_path):
+    """xeon_cxl's node 0 has 5.9 GiB free: a plan putting 20 GiB there warns and names the node; one putting 2 GiB
+    passes."""
+    from lvllm_runtime.plan import PLAN_VERSION
+
+    def plan_with(need_gib: int) -> Path:
+        path = tmp_path / f"plan{need_gib}.json"
+        path.write_text(json.dumps({
+            "plan_version": PLAN_VERSION,
+            "store": {"path": "", "weight_format": "int4", "group_size": 128, "numa_nodes": 1},
+            "runtime": {"nodes": [{"node": 0, "numa_node": 0, "cpus": [0, 1], "threads": 2}]},
+            "memory": {"nodes": [{"node": 0, "need": need_gib << 30}]}}))
+        return path
+
+    checks = by_name(json.loads(run("doctor", "--json", "--plan", str(plan_with(20)), *tree("xeon_cxl")).stdout))
+    c = checks["node0_free_memory"]
+    assert c["status"] == "WARN" and "20.0 GiB on NUMA node 0" in c["message"] and "drop_caches" in c["fix"]
+    ok = by_name(json.loads(run("doctor", "--json", "--plan", str(plan_with(2)), *tree("xeon_cxl")).stdout))
+    assert ok["plan_nodes_free_memory"]["status"] == "PASS" and "node0_free_memory" not in ok
+
+
+def test_bad_plan_file_for_doctor_is_one_line(tmp_path):
+    bad = tmp_path / "plan.json"
+    bad.write_bytes(b"\xff\xfe\x00")
+    p = run("doctor", "--plan", str(bad), *tree("xeon_2s"))
+    assert p.returncode == 1
+    one_error_line(p, "not valid JSON")
+
+
+def test_hybrid_cpu_p_and_e_cores_and_the_plan_on_p_cores(tmp_path):
+    """Core Ultra: the doctor tells P- from E-cores and `lvllm plan` on its JSON pins the engine to P-cores only."""
+    p = run("doctor", "--json", *tree("core_ultra"))
+    c = by_name(json.loads(p.stdout))["hybrid_cores"]
+    assert c["status"] == "PASS" and "6 P-cores" in c["message"] and "10 E-cores" in c["message"]
+    hw = tmp_path / "hw.json"
+    hw.write_text(p.stdout)
+    plan = json.loads(run("plan", "--recipe", "Qwen3-Coder-30B-A3B-Instruct", "--hardware", str(hw), "--json",
+                          "--max-model-len", "4096").stdout)
+    assert [n["cpus"] for n in plan["runtime"]["nodes"]] == [[0, 2, 4, 6, 8, 10]]
+
+
+def test_hybrid_flag_without_the_hybrid_pmu_warns():
+    t = T.probe(FIXTURES / "core_ultra" / "sys", FIXTURES / "core_ultra" / "proc", gpus=False)
+    t = replace(t, nodes=tuple(replace(n, efficiency_cores=()) for n in t.nodes))
+    (c,) = C.check_hybrid_cores(t)
+    assert c.status is C.Status.WARN and "taskset" in c.fix

@@ -221,3 +221,29 @@ def test_import_and_probe_stay_light():
     )
     env = {k: v for k, v in os.environ.items() if k != "LVLLM_VIRTUAL_NUMA"}
     subprocess.run([sys.executable, "-c", code], check=True, env=env)
+
+
+def test_cxl_memory_only_node_is_listed_not_dropped():
+    t = fixture("xeon_cxl")
+    (node,) = t.nodes
+    assert node.id == 0 and node.cores == tuple(range(8)) and node.mem_free == 6_144_000 * KB
+    assert t.memory_nodes == (T.MemoryNode(1, 262_144_000 * KB, 261_000_000 * KB),)
+    assert t.numa_balancing == 2
+    assert T.Topology.from_dict(t.to_dict()).memory_nodes == t.memory_nodes
+
+
+def test_hybrid_p_and_e_cores_from_the_hybrid_pmu():
+    t = fixture("core_ultra")
+    (node,) = t.nodes
+    assert t.hybrid
+    assert node.cores == (0, 2, 4, 6, 8, 10, *range(12, 22))  # P-cores have SMT siblings, E-cores none
+    assert node.efficiency_cores == tuple(range(12, 22))
+    assert node.performance_cores == (0, 2, 4, 6, 8, 10)
+    assert T.Topology.from_dict(t.to_dict()).nodes == t.nodes
+
+
+def test_offline_cpus_and_sockets():
+    assert fixture("ryzen_smt").offline_cpus == (31,)
+    assert fixture("xeon_2s").offline_cpus == ()
+    assert [n.package for n in fixture("xeon_2s").nodes] == [0, 1]
+    assert [n.package for n in fixture("epyc_nps4").nodes] == [0] * 4 + [1] * 4
