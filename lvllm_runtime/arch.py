@@ -411,3 +411,27 @@ def resolve(config: dict) -> MoEModel:
         **parsed,
         **names,
     )
+
+
+def check_served_layer(model_type: str, store: Any, num_experts: int, hidden_size: int, intermediate_size: int,
+                       gated: bool) -> None:
+    """Raise UnsupportedArchitecture, one line naming the family and the fix, unless `model_type` (the served
+    model's config) is a family in this table and its routed-expert layer (what vLLM built: E, H, I, gated) has the
+    layout of `store` (a StoreManifest or MoEModel: num_experts, hidden_size, intermediate_size, gated). The plugin
+    calls it at the first MoE layer, before any weight is read."""
+    if model_type not in _FAMILIES:
+        raise UnsupportedArchitecture(
+            f"model_type {model_type!r} is not an MoE family lvllm knows (known: {', '.join(supported())})",
+            "serve it with stock vLLM (no --plan), or add its row to lvllm_runtime/arch.py",
+        )
+    fix = "quantize this model again into a new store (`lvllm quantize MODEL --out STORE`) and make a new plan"
+    if gated != store.gated:
+        have, want = ("gate and up", "up only") if store.gated else ("up only", "gate and up")
+        raise UnsupportedArchitecture(
+            f"{model_type}: the expert store holds {have} rows per expert, the served model's experts have {want}", fix)
+    served = dict(E=num_experts, H=hidden_size, I=intermediate_size)
+    stored = dict(E=store.num_experts, H=store.hidden_size, I=store.intermediate_size)
+    if served != stored:
+        diff = ", ".join(f"{k}={served[k]} (store {stored[k]})" for k in served if served[k] != stored[k])
+        raise UnsupportedArchitecture(f"{model_type}: the served model's routed experts differ from the store: {diff}",
+                                      fix)

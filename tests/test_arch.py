@@ -221,3 +221,32 @@ def test_hub_style_configs():
         "topk_group": 1, "routed_scaling_factor": 2.827}})
     assert kimi.moe_layers == tuple(range(1, 61)) and kimi.routing.routed_scaling_factor == 2.827
     assert kimi.expert_names(60, 383)["gate"] == "language_model.model.layers.60.mlp.experts.383.gate_proj"
+
+
+def _qwen3_moe():
+    return arch.resolve(dict(model_type="qwen3_moe", num_hidden_layers=2, num_experts=8, num_experts_per_tok=2,
+                             hidden_size=128, moe_intermediate_size=64))
+
+
+def test_served_layer_with_the_store_layout_passes():
+    arch.check_served_layer("qwen3_moe", _qwen3_moe(), 8, 128, 64, True)
+
+
+@pytest.mark.parametrize("served,words", [
+    (dict(num_experts=16), "qwen3_moe: the served model's routed experts differ from the store: E=16 (store 8)"),
+    (dict(intermediate_size=32), "I=32 (store 64)"),
+    (dict(gated=False), "qwen3_moe: the expert store holds gate and up rows per expert, the served model's experts "
+                        "have up only"),
+])
+def test_served_layer_unlike_the_store_is_one_line_naming_family_and_fix(served, words):
+    layer = {**dict(num_experts=8, hidden_size=128, intermediate_size=64, gated=True), **served}
+    with pytest.raises(UnsupportedArchitecture) as e:
+        arch.check_served_layer("qwen3_moe", _qwen3_moe(), **layer)
+    assert words in e.value.message and "\n" not in str(e.value)
+    assert "lvllm quantize" in e.value.fix
+
+
+def test_served_layer_of_an_unknown_family_names_it_and_the_fix():
+    with pytest.raises(UnsupportedArchitecture, match="'llama4' is not an MoE family lvllm knows") as e:
+        arch.check_served_layer("llama4", _qwen3_moe(), 8, 128, 64, True)
+    assert "stock vLLM" in e.value.fix
