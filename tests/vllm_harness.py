@@ -22,6 +22,9 @@ import pytest
 
 PROMPTS = ["Hello world, this is", "The quick brown", "def main():", "Once upon a time"]
 MAX_TOKENS = 32
+# Teacher forcing: each prompt followed by this fixed text, cut to FORCED_TOKENS; every engine scores the same ids.
+FORCED_TEXT = " the model reads a fixed text, one token after another, and says what comes next at every position."
+FORCED_TOKENS = 40
 # vLLM's CPU MLA decode kernel takes only head 576 (kv_lora_rank + rope) and reads the correction bias only with
 # topk_method noaux_tc, as real DeepSeek-V3 configs say; the zoo's default tiny sizes are smaller.
 DEEPSEEK_FOR_VLLM_CPU = dict(topk_method="noaux_tc", scoring_func="sigmoid", kv_lora_rank=512, qk_rope_head_dim=64,
@@ -79,6 +82,10 @@ def worker(jobs_path: str, out_path: str) -> None:
         if job.get("no_plugins"):
             os.environ["VLLM_PLUGINS"] = "none-at-all"
         extra = {"additional_config": {"lvllm_plan": job["plan"]}} if job.get("plan") is not None else {}
+        if job.get("teacher_forced"):
+            extra["logprobs_mode"] = "raw_logits"
+        if job.get("hf_overrides"):
+            extra["hf_overrides"] = job["hf_overrides"]
         try:
             llm = LLM(job["model"], dtype=job.get("dtype", "float32"), enforce_eager=True, max_model_len=256,
                       max_num_seqs=4, seed=0, max_logprobs=-1, tensor_parallel_size=job.get("tp", 1), **extra)
@@ -89,6 +96,12 @@ def worker(jobs_path: str, out_path: str) -> None:
             if job.get("no_plugins"):  # the next LLM loads the general plugins (lvllm) through the entry point
                 del os.environ["VLLM_PLUGINS"]
                 vllm.plugins.plugins_loaded = False
+        if job.get("teacher_forced"):
+            results[job["name"]] = {"forced_logits": forced_logits(llm), "info": llm.apply_model(info_by_name)[0],
+                                    "seconds": time.monotonic() - t0}
+            del llm
+            gc.collect()
+            continue
         greedy = llm.generate(PROMPTS, SamplingParams(temperature=0, max_tokens=MAX_TOKENS, logprobs=2),
                               use_tqdm=False)
         vocab = llm.llm_engine.model_config.get_vocab_size()
@@ -106,6 +119,54 @@ def worker(jobs_path: str, out_path: str) -> None:
         del llm
         gc.collect()
     Path(out_path).write_text(json.dumps(results))
+
+
+def forced_sequences(tokenizer) -> list[list[int]]:
+    """The fixed token sequences teacher-forced runs score: each prompt + FORCED_TEXT, FORCED_TOKENS ids."""
+    return [tokenizer.encode(p + FORCED_TEXT)[:FORCED_TOKENS] for p in PROMPTS]
+
+
+def forced_logits(llm) -> list[list[list[float]]]:
+    """[prompt][position][V] raw next-token logits (an LLM built with logprobs_mode="raw_logits") after every prefix
+    of each forced sequence (from the first token on): one 1-token request per prefix, all in one batch."""
+    from vllm import SamplingParams, TokensPrompt
+
+    vocab = llm.llm_engine.model_config.get_vocab_size()
+    seqs = forced_sequences(llm.get_tokenizer())
+    prefixes = [TokensPrompt(prompt_token_ids=s[:n]) for s in seqs for n in range(1, len(s))]
+    outs = llm.generate(prefixes, SamplingParams(temperature=0, max_tokens=1, logprobs=vocab), use_tqdm=False)
+    rows = [[o.outputs[0].logprobs[0][i].logprob for i in range(vocab)] for o in outs]
+    starts = [0]
+    for s in seqs:
+        starts.append(starts[-1] + len(s) - 1)
+    return [rows[a:b] for a, b in zip(starts, starts[1:])]
+
+
+def bf16_step(x: float) -> float:
+    """The spacing of bfloat16 numbers (8 significant bits) at magnitude |x|."""
+    import math
+
+    return 2.0 ** (math.floor(math.log2(abs(x))) - 7) if x else 2.0 ** -133
+
+
+def teacher_forced_gap(stock: dict, lv: dict) -> dict:
+    """Compare two teacher-forced runs position by position: the largest KL(stock || lv) of the next-token
+    distributions, and the positions where the top-1 token differs although stock's top-2 logit gap exceeds one bf16
+    step at its top logit (a gap that rounding of the logits themselves cannot close)."""
+    import torch
+
+    worst_kl, clear_misses, clear = 0.0, [], 0
+    for p, (a_rows, b_rows) in enumerate(zip(stock["forced_logits"], lv["forced_logits"])):
+        a, b = torch.tensor(a_rows, dtype=torch.float64), torch.tensor(b_rows, dtype=torch.float64)
+        a_log, b_log = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+        worst_kl = max(worst_kl, float((a_log.exp() * (a_log - b_log)).sum(-1).max()))
+        top2 = a.topk(2, dim=-1).values
+        for i in range(len(a)):
+            if top2[i, 0] - top2[i, 1] > bf16_step(float(top2[i, 0])):
+                clear += 1
+                if int(a[i].argmax()) != int(b[i].argmax()):
+                    clear_misses.append((p, i, float(top2[i, 0] - top2[i, 1])))
+    return {"max_kl": worst_kl, "clear_positions": clear, "clear_top1_misses": clear_misses}
 
 
 def run_jobs(where: Path, jobs: list[dict], script: str = __file__, timeout: int = 1200, **env: str) -> dict:
