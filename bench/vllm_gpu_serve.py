@@ -324,6 +324,30 @@ def itl_during_prefill(base: str, model: str, long_len: int) -> dict:
     return out
 
 
+def session_memory(sid: int) -> dict:
+    """Resident host memory (GiB: total, anonymous, file-backed) of every process in session `sid` (the server and its
+    engine processes), and the GPU memory nvidia-smi gives their pids."""
+    pids, rss = [], {"rss": 0, "anon": 0, "file": 0}
+    for d in Path("/proc").iterdir():
+        try:
+            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
+                pids.append(int(d.name))
+                st = dict(ln.split(":", 1) for ln in (d / "status").read_text().splitlines() if ":" in ln)
+                for key, field in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile")):
+                    rss[key] += int(st.get(field, "0 kB").split()[0]) * 1024
+        except (OSError, ValueError, IndexError):
+            continue
+    out = {f"host_{k}_gib": round(v / 2**30, 2) for k, v in rss.items()}
+    try:
+        q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                           capture_output=True, text=True, timeout=20).stdout
+        out["gpu_gib"] = round(sum(int(b) for a, b in (ln.split(",") for ln in q.splitlines() if ln.strip())
+                                   if int(a) in pids) / 1024, 2)
+    except (OSError, ValueError, subprocess.TimeoutExpired):
+        pass
+    return out
+
+
 def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: float) -> dict:
     plan_name, extra = RUNS[name]
     fmt = PLANS[plan_name][0] if plan_name else None
@@ -357,7 +381,9 @@ def serve(name: str, work: Path, logs: Path, port: int, info: dict, deadline: fl
         res["ready_s"] = round(time.time() - t, 1)
         served = models["data"][0]["id"]
         log(name, "ready in", res["ready_s"], "s as", served)
+        res["memory_ready"] = session_memory(proc.pid)
         res.update(measure(base, served, deadline - 30))
+        res["memory_after"] = session_memory(proc.pid)
     except Exception as e:
         res["error"] = repr(e)[:800]
     finally:

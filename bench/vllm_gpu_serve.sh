@@ -14,7 +14,7 @@
 # CMake + nanobind (as bench/gpu_hybrid.py's run did), install lvllm from this checkout (dist-info with the
 # `vllm.general_plugins` entry point and the `lvllm` script; the package itself stays importable from the checkout),
 # then bench/vllm_gpu_serve.py: zoo checkpoint at Qwen3-30B-A3B shapes, INT4 + BF16 stores, plans, servers (RUNS),
-# measurements. Steps already done on a still-warm box are skipped. $OUT: vllm_gpu_serve.json, install.log,
+# measurements (SERVE_ARGS adds vllm_gpu_serve.py arguments, e.g. --from-store). Steps already done on a still-warm box are skipped. $OUT: vllm_gpu_serve.json, install.log,
 # serve.log, logs.tgz (every server's full log).
 set -uo pipefail
 OUT=${OUT:-/tmp/out}; W=/tmp/vgs; mkdir -p "$OUT" /tmp/parts /tmp/site /tmp/bin "$W"
@@ -51,6 +51,6 @@ echo "install_s=$(( $(date +%s) - t0 ))"
 } 2>&1 | tee "$OUT/install.log"
 [ "${PIPESTATUS[0]}" = 0 ] || exit 1
 python3 bench/vllm_gpu_serve.py --work $W --out "$OUT" --layers "$LAYERS" --runs "$RUNS" \
-    --seconds $(( SECONDS_BUDGET - ($(date +%s) - t0) )) 2>&1 | tee "$OUT/serve.log"
+    --seconds $(( SECONDS_BUDGET - ($(date +%s) - t0) )) ${SERVE_ARGS:-} 2>&1 | tee "$OUT/serve.log"
 tar -czf "$OUT/logs.tgz" -C "$W" logs build.log 2>/dev/null
 echo "total_s=$(( $(date +%s) - t0 ))"
