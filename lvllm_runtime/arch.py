@@ -414,10 +414,11 @@ def resolve(config: dict) -> MoEModel:
 
 
 def check_served_layer(model_type: str, store: Any, num_experts: int, hidden_size: int, intermediate_size: int,
-                       gated: bool) -> None:
+                       gated: bool, has_bias: bool = False) -> None:
     """Raise UnsupportedArchitecture, one line naming the family and the fix, unless `model_type` (the served
     model's config) is a family in this table and its routed-expert layer (what vLLM built: E, H, I, gated) has the
-    layout of `store` (a StoreManifest or MoEModel: num_experts, hidden_size, intermediate_size, gated). The plugin
+    layout of `store` (a StoreManifest or MoEModel: num_experts, hidden_size, intermediate_size, gated, and
+    expert_bias where it has one). The plugin
     calls it at the first MoE layer, before any weight is read."""
     if model_type not in _FAMILIES:
         raise UnsupportedArchitecture(
@@ -435,3 +436,8 @@ def check_served_layer(model_type: str, store: Any, num_experts: int, hidden_siz
         diff = ", ".join(f"{k}={served[k]} (store {stored[k]})" for k in served if served[k] != stored[k])
         raise UnsupportedArchitecture(f"{model_type}: the served model's routed experts differ from the store: {diff}",
                                       fix)
+    stored_bias = bool(getattr(store, "expert_bias", False))
+    if has_bias != stored_bias:
+        raise UnsupportedArchitecture(
+            f"{model_type}: the served model's routed experts have {'' if has_bias else 'no '}biases, the expert store "
+            f"has {'none' if has_bias else 'some'}", fix)

@@ -68,18 +68,6 @@ def store_matches_plan(plan: RuntimePlan, m: StoreManifest, model_dir: str | Pat
     return True, ""
 
 
-def store_matches_model(m: StoreManifest, num_experts: int, hidden: int, intermediate: int, has_bias: bool
-                        ) -> Support:
-    """The model being built has the store's expert layout."""
-    if (num_experts, hidden, intermediate) != (m.num_experts, m.hidden_size, m.intermediate_size):
-        return False, (f"expert store shapes (E={m.num_experts}, H={m.hidden_size}, I={m.intermediate_size}) differ "
-                       f"from the model's (E={num_experts}, H={hidden}, I={intermediate})")
-    if has_bias != m.expert_bias:
-        return False, (f"the model's routed experts have {'' if has_bias else 'no '}biases, the expert store has "
-                       f"{'none' if has_bias else 'some'}")
-    return True, ""
-
-
 def decode_steps_supported(p: Placement) -> Support:
     """Graph-safe engine steps need CUDA (a host-callback node) and batch sizes to build them for."""
     if not p.on_cuda:

