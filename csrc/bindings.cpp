@@ -220,7 +220,22 @@ NB_MODULE(_cpu, m) {
         .def_prop_ro("isa", [](const Engine& e) { return std::string(e.isa()); })
         .def_prop_ro("pin_failures", &Engine::pin_failures)
         .def_prop_ro("int8_activations_max_tokens", &Engine::int8_activations_max_tokens)
+        .def_prop_ro("kernel_note", [](const Engine& e) { return e.kernel_note(); })
         .def("has_layer", &Engine::has_layer)
+        .def("last_paths",
+             [](Engine& e) {
+                 uint32_t p;
+                 {
+                     nb::gil_scoped_release nogil;
+                     p = e.last_paths();
+                 }
+                 static const char* const names[] = {"int4_fp32_act", "int4_q8_gemv", "int4_q8_gemm", "bf16"};
+                 std::vector<std::string> out;
+                 for (int i = 0; i < 4; ++i)
+                     if (p & (1u << i)) out.emplace_back(names[i]);
+                 return out;
+             },
+             "Names of the kernel paths the last forward called (KernelPath in kernels.h).")
         .def("last_trace",
              [](Engine& e) {
                  nb::gil_scoped_release nogil;

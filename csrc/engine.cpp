@@ -87,8 +87,9 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     if ((cfg.act == Act::Relu2) == cfg.gated)
         bad(cfg.gated ? "activation relu2 has no gate: pass gated=False" : "this activation needs a gate: pass gated=True");
     if (cfg.int4) {
-        if (cfg.group != 32 && cfg.group != 64 && cfg.group != 128)
-            bad("group_size=" + str(cfg.group) + " is not one of 32, 64, 128");
+        if (cfg.group <= 0 || cfg.group % 8)
+            bad("group_size=" + str(cfg.group) + " is not a positive multiple of 8 (the packed int32 words hold 8 "
+                "columns); requantize with group_size 32, 64 or 128");
         if (H % cfg.group || In % cfg.group)
             bad("hidden_size=" + str(H) + " and per-node intermediate_size=" + str(In) +
                 " must both be divisible by group_size=" + str(cfg.group));
@@ -111,6 +112,12 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
             for (const auto& n : available_isas()) names += (names.empty() ? "" : ", ") + n;
             bad("kernel table '" + cfg.isa + "' is not available on this CPU/build; available: " + names);
         }
+    }
+    if (cfg.int4 && cfg.group % kInt4Block && kt_ != &kernels_ref()) {  // every SIMD INT4 kernel steps whole 32-column blocks per group
+        note_ = "INT4 group_size=" + str(cfg.group) + " is not a multiple of 32, which the '" + kt_->name +
+                "' kernels tile: using the portable 'ref' kernels (much slower); requantize the store with group_size "
+                "32, 64 or 128 for speed";
+        kt_ = &kernels_ref();
     }
     if (cfg.spin_us < 0 || cfg.spin_us > 1000000) bad("spin_us=" + str(cfg.spin_us) + " must be in [0, 1000000]");
     const int nn = static_cast<int>(cfg.nodes.size());
@@ -338,6 +345,22 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
     return "";
 }
 
+void Engine::int4_call(const Int4Mat& m, int r0, int r1, int s0, int n, const int8_t* const* xq, const float* const* x,
+                       const uint16_t* xb, int64_t ldxb, float* y, int ldy, int gtid) {
+    KernelPath p = KernelPath::Int4Fp32Act;
+    if (!q8_call(n)) {
+        kt_->int4_rows(m, r0, r1, x + s0, n, y, ldy, xb, ldxb);
+    } else if (kt_->int4_q8_gemm && n >= kt_->int4_q8_gemm_min_tokens && r0 % kInt4Rows == 0 &&
+               (r1 - r0) % kt_->int4_q8_gemm_rows == 0) {
+        kt_->int4_q8_gemm(m, r0, r1, xq + s0, n, y, ldy);
+        p = KernelPath::Int4Q8Gemm;
+    } else {
+        kt_->int4_q8_rows(m, r0, r1, xq + s0, n, y, ldy);
+        p = KernelPath::Int4Q8Gemv;
+    }
+    trace_[gtid].paths |= 1u << int(p);
+}
+
 void Engine::phase_a(int node, int gtid) {
     const NodeWeights& W = cur_layer_->nodes[node];
     const int In = static_cast<int>(cfg_.intermediate);
@@ -351,9 +374,9 @@ void Engine::phase_a(int node, int gtid) {
     uint16_t* hsb = wb ? hsb_[node].data() : nullptr;
     const int64_t hr = q8_row_bytes(In);
     auto rows = [&](int e, int r0, int r1, int s0, const uint16_t* xb, int n, float* y) {
-        if (!cfg_.int4) kt_->bf16_rows(bmat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
-        else if (q8_call(n)) kt_->int4_q8_rows(mat13(W, e), r0, r1, xqptr_.data() + s0, n, y, kRowsA);
-        else kt_->int4_rows(mat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
+        if (cfg_.int4) return int4_call(mat13(W, e), r0, r1, s0, n, xqptr_.data(), xptr_.data(), xb, H, y, kRowsA, gtid);
+        kt_->bf16_rows(bmat13(W, e), r0, r1, xptr_.data() + s0, n, y, kRowsA, xb, H);
+        trace_[gtid].paths |= 1u << int(KernelPath::Bf16);
     };
     // One item ahead: the next item is taken (and its gate rows prefetched) before this one is computed.
     for (int it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed), next; it < items; it = next) {
@@ -412,9 +435,13 @@ void Engine::phase_b(int node, int gtid) {
                 const int n = std::min(kTokBlock, cnt - t0);
                 const float* const* hs = hptr_[node].data() + off + t0;
                 const uint16_t* hb = rows_ ? hsb_[node].data() + int64_t(off + t0) * In : nullptr;
-                if (!cfg_.int4) kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
-                else if (q8_call(n)) kt_->int4_q8_rows(mat2(W, e), h0, h1, hqptr_[node].data() + off + t0, n, tmp, kRowsB);
-                else kt_->int4_rows(mat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                if (cfg_.int4) {
+                    int4_call(mat2(W, e), h0, h1, off + t0, n, hqptr_[node].data(), hptr_[node].data(), hb, In, tmp,
+                              kRowsB, gtid);
+                } else {
+                    kt_->bf16_rows(bmat2(W, e), h0, h1, hs, n, tmp, kRowsB, hb, In);
+                    trace_[gtid].paths |= 1u << int(KernelPath::Bf16);
+                }
                 const float* b2 = W.b2.as<float>() ? W.b2.as<float>() + int64_t(e) * H + h0 : nullptr;
                 for (int t = 0; t < n; ++t) {
                     const int s = off + t0 + t;
@@ -435,6 +462,7 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     Engine* self = static_cast<Engine*>(ctx);
     int64_t* tr = self->trace_[gtid].t;
     tr[0] = now_ns();
+    self->trace_[gtid].paths = 0;
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
@@ -494,6 +522,14 @@ std::vector<int64_t> Engine::last_trace() {
         for (int i = 0; i < kTracePoints; ++i) out.push_back(r.t[i] - t0);
     out.push_back(t0 - submit_ns_);
     return out;
+}
+
+uint32_t Engine::last_paths() {
+    std::lock_guard<std::mutex> g(api_mu_);
+    pool_->wait();
+    uint32_t p = 0;
+    for (const TraceRow& r : trace_) p |= r.paths;
+    return p;
 }
 
 // ---- read bandwidth -----------------------------------------------------------------------------------------------

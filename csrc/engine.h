@@ -73,6 +73,8 @@ public:
 
     const EngineConfig& config() const { return cfg_; }
     const char* isa() const { return kt_->name; }
+    // Why the engine runs slower kernels than this CPU has ("" when it does not): for the caller's log, once.
+    const std::string& kernel_note() const { return note_; }
     int rows13() const { return cfg_.gated ? 2 * static_cast<int>(cfg_.intermediate) : static_cast<int>(cfg_.intermediate); }
     int pin_failures() const { return pool_->pin_failures(); }
     // INT4 calls of up to this many tokens per expert multiply int8 activations (0: none do; kernels.h).
@@ -112,6 +114,8 @@ public:
     // Empty before the first forward.
     static constexpr int kTracePoints = 7;
     std::vector<int64_t> last_trace();
+    // KernelPath bits of the kernels the last forward called (0 before the first).
+    uint32_t last_paths();
 
     // Read bandwidth (GB/s) of this engine's own pinned threads over node-local buffers of `bytes_per_node`
     // (first touched by each node's threads), best of `reps` passes: the roofline the forward is measured against.
@@ -146,6 +150,9 @@ private:
     template <class T> static void grow(std::vector<T>& v, size_t n) { if (v.size() < n) v.resize(n); }
     // INT4 kernel calls of n tokens take the int8-activation kernel in this forward (see KernelTable::int4_q8_rows).
     bool q8_call(int n) const { return q8_ && n <= kt_->int4_q8_max_tokens; }
+    // One INT4 kernel call of n tokens: int8 GEMM, int8 GEMV or fp32 activations, as the table and the call allow.
+    void int4_call(const Int4Mat& m, int r0, int r1, int s0, int n, const int8_t* const* xq, const float* const* x,
+                   const uint16_t* xb, int64_t ldxb, float* y, int ldy, int gtid);
     Int4Mat mat13(const NodeWeights& w, int e) const;
     Int4Mat mat2(const NodeWeights& w, int e) const;
     Bf16Mat bmat13(const NodeWeights& w, int e) const;
@@ -153,6 +160,7 @@ private:
 
     EngineConfig cfg_;
     const KernelTable* kt_;
+    std::string note_;
     std::mutex api_mu_;  // submit/wait/load_layer/read_bandwidth from several host threads take turns
     std::unique_ptr<ThreadPool> pool_;
     std::map<int, Layer> layers_;
@@ -185,7 +193,10 @@ private:
     std::vector<Cursor> cur_a_, cur_b_;
     Cursor cur_0_, cur_c_;
     std::vector<int> eslot_;  // routing scratch
-    struct alignas(64) TraceRow { int64_t t[kTracePoints] = {}; };
+    struct alignas(64) TraceRow {
+        int64_t t[kTracePoints] = {};
+        uint32_t paths = 0;  // KernelPath bits this thread called
+    };
     std::vector<TraceRow> trace_;  // per thread, now_ns() at each point of the last forward
     int64_t submit_ns_ = 0;
     bool traced_ = false;

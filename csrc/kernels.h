@@ -69,15 +69,26 @@ struct KernelTable {
     void (*int4_q8_rows)(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) = nullptr;
     void (*quantize_q8)(const float* x, int64_t K, int64_t b0, int64_t b1, int8_t* rec) = nullptr;
     int int4_q8_max_tokens = 0;
+    // INT4 x int8 GEMM for prefill (null: none), same contract as int4_q8_rows; the engine calls it instead for calls
+    // of at least int4_q8_gemm_min_tokens tokens whose rows [r0, r1) start on a 4-row group and span a multiple of
+    // int4_q8_gemm_rows (every engine chunk does; see KernelPath for how a test sees which one ran).
+    void (*int4_q8_gemm)(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) = nullptr;
+    int int4_q8_gemm_rows = 16;
+    int int4_q8_gemm_min_tokens = 4;
 };
+
+// Which kernels a forward called (bit set per KernelPath, Engine::last_paths): lets a test see the path it checks.
+enum class KernelPath : int { Int4Fp32Act = 0, Int4Q8Gemv = 1, Int4Q8Gemm = 2, Bf16 = 3 };
 
 const KernelTable& kernels_ref();
 // Each returns nullptr when the file was built without its ISA (the CPU check is the caller's).
 const KernelTable* kernels_avx2();
 const KernelTable* kernels_avx512();
 const KernelTable* kernels_amx();
-// The VPDPBUSD INT4 x int8 kernel (moe_avx512vnni.cpp); only for CPUs with AVX512-VNNI.
+// The VPDPBUSD INT4 x int8 kernels (moe_avx512vnni.cpp): GEMV and prefill GEMM; only for CPUs with AVX512-VNNI.
 void int4_q8_rows_avx512vnni(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy);
+void int4_q8_gemm_avx512vnni(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy);
+constexpr int kInt4Q8GemmRowsAvx512 = 16;
 
 // Where row r's first block starts; its block B is kInt4BlockStride * B further.
 inline const uint8_t* int4_row(const Int4Mat& m, int64_t r) {

@@ -2,6 +2,7 @@
 #include <immintrin.h>
 
 #include "kernels_q8.h"
+#include "kernels_q8_gemm.h"
 #include "kernels_simd.h"
 
 namespace lvllm {
@@ -55,11 +56,40 @@ struct Maddubs {
     static __m256i dot(__m256i w, __m256i x) { return _mm256_madd_epi16(_mm256_maddubs_epi16(w, x), _mm256_set1_epi16(1)); }
 };
 
+// The prefill GEMM's lanes (kernels_q8_gemm.h): 8 rows per ymm, a vector of rows = half a 4-row group's line.
+struct MaddubsGemm {
+    using V = __m256i;
+    using F = __m256;
+    static constexpr int kLanes = 2, kRows = 8, kTokens = 4;
+    static V load_rows(const Int4Mat& m, int64_t r, int64_t b) {
+        return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(int4_row(m, r) + b * kInt4BlockStride));
+    }
+    static V unpacklo32(V a, V b) { return _mm256_unpacklo_epi32(a, b); }
+    static V unpackhi32(V a, V b) { return _mm256_unpackhi_epi32(a, b); }
+    static V unpacklo64(V a, V b) { return _mm256_unpacklo_epi64(a, b); }
+    static V unpackhi64(V a, V b) { return _mm256_unpackhi_epi64(a, b); }
+    static V low_nibbles(V v) { return _mm256_and_si256(v, _mm256_set1_epi8(0x0F)); }
+    static V high_nibbles(V v) { return _mm256_and_si256(_mm256_srli_epi16(v, 4), _mm256_set1_epi8(0x0F)); }
+    static V zero() { return _mm256_setzero_si256(); }
+    static V set1(int32_t v) { return _mm256_set1_epi32(v); }
+    static V dot(V acc, V w, V x) { return _mm256_add_epi32(acc, Maddubs::dot(w, x)); }
+    static F fzero() { return _mm256_setzero_ps(); }
+    static F fset1(float f) { return _mm256_set1_ps(f); }
+    static F floadu(const float* p) { return _mm256_loadu_ps(p); }
+    static void fstore(float* p, F v) { _mm256_store_ps(p, v); }
+    static F cvt(V v) { return _mm256_cvtepi32_ps(v); }
+    static F fmul(F a, F b) { return _mm256_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
+    static F fnma(F a, F b, F c) { return _mm256_fnmadd_ps(a, b, c); }
+};
+
 KernelTable make_table() {
     KernelTable t{"avx2", simd::int4_rows<Avx2>, simd::bf16_rows<Avx2>, simd::act<Avx2>, simd::stream_sum<Avx2>};
     t.int4_q8_rows = q8::int4_rows<Maddubs>;
     t.quantize_q8 = q8::quantize;
     t.int4_q8_max_tokens = 1 << 30;  // every call: see bench/README.md (CPU engine) for the measured crossover
+    t.int4_q8_gemm = q8gemm::int4_rows<MaddubsGemm>;
+    t.int4_q8_gemm_rows = MaddubsGemm::kRows;
     return t;
 }
 

@@ -42,13 +42,21 @@ struct Avx512 {
     }
 };
 
-// INT4 x int8: VPDPBUSD where the CPU has AVX512-VNNI (moe_avx512vnni.cpp), else the AVX2 kernel (a subset ISA).
+// INT4 x int8 (GEMV and prefill GEMM): VPDPBUSD where the CPU has AVX512-VNNI (moe_avx512vnni.cpp), else the AVX2
+// kernels (a subset ISA).
 KernelTable make_table() {
     KernelTable t{"avx512", simd::int4_rows<Avx512>, simd::bf16_rows<Avx512>, simd::act<Avx512>, simd::stream_sum<Avx512>};
     const KernelTable* avx2 = kernels_avx2();
     t.int4_q8_rows = cpu_features().avx512_vnni ? int4_q8_rows_avx512vnni : avx2->int4_q8_rows;
     t.quantize_q8 = avx2->quantize_q8;
     t.int4_q8_max_tokens = avx2->int4_q8_max_tokens;
+    if (cpu_features().avx512_vnni) {
+        t.int4_q8_gemm = int4_q8_gemm_avx512vnni;
+        t.int4_q8_gemm_rows = kInt4Q8GemmRowsAvx512;
+    } else {
+        t.int4_q8_gemm = avx2->int4_q8_gemm;
+        t.int4_q8_gemm_rows = avx2->int4_q8_gemm_rows;
+    }
     return t;
 }
 

@@ -10,11 +10,14 @@ do not use (or set torch.set_num_threads low): both spinning on the same cores m
 
 from __future__ import annotations
 
+import logging
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from .errors import BadInput, EngineError
+
+log = logging.getLogger("vllm.lvllm")  # a child of vLLM's logger, as hybrid_runtime.py's
 
 ACTIVATIONS = ("silu_glu", "relu2", "gptoss_glu", "gelu_tanh_glu")
 WEIGHT_FORMATS = ("int4", "bf16")
@@ -68,7 +71,8 @@ class Engine:
 
     hidden_size H, intermediate_size In (this host's per-node slice: I / len(nodes)), num_experts E;
     activation one of ACTIVATIONS (relu2 means gated=False: w13 holds only the up rows);
-    weight_format "int4" (group_size 32/64/128) or "bf16"; nodes: cpu ids per node, one pinned thread each;
+    weight_format "int4" (group_size a multiple of 8 that divides H and In; the SIMD kernels need a multiple of 32,
+    other sizes run the slow portable kernels and say so once in the log: see kernel_note) or "bf16"; nodes: cpu ids per node, one pinned thread each;
     max_tokens: the largest T a forward may get. isa: "" picks the best kernel table (see available_isas()).
     int8_activations: INT4 only; False keeps fp32/bf16 activations (exact to fp32, slower: see
     int8_activations_max_tokens). spin_us: how long idle workers spin before they sleep; long (a few ms) when the
@@ -100,6 +104,8 @@ class Engine:
             raise _bad(e) from None
         self.hidden_size, self.intermediate_size, self.num_experts = int(hidden_size), int(intermediate_size), int(num_experts)
         self.nodes = node_lists
+        if self.kernel_note:
+            log.warning("CPU engine: %s", self.kernel_note)
 
     @staticmethod
     def available_isas() -> list[str]:
@@ -116,6 +122,18 @@ class Engine:
         """INT4 kernel calls with at most this many tokens per expert quantize activations to int8 per 32-column
         block (llama.cpp Q8_0 style, ~1e-2 relative error against fp32 activations); 0: fp32/bf16 activations only."""
         return int(self._e.int8_activations_max_tokens)
+
+    @property
+    def kernel_note(self) -> str:
+        """Why this engine runs slower kernels than the CPU has (e.g. an INT4 group size the SIMD kernels cannot
+        tile), or "" when it does not. Logged once, at construction."""
+        return self._e.kernel_note
+
+    def last_paths(self) -> list[str]:
+        """Kernel paths the last forward called, of int4_fp32_act (INT4 x fp32/bf16 activations), int4_q8_gemv
+        (INT4 x int8, few tokens per expert), int4_q8_gemm (INT4 x int8 prefill GEMM), bf16: so a test or a bench
+        can tell which one it measured."""
+        return list(self._e.last_paths())
 
     @property
     def pin_failures(self) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import itertools
+import logging
 import os
 import threading
 import time
@@ -240,6 +241,94 @@ def test_int8_kernels_match_int8_reference(case, isa):
         assert err[worst] <= bound[worst], f"T={T} token {worst}: error {err[worst]:.3e} > bound {bound[worst]:.3e}"
 
 
+# Every INT4 x int8 kernel table there is; a CPU without one skips it by name (AMX: Sapphire Rapids and later).
+INT8_TABLES = ("amx", "avx512", "avx2")
+PREFILL_TOKENS = (1, 4, 16, 33, 128)
+
+
+def prefill_route(T, k, E, gen):
+    """Random top-k routing with expert 0 in every token: one expert gets all T tokens, so calls of every size from
+    1 to T (the GEMV's and the prefill GEMM's) happen in one forward."""
+    ids = torch.stack([torch.cat([torch.zeros(1, dtype=torch.int64), 1 + torch.randperm(E - 1, generator=gen)[:k - 1]])
+                       for _ in range(T)]).to(torch.int32)
+    return ids, torch.rand(T, k, generator=gen)
+
+
+@pytest.mark.parametrize("isa", INT8_TABLES)
+@pytest.mark.parametrize("g", [32, 64, 128])
+def test_int8_prefill_gemm(isa, g):
+    """Calls of >= 4 tokens per expert take the INT4 x int8 prefill GEMM (fewer: the GEMV), which equals (a) a
+    reference rounding activations to int8 the same way within the GEMV's bound, and (b) the fp32-activation
+    reference within INT8_ACT_TOL (measured max 1.6e-2 over this grid, avx512 with VNNI and avx2, 2026-12-08)."""
+    if isa not in Engine.available_isas():
+        pytest.skip(f"this CPU has no '{isa}' kernel table")
+    H, In, E, k = 256, 256, 8, 3
+    gen = torch.Generator().manual_seed(g)
+    shards, dense = make_shards("int4", E, H, In, 1, True, g, gen)
+    exact = [dict(sh, **{key: torch.full_like(sh[key], 2.0**-7) for key in ("w13.scale", "w2.scale")}) for sh in shards]
+    exact_dense = [(dequant(sh["w13.packed"], sh["w13.scale"], g), dequant(sh["w2.packed"], sh["w2.scale"], g))
+                   for sh in exact]
+    eng = Engine(H, In, E, "silu_glu", True, "int4", g, [[0, 1]], max_tokens=max(PREFILL_TOKENS), isa=isa)
+    eng.load_layer(0, exact)
+    eng.load_layer(1, shards)
+    for T in PREFILL_TOKENS:
+        ids, w = prefill_route(T, k, E, gen)
+        # (a) x = q / 32 with a +-127 in every block: x rounds to int8 exactly (see test_int8_kernels_match_int8_reference)
+        q = torch.randint(-127, 128, (T, H // 32, 32), generator=gen)
+        q[:, :, 0] = 127 * (2 * torch.randint(0, 2, (T, H // 32), generator=gen) - 1)
+        x = (q.reshape(T, H) / 32.0).float()
+        out = torch.full((T, H), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        paths = eng.last_paths()
+        assert ("int4_q8_gemm" in paths) == (T >= 4) and "int4_fp32_act" not in paths, (T, paths)
+        ref, slack = reference_fast(x, ids, w, exact_dense, "silu_glu", True, int8=True)
+        assert not torch.isnan(out).any()
+        err = (out.double() - ref).norm(dim=1)
+        bound = 2e-4 * ref.norm(dim=1) + slack
+        worst = int((err - bound).argmax())
+        assert err[worst] <= bound[worst], f"T={T} token {worst}: error {err[worst]:.3e} > bound {bound[worst]:.3e}"
+        # (b) Gaussian x, random scales, against fp32 activations
+        x = torch.randn(T, H, generator=gen)
+        out = torch.full((T, H), float("nan"))
+        eng.forward(1, x, ids, w, out)
+        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, INT8_ACT_TOL)
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
+
+def test_untileable_group_size_falls_back_to_portable_kernels():
+    """A group size the SIMD kernels cannot tile (48: not whole 32-column blocks) runs the portable kernels, says so
+    once in the log, and computes the same numbers as the fp32 reference."""
+    H, In, E, k, g = 96, 96, 4, 2, 48
+    gen = torch.Generator().manual_seed(48)
+    shards, dense = make_shards("int4", E, H, In, 1, True, g, gen)
+    logger = logging.getLogger("vllm.lvllm")
+    records = _Records()
+    logger.addHandler(records)
+    try:
+        eng = Engine(H, In, E, "silu_glu", True, "int4", g, [[0, 1]], max_tokens=40)
+        eng.load_layer(0, shards)
+        for T in (1, 5, 40):
+            ids, w = route(T, k, E, gen, skip=T > 1)
+            x = torch.randn(T, H, generator=gen)
+            out = torch.full((T, H), float("nan"))
+            eng.forward(0, x, ids, w, out)
+            check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, 2e-4)
+            assert eng.last_paths() == ["int4_fp32_act"]
+    finally:
+        logger.removeHandler(records)
+    assert eng.isa == "ref" and "group_size=48" in eng.kernel_note and "32, 64 or 128" in eng.kernel_note
+    assert records.lines == [f"CPU engine: {eng.kernel_note}"]
+    assert Engine(H, In, E, "silu_glu", True, "int4", 32, [[0]], max_tokens=4).kernel_note == ""
+
+
 def test_grouped_reference_agrees_with_loop():
     """The test's own grouped reference equals the literal per-(token, k) definition."""
     gen = torch.Generator().manual_seed(1)
@@ -419,7 +508,7 @@ def test_unpinnable_cpu_is_not_an_error():
 @pytest.mark.parametrize("kwargs, match", [
     (dict(hidden_size=96, intermediate_size=96, group_size=64), "divisible by group_size"),
     (dict(hidden_size=100), "multiple of 32"),
-    (dict(group_size=48), "not one of 32, 64, 128"),
+    (dict(group_size=12), "not a positive multiple of 8"),
     (dict(activation="relu2"), "pass gated=False"),
     (dict(activation="swish"), "unknown"),
     (dict(weight_format="fp8"), "unknown"),
