@@ -16,7 +16,7 @@ from .output import emit_json, stderr, stdout
 GiB = 1 << 30
 COLORS = {"non_expert_weights": "blue", "kv_cache": "magenta", "activations": "yellow", "logits": "yellow",
           "cuda_graphs": "grey50", "prefill_staging": "cyan", "hot_experts": "green", "expert_slice": "green",
-          "process": "blue", "cpu_only_weights_kv": "magenta"}
+          "pinned_store": "cyan", "process": "blue", "cpu_only_weights_kv": "magenta"}
 BAR = 30
 
 
@@ -151,7 +151,8 @@ def render(p: dict[str, Any]) -> None:
         legend.append(f"GPU {g['gpu']}: " + ", ".join(
             f"[{COLORS.get(k, 'white')}]{k.replace('_', ' ')}[/] {_gib(v)}" for k, v in g["parts"].items() if v))
     for n in mem["nodes"]:
-        parts = {k: n[k] for k in ("expert_slice", "process", "cpu_only_weights_kv") if n[k]}
+        parts = {k: n[k] for k in ("expert_slice", "pinned_store", "process", "cpu_only_weights_kv")
+                 if n.get(k)}
         t.add_row(f"node {n['node']}", _bar(parts, n["capacity"]), f"{_gib(n['need'])} / {_gib(n['capacity'])}")
         legend.append(f"node {n['node']}: " + ", ".join(
             f"[{COLORS.get(k, 'white')}]{k.replace('_', ' ')}[/] {_gib(v)}" for k, v in parts.items()))

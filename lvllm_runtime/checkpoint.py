@@ -103,6 +103,12 @@ class SafetensorsFile:
         flat = torch.frombuffer(self._mm, dtype=torch.uint8, count=end - begin, offset=self._data_start + begin)
         return flat.view(dtype).reshape(shape)
 
+    def drop_pages(self) -> None:
+        """Let the kernel take back the mapping's resident pages (a later use reads them again from the file): once
+        a layer's copy is in the engine the process need not hold the store a second time."""
+        if self._mm is not None:
+            self._mm.madvise(mmap.MADV_DONTNEED)
+
 
 def _read_header(path: Path) -> tuple[dict[str, dict], dict[str, str], int]:
     """Parse and check a safetensors header: sizes, offsets without holes, file length. CorruptCheckpoint otherwise."""

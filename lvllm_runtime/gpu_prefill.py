@@ -176,14 +176,6 @@ class StreamedPrefill:
         self.w2: torch.Tensor | None = None
         self.layer_bytes = 0
 
-    @staticmethod
-    def staging_bytes(node_slice_bytes: int, nodes: int, e: int, r: int, h: int, i: int, weight_format: str,
-                      window: int) -> int:
-        """Device bytes this prefill path holds: window + 1 slots of the rank's layer store bytes, plus one bf16
-        node-slice buffer for the dequantized INT4 weights (none for BF16 stores). What the planner must reserve."""
-        slots = (max(int(window), 0) + 1) * node_slice_bytes * nodes
-        return slots + (2 * e * (r * h + h * i) if weight_format == "int4" else 0)
-
     def add_layer(self, layer: int, shards: Sequence[Mapping[str, torch.Tensor]]) -> None:
         shards = [dict(s) for s in shards]
         want = {"w13", "w2"} if self.shape.weight_format == "bf16" else {"w13.packed", "w13.scale", "w2.packed",

@@ -6,7 +6,7 @@ and what the benches and tests build, so nothing is measured that users do not r
     rt = HybridRuntime(plan, store, Placement(device, top_k, ...))   # every check below, before any weight is read
     rt.engine        the C++ engine over this rank's node slices (None when every expert is hot)
     rt.decode_steps  {T: CpuStep}: graph-safe engine steps shared by every layer (CUDA)
-    rt.prefill       StreamedPrefill over the mapped store files, registered for DMA (no second host copy)
+    rt.prefill       StreamedPrefill over the mapped store files, registered for DMA in place (not copied)
     rt.load_layer(L) -> HybridMoE: layer L's engine pages, hot experts and prefill source
 
 Each capability is a `(ok, reason)` predicate (as vLLM's fused-MoE backends declare `_supports_*`): what the plan
@@ -16,6 +16,7 @@ asks for and the box cannot do fails here with one line naming the fix; what the
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import time
@@ -24,11 +25,12 @@ from pathlib import Path
 
 import torch
 
+from . import model_sizes
 from .cuda_graph_step import HybridDecodeLayer, hot_experts, shared_steps
 from .errors import DoesNotFit, StoreError
 from .gpu_prefill import LayerShape, StreamedPrefill
 from .hybrid import HybridMoE, join_node_slices
-from .manifest import StoreManifest, layer_file
+from .manifest import DTYPE_BYTES, StoreManifest
 from .plan import RuntimePlan
 from .store import ExpertStore, config_sha256
 
@@ -85,16 +87,16 @@ def gpu_prefill_supported(plan: RuntimePlan) -> Support:
 
 
 def layer_store_bytes(m: StoreManifest, nodes: tuple[int, ...]) -> int:
-    """Bytes of one layer's files of these node slices (every layer of a store has the same)."""
-    return sum(m.files[layer_file(m.moe_layers[0], n)]["bytes"] for n in nodes)
+    """Tensor bytes of one layer's node slices `nodes` (every layer of a store has the same): what a staging slot
+    holds and what registering the layer page-locks (headers aside)."""
+    return sum(math.prod(shape) * DTYPE_BYTES[dtype] for n in nodes for _, dtype, shape in m.tensor_specs(n))
 
 
 def prefill_staging_bytes(m: StoreManifest, nodes: tuple[int, ...], window: int) -> int:
-    """Device bytes the GPU-prefill path allocates for this rank (StreamedPrefill.staging_bytes)."""
+    """Device bytes the GPU-prefill path allocates for this rank (what the planner reserves as prefill_staging)."""
     n = m.node_intermediate_size
-    r = 2 * n if m.gated else n
-    return StreamedPrefill.staging_bytes(layer_store_bytes(m, nodes) // len(nodes), len(nodes), m.num_experts, r,
-                                         m.hidden_size, n, m.weight_format, window)
+    return model_sizes.prefill_staging_bytes(layer_store_bytes(m, nodes), m.num_experts, 2 * n if m.gated else n,
+                                             m.hidden_size, n, m.weight_format, window)
 
 
 def staging_fits(need: int, p: Placement) -> Support:
@@ -228,6 +230,10 @@ class HybridRuntime:
             hot = hot_experts(weights, hot_ids, m.num_experts, p.device, dtype)
         if self.prefill is not None:
             self.prefill.add_layer(layer, shards)
+        else:  # the engine and the GPU hold their copies: the mapped store pages need not stay resident
+            del shards
+            for n in self.nodes:
+                self.store.drop_pages(layer, n)
         steps = {}
         if self.decode_steps and len(set(hot_ids)) < m.num_experts:
             for step in self.decode_steps.values():

@@ -135,6 +135,31 @@ def store_layer_total_bytes(shape: ModelShape, weight_format: str, group: int | 
     return sum(store_layer_bytes(shape, weight_format, group, numa_nodes, node) for node in range(numa_nodes))
 
 
+def engine_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int = 0) -> int:
+    """Bytes of one layer's node slice as the CPU engine holds it in node-local memory (csrc/engine.cpp
+    `load_layer`: INT4 nibbles with f32 scales, BF16 as stored, biases as f32; node 0 alone holds the down bias)."""
+    E, H = shape.num_experts, shape.expert_hidden
+    In = shape.expert_intermediate // numa_nodes
+    rows13 = (2 if shape.gated else 1) * In
+    if weight_format == "bf16":
+        n = 2 * E * (rows13 * H + H * In)
+    else:
+        g = int(group or 128)
+        n = E * (rows13 * H // 2 + 4 * rows13 * (H // g) + H * In // 2 + 4 * H * (In // g))
+    if shape.expert_bias:
+        n += 4 * E * (rows13 + (H if node == 0 else 0))
+    return n
+
+
+def prefill_staging_bytes(layer_rank_bytes: int, num_experts: int, rows13: int, hidden: int, node_intermediate: int,
+                          weight_format: str, window: int) -> int:
+    """GPU bytes the GPU-prefill path holds on one rank (gpu_prefill.StreamedPrefill allocates exactly these):
+    window + 1 slots of the rank's store bytes of one layer (`window` copies in flight beside the layer computed) and,
+    for INT4, one bf16 node slice that each node's weights are dequantized into."""
+    slots = (max(int(window), 0) + 1) * layer_rank_bytes
+    return slots + (2 * num_experts * (rows13 * hidden + hidden * node_intermediate) if weight_format == "int4" else 0)
+
+
 def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:
     """Largest of 128/64/32 dividing H and the per-node slice of I (as quant.pick_group_size), or the request."""
     dims = (shape.expert_hidden, shape.expert_intermediate // numa_nodes)

@@ -3,9 +3,10 @@ it fits, and how fast it should run.
 
 Memory model, per GPU (one TP rank): non-expert weights in their checkpoint format / tp, KV cache for
 max_model_len x max_num_seqs (+ per-sequence DeltaNet/Mamba/sliding-window state), activations for one batch of
-max_batch_tokens, a CUDA-graph reserve, GPU-prefill staging (prefetch_window x one layer's cold experts in store
-format), then hot experts filling what is left of gpu_memory_utilization x VRAM. Per NUMA node: its 1/nodes slice
-of every routed expert in store format, plus the vLLM process on the first node.
+max_batch_tokens, a CUDA-graph reserve, GPU-prefill staging (prefetch_window + 1 x one layer's cold experts in store
+format), then hot experts filling what is left of gpu_memory_utilization x VRAM. Per NUMA node: the engine's copy of
+its 1/nodes slice of every routed expert (model_sizes.engine_layer_bytes), with GPU prefill also that slice's store
+pages registered for DMA, plus the vLLM process on the first node.
 
 Speed model (every constant is in hardware.ASSUMPTIONS, measured ones with provenance in hardware.MEASURED and
 ENGINE_PREFILL_GFLOPS_PER_CORE, printed with the forecast; nothing is per model):
@@ -34,8 +35,9 @@ from typing import Any
 from .errors import BadInput
 from .hardware import ASSUMPTIONS, GB, Hardware, cpu_flops, engine_table, gpu_specs, pcie_gbps
 from .model_shapes import ROUTED, ModelShape
-from .model_sizes import (BYTES, ModelSource, load_model, model_from_recipe, pick_group, predicted_checkpoint_bytes,
-                          read_store_manifest, store_layer_bytes, store_layer_total_bytes)
+from .model_sizes import (BYTES, ModelSource, engine_layer_bytes, load_model, model_from_recipe, pick_group,
+                          predicted_checkpoint_bytes, prefill_staging_bytes, read_store_manifest, store_layer_bytes,
+                          store_layer_total_bytes)
 from .plan import PLAN_VERSION
 from .topology import Gpu, Topology
 
@@ -309,7 +311,10 @@ class _Planner:
         gpu_prefill = self.opt.gpu_prefill_min_tokens != 0 and not all_hot
         self.gpu_prefill_note = ("all experts are on the GPU" if all_hot else
                                  "off: --gpu-prefill-min-tokens 0" if not gpu_prefill else "")
-        staging = self.window * staging_layer if gpu_prefill else 0
+        node_i = s.expert_intermediate // self.numa
+        staging_all = prefill_staging_bytes(staging_layer, s.num_experts, (2 if s.gated else 1) * node_i,
+                                            s.expert_hidden, node_i, self.fmt, self.window)
+        staging = staging_all if gpu_prefill else 0
         # Chunk size: large enough that one layer's transfer hides behind its compute, but within memory.
         free_before_act = budget - weights - kv - graph - logits - staging
         mbt = mbt_all if all_hot else (
@@ -429,14 +434,21 @@ class _Planner:
             self.kv_total = int(s.kv_bytes_per_token(self.kv_bytes) * self.max_len * self.seqs
                                 + s.state_bytes_per_seq(self.kv_bytes, self.max_len) * self.seqs)
             extra = self._nonexpert_gpu_bytes() + self.kv_total
-        slice_bytes = store_total // self.numa
+        # What the process holds per store slice: the engine's node-local copy of every layer it computes (none of a
+        # layer whose experts are all hot) and, with GPU prefill, the store's mapped pages registered for DMA (page-
+        # locked, so they stay resident). Without GPU prefill the runtime unmaps each store file once it is loaded.
+        n_moe = len(s.moe_layers)
+        engine_layers = 0 if gpu_mem and gpu_mem["hot_per_layer"] >= s.num_experts else n_moe
+        pinned = store_total // self.numa if gpu_mem and gpu_mem["gpu_prefill"] else 0
         per_node = []
         # Store slice i lives on self.slots[i] (virtual nodes share one memory but are planned the same way).
         for i, node in enumerate(self.slots):
-            need = slice_bytes + (proc + extra if i == 0 else 0)
+            engine = engine_layers * engine_layer_bytes(s, self.fmt, self.group, self.numa, i)
+            need = engine + pinned + (proc + extra if i == 0 else 0)
             cap = int(node.mem_total * (1 - ASSUMPTIONS["ram_reserve_fraction"]))
-            per_node.append({"node": node.id, "expert_slice": slice_bytes, "process": proc if i == 0 else 0,
-                             "cpu_only_weights_kv": extra if i == 0 else 0, "need": need, "capacity": cap})
+            per_node.append({"node": node.id, "expert_slice": engine, "pinned_store": pinned,
+                             "process": proc if i == 0 else 0, "cpu_only_weights_kv": extra if i == 0 else 0,
+                             "need": need, "capacity": cap})
         by_node: dict[int, int] = {}
         for p in per_node:
             by_node[p["node"]] = by_node.get(p["node"], 0) + p["need"]

@@ -207,6 +207,12 @@ class ExpertStore:
         f = self._file(layer, node)
         return {name: f.tensor(name) for name in f.entries}
 
+    def drop_pages(self, layer: int, node: int) -> None:
+        """Release the resident pages of one layer-node file's mapping (SafetensorsFile.drop_pages)."""
+        f = self._files.get(layer_file(layer, node))
+        if f is not None:
+            f.drop_pages()
+
     def dequantized(self, layer: int, node: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(w13 f32 [E, R, H], w2 f32 [E, H, In]) of one layer-node file."""
         return self._dequant(self.layer(layer, node))

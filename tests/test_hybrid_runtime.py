@@ -6,6 +6,10 @@ whole-layer (GPU-prefill) path, every expert hot; and the checks that fail befor
 
 from __future__ import annotations
 
+import os
+import re
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -58,6 +62,17 @@ def _model(src, store_dir):
     return model
 
 
+def _resident_store_bytes(store_dir) -> int:
+    """Resident bytes of this process's mappings of files in `store_dir` (/proc/self/smaps)."""
+    root, total, inside = os.path.realpath(store_dir) + os.sep, 0, False
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        if re.match(r"[0-9a-f]+-[0-9a-f]+ ", line):
+            inside = line.split()[-1].startswith(root)
+        elif inside and line.startswith("Rss:"):
+            total += int(line.split()[1]) * 1024
+    return total
+
+
 def _logprobs(model, ids):
     with torch.no_grad():
         return torch.log_softmax(model(ids).logits[0].double(), dim=-1)
@@ -91,6 +106,10 @@ def test_runtime_in_transformers_equals_transformers_on_store_weights(model_and_
     layers = rt.load_all()
     want_path = {"engine": "engine", "hot+engine, 2 node slices": "engine", "all hot": "hot"}.get(case, "gpu_prefill")
     assert {moe.path(SEQ) for moe in layers.values()} == {want_path}
+    # one host copy: the engine's (or the hot experts'); the store pages stay resident only for the whole-layer path,
+    # which streams from them
+    resident = _resident_store_bytes(store_dir)
+    assert (resident > 0) if prefill_min is not None else (resident == 0), resident
 
     reference = _model(src, store_dir)
     served = _model(src, store_dir)
@@ -149,3 +168,26 @@ def test_pinnable_and_staging_predicates(monkeypatch):
     assert hr.pinnable(1 << 20) == (True, "")
     assert hr.staging_fits(1 << 50, hr.Placement(torch.device("cpu"), top_k=2)) == (True, "")
     assert not hr.decode_steps_supported(hr.Placement(torch.device("cpu"), top_k=2))[0]
+
+
+def test_the_plan_reserves_what_the_runtime_holds(model_and_stores):
+    """`lvllm plan`'s GPU-prefill staging is the runtime's allocation (window + 1 slots and the INT4 bf16 buffer), and
+    with GPU prefill each node's host need counts the store pages the runtime keeps registered; without it, none."""
+    from lvllm_runtime.hardware import Hardware
+    from lvllm_runtime.planner import PlanOptions, make_plan as plan_for
+
+    src, stores = model_and_stores
+    hw = Hardware.load(Path(__file__).parent / "fixtures" / "hardware" / "h100-box.json")
+    for (fmt, nodes), store_dir in stores.items():
+        m = ExpertStore.open(store_dir).manifest
+        for min_tokens in (64, 0):
+            plan = plan_for(src, hw, PlanOptions(store=str(store_dir), numa_nodes=nodes, hot_experts=0,
+                                                 gpu_prefill_min_tokens=min_tokens, prefetch_window=2))
+            assert plan["fits"], plan["reasons"]
+            staging = plan["memory"]["gpus"][0]["parts"]["prefill_staging"]
+            pinned = [n["pinned_store"] for n in plan["memory"]["nodes"]]
+            if min_tokens:
+                assert staging == hr.prefill_staging_bytes(m, tuple(range(nodes)), 2) > 0
+                assert sum(pinned) == sum(f["bytes"] for f in m.files.values())
+            else:
+                assert staging == 0 and pinned == [0] * nodes
