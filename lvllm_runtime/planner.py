@@ -551,7 +551,7 @@ class _Planner:
         engine's measured rate and the distinct experts' store bytes at the engine's streaming bandwidth."""
         s = self.shape
         cores = sum(len(self._engine_cpus(n)) for n in self.slots)
-        rate, _ = cpu_flops(self.hw, cores, self.fmt)
+        rate, _ = cpu_flops(self.hw, cores, self.fmt, tokens * s.top_k / s.num_experts)
         bw, _ = self._cpu_bandwidth()
         uniq = s.num_experts * (1 - (1 - s.top_k / s.num_experts) ** tokens)
         t_flops = cold_frac * tokens * self._moe_flops_per_token_layer() / max(rate, 1.0)
