@@ -229,9 +229,10 @@ NB_MODULE(_cpu, m) {
                      nb::gil_scoped_release nogil;
                      p = e.last_paths();
                  }
-                 static const char* const names[] = {"int4_fp32_act", "int4_q8_gemv", "int4_q8_gemm", "bf16"};
+                 static const char* const names[kKernelPaths] = {"int4_fp32_act", "int4_q8_gemv", "int4_q8_gemm",
+                                                                 "bf16", "int4_q8_tiles"};
                  std::vector<std::string> out;
-                 for (int i = 0; i < 4; ++i)
+                 for (int i = 0; i < kKernelPaths; ++i)
                      if (p & (1u << i)) out.emplace_back(names[i]);
                  return out;
              },

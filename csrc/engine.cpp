@@ -44,7 +44,7 @@ const KernelTable* table_for(const std::string& name) {
 #ifdef LVLLM_AMX_EMULATE
     if (name == "amx") return kernels_amx();  // scalar tile emulation, test builds only
 #endif
-    if (name == "amx") return (f.os_amx && f.amx_bf16 && f.avx512bw) ? kernels_amx() : nullptr;
+    if (name == "amx") return (f.os_amx && f.amx_bf16 && f.amx_int8 && f.avx512bw && f.avx512_vnni) ? kernels_amx() : nullptr;
     return nullptr;
 }
 
@@ -132,6 +132,7 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     hbuf_.resize(nn);
     ybuf_.resize(nn);
     scratch_.resize(pool_->total_threads());
+    if (kt_->q8_slot_records) xrow_.assign(pool_->total_threads(), std::vector<float>(H));
     for (auto& s : scratch_) s.resize(size_t(2) * kTokBlock * kRowsA + size_t(kTokBlock) * kRowsB);
 }
 
@@ -313,14 +314,16 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
     xptr_.resize(S);
     for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
     q8_ = int8_activations();
+    q8_slots_ = q8_ && kt_->q8_slot_records;
     const int64_t xr = q8_row_bytes(H), hr = q8_row_bytes(In);
     if (q8_) {
-        grow(xq_, T * xr);
+        grow(xq_, (q8_slots_ ? S + kInt4Q8TileTokens : T) * xr);
         xqptr_.resize(S);
-        for (int64_t s = 0; s < S; ++s) xqptr_[s] = xq_.data() + int64_t(slot_tok_[s]) * xr;
+        for (int64_t s = 0; s < S; ++s) xqptr_[s] = xq_.data() + (q8_slots_ ? s : slot_tok_[s]) * xr;
     }
     const int most = count_.empty() ? 0 : *std::max_element(count_.begin(), count_.end());
-    rows_ = kt_->wants_bf16_rows && (!cfg_.int4 || most >= kt_->int4_rows_min_tokens);
+    const bool int4_fp32 = cfg_.int4 && !(q8_ && most <= kt_->int4_q8_max_tokens);  // some INT4 call reads x, not xq
+    rows_ = kt_->wants_bf16_rows && (!cfg_.int4 || (int4_fp32 && most >= kt_->int4_rows_min_tokens));
     if (rows_ && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);
     for (size_t n = 0; n < cfg_.nodes.size(); ++n) {
         grow(hbuf_[n], std::max<int64_t>(S, 1) * In);
@@ -329,7 +332,7 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
         hptr_[n].resize(S);
         for (int64_t s = 0; s < S; ++s) hptr_[n][s] = hbuf_[n].data() + s * In;
         if (q8_) {
-            grow(hq_[n], std::max<int64_t>(S, 1) * hr);
+            grow(hq_[n], (S + (q8_slots_ ? kInt4Q8TileTokens : 1)) * hr);
             hqptr_[n].resize(S);
             for (int64_t s = 0; s < S; ++s) hqptr_[n][s] = hq_[n].data() + s * hr;
         }
@@ -347,18 +350,31 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
 
 void Engine::int4_call(const Int4Mat& m, int r0, int r1, int s0, int n, const int8_t* const* xq, const float* const* x,
                        const uint16_t* xb, int64_t ldxb, float* y, int ldy, int gtid) {
-    KernelPath p = KernelPath::Int4Fp32Act;
+    uint32_t& paths = trace_[gtid].paths;
     if (!q8_call(n)) {
         kt_->int4_rows(m, r0, r1, x + s0, n, y, ldy, xb, ldxb);
-    } else if (kt_->int4_q8_gemm && n >= kt_->int4_q8_gemm_min_tokens && r0 % kInt4Rows == 0 &&
-               (r1 - r0) % kt_->int4_q8_gemm_rows == 0) {
-        kt_->int4_q8_gemm(m, r0, r1, xq + s0, n, y, ldy);
-        p = KernelPath::Int4Q8Gemm;
-    } else {
-        kt_->int4_q8_rows(m, r0, r1, xq + s0, n, y, ldy);
-        p = KernelPath::Int4Q8Gemv;
+        paths |= 1u << int(KernelPath::Int4Fp32Act);
+        return;
     }
-    trace_[gtid].paths |= 1u << int(p);
+    xq += s0;
+    if (kt_->int4_q8_tiles && n >= kInt4Q8TileTokens && r0 % 16 == 0 && (r1 - r0) % 16 == 0) {
+        const int64_t ld = xq[1] - xq[0];
+        bool even = q8_slots_;  // records in slot order (with the spare ones the tiles may read) ...
+        for (int t = 2; t < n && even; ++t) even = xq[t] - xq[t - 1] == ld;  // ... and equally spaced
+        if (even) {
+            kt_->int4_q8_tiles(m, r0, r1, xq[0], ld, n, y, ldy);
+            paths |= 1u << int(KernelPath::Int4Q8Tiles);
+            return;
+        }
+    }
+    if (kt_->int4_q8_gemm && n >= kt_->int4_q8_gemm_min_tokens && r0 % kInt4Rows == 0 &&
+        (r1 - r0) % kt_->int4_q8_gemm_rows == 0) {
+        kt_->int4_q8_gemm(m, r0, r1, xq, n, y, ldy);
+        paths |= 1u << int(KernelPath::Int4Q8Gemm);
+    } else {
+        kt_->int4_q8_rows(m, r0, r1, xq, n, y, ldy);
+        paths |= 1u << int(KernelPath::Int4Q8Gemv);
+    }
 }
 
 void Engine::phase_a(int node, int gtid) {
@@ -466,10 +482,10 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     ThreadPool& pool = *self->pool_;
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
-    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_, q8 = self->q8_;
-    if (in_bf16 || wb || q8) {  // phase 0: fp32 and/or int8 rows per token, bf16 rows per slot
-        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), tok = (in_bf16 || q8) ? T : 0;
-        const int64_t items = tok + (wb ? S : 0);
+    const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_, q8 = self->q8_, q8s = self->q8_slots_;
+    if (in_bf16 || wb || q8) {  // phase 0: fp32 rows and/or int8 records per token; bf16 rows, int8 records per slot
+        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), tok = (in_bf16 || (q8 && !q8s)) ? T : 0;
+        const int64_t items = tok + ((wb || q8s) ? S : 0), xr = q8_row_bytes(H);
         for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
             if (it < tok) {
                 if (in_bf16) {
@@ -477,14 +493,25 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
                     float* dst = self->xbuf_.data() + it * H;
                     for (int64_t c = 0; c < H; ++c) dst[c] = bf16_to_float(src[c]);
                 }
-                if (q8) self->kt_->quantize_q8(self->x_ + it * H, H, 0, H / kInt4Block, self->xq_.data() + it * q8_row_bytes(H));
+                if (q8 && !q8s) self->kt_->quantize_q8(self->x_ + it * H, H, 0, H / kInt4Block, self->xq_.data() + it * xr);
                 continue;
             }
             const int64_t s = it - tok, t = self->slot_tok_[s];
-            uint16_t* dst = self->xsb_.data() + s * H;
-            if (in_bf16) std::memcpy(dst, static_cast<const uint16_t*>(a.hidden) + t * H, H * 2);
-            else
-                for (int64_t c = 0; c < H; ++c) dst[c] = float_to_bf16(static_cast<const float*>(a.hidden)[t * H + c]);
+            if (wb) {
+                uint16_t* dst = self->xsb_.data() + s * H;
+                if (in_bf16) std::memcpy(dst, static_cast<const uint16_t*>(a.hidden) + t * H, H * 2);
+                else
+                    for (int64_t c = 0; c < H; ++c) dst[c] = float_to_bf16(static_cast<const float*>(a.hidden)[t * H + c]);
+            }
+            if (q8s) {  // from the input itself: xbuf_'s row may be another thread's item of this phase
+                const float* x = static_cast<const float*>(a.hidden) + t * H;
+                if (in_bf16) {
+                    float* row = self->xrow_[gtid].data();
+                    for (int64_t c = 0; c < H; ++c) row[c] = bf16_to_float(static_cast<const uint16_t*>(a.hidden)[t * H + c]);
+                    x = row;
+                }
+                self->kt_->quantize_q8(x, H, 0, H / kInt4Block, self->xq_.data() + s * xr);
+            }
         }
         pool.global_barrier().arrive_and_wait();
     }

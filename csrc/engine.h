@@ -184,7 +184,9 @@ private:
     std::vector<uint16_t> xsb_;                  // [S + 16, H] bf16 rows of X in slot order
     std::vector<std::vector<uint16_t>> hsb_;     // per node [S + 16, In] bf16 copy of h
     bool q8_ = false;                            // this forward quantizes activations to int8 (INT4 tables with q8)
-    std::vector<int8_t> xq_;                     // [T] Q8 records of X (kernels.h), q8_row_bytes(H) apart
+    bool q8_slots_ = false;                      // ... into one record per slot (KernelTable::q8_slot_records)
+    std::vector<int8_t> xq_;                     // [T] or [S] Q8 records of X (kernels.h), q8_row_bytes(H) apart
+    std::vector<std::vector<float>> xrow_;       // per thread [H]: a bf16 input row as fp32 (q8_slots_)
     std::vector<const int8_t*> xqptr_;           // [S] record of each slot's token
     std::vector<std::vector<int8_t>> hq_;        // per node [S] Q8 records of h, q8_row_bytes(In) apart
     std::vector<std::vector<const int8_t*>> hqptr_;

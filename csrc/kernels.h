@@ -75,10 +75,20 @@ struct KernelTable {
     void (*int4_q8_gemm)(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) = nullptr;
     int int4_q8_gemm_rows = 16;
     int int4_q8_gemm_min_tokens = 4;
+    // INT4 x int8 on tiles (AMX-INT8; null: none) for calls of at least kInt4Q8TileTokens tokens: token t's Q8 record
+    // at xq + t * ldxq, readable up to the next multiple of 16 tokens (tiles load whole 16-token tiles; rows past nt are
+    // dropped), rows [r0, r1) a multiple of 16 from a multiple of 16. For tables that set q8_slot_records the engine
+    // lays X's records out per slot (in slot order, like h's, 16 spare records at the end), so one expert's records
+    // are equally spaced; a call whose records are not takes int4_q8_gemm / int4_q8_rows.
+    void (*int4_q8_tiles)(const Int4Mat& m, int r0, int r1, const int8_t* xq, int64_t ldxq, int nt, float* y,
+                          int ldy) = nullptr;
+    bool q8_slot_records = false;
 };
+constexpr int kInt4Q8TileTokens = 16;
 
 // Which kernels a forward called (bit set per KernelPath, Engine::last_paths): lets a test see the path it checks.
-enum class KernelPath : int { Int4Fp32Act = 0, Int4Q8Gemv = 1, Int4Q8Gemm = 2, Bf16 = 3 };
+enum class KernelPath : int { Int4Fp32Act = 0, Int4Q8Gemv = 1, Int4Q8Gemm = 2, Bf16 = 3, Int4Q8Tiles = 4 };
+constexpr int kKernelPaths = 5;
 
 const KernelTable& kernels_ref();
 // Each returns nullptr when the file was built without its ISA (the CPU check is the caller's).

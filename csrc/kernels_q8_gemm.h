@@ -1,6 +1,6 @@
 // INT4 weights x int8 activations for calls with many tokens (prefill): a register-tiled GEMM on the integer dot
 // instructions, shared by moe_avx2.cpp (VPMADDUBSW + VPMADDWD, 8 rows per ymm) and moe_avx512vnni.cpp (VPDPBUSD,
-// 16 rows per zmm).
+// 16 rows per zmm: Dpbusd512 below); moe_amx.cpp builds its AMX-INT8 B tiles with the same unpack.
 //
 // Weights stay in the load layout (kernels.h: 4-row groups, one 64-byte line per group and 32-column block), which
 // the decode GEMV streams; no second copy. One 128-bit lane of a line is one row's block: 4 dwords of 4 bytes, each
@@ -46,6 +46,35 @@ inline void unpack(const Int4Mat& m, int64_t r, int64_t b, typename G::V lo[4], 
         hi[i] = G::high_nibbles(o[i]);
     }
 }
+
+#ifdef __AVX512VNNI__
+// The zmm lanes: 16 rows per vector, one 4-row group's 64-byte line per load.
+struct Dpbusd512 {
+    using V = __m512i;
+    using F = __m512;
+    static constexpr int kLanes = 4, kRows = kInt4Q8GemmRowsAvx512, kTokens = 4;
+    static V load_rows(const Int4Mat& m, int64_t r, int64_t b) {
+        return _mm512_loadu_si512(int4_row(m, r) + b * kInt4BlockStride);
+    }
+    static V unpacklo32(V a, V b) { return _mm512_unpacklo_epi32(a, b); }
+    static V unpackhi32(V a, V b) { return _mm512_unpackhi_epi32(a, b); }
+    static V unpacklo64(V a, V b) { return _mm512_unpacklo_epi64(a, b); }
+    static V unpackhi64(V a, V b) { return _mm512_unpackhi_epi64(a, b); }
+    static V low_nibbles(V v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+    static V high_nibbles(V v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+    static V zero() { return _mm512_setzero_si512(); }
+    static V set1(int32_t v) { return _mm512_set1_epi32(v); }
+    static V dot(V acc, V w, V x) { return _mm512_dpbusd_epi32(acc, w, x); }
+    static F fzero() { return _mm512_setzero_ps(); }
+    static F fset1(float f) { return _mm512_set1_ps(f); }
+    static F floadu(const float* p) { return _mm512_loadu_ps(p); }
+    static void fstore(float* p, F v) { _mm512_store_ps(p, v); }
+    static F cvt(V v) { return _mm512_cvtepi32_ps(v); }
+    static F fmul(F a, F b) { return _mm512_mul_ps(a, b); }
+    static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
+    static F fnma(F a, F b, F c) { return _mm512_fnmadd_ps(a, b, c); }
+};
+#endif
 
 inline int32_t quad(const int8_t* p) {
     int32_t v;
@@ -111,10 +140,6 @@ inline void rows_block(const Int4Mat& m, int r0, int r1, const int8_t* const* xq
 }
 
 // Whether int4_rows below takes rows [r0, r1): whole vectors of rows starting on a 4-row group.
-template <class G>
-inline bool tiles(int r0, int r1) {
-    return r0 % kInt4Rows == 0 && (r1 - r0) % G::kRows == 0;
-}
 
 // y as KernelTable::int4_q8_rows, for rows that tiles() accepts. Tokens in blocks of G::kTokens.
 template <class G>

@@ -257,9 +257,10 @@ def prefill_route(T, k, E, gen):
 @pytest.mark.parametrize("isa", INT8_TABLES)
 @pytest.mark.parametrize("g", [32, 64, 128])
 def test_int8_prefill_gemm(isa, g):
-    """Calls of >= 4 tokens per expert take the INT4 x int8 prefill GEMM (fewer: the GEMV), which equals (a) a
-    reference rounding activations to int8 the same way within the GEMV's bound, and (b) the fp32-activation
-    reference within INT8_ACT_TOL (measured max 1.6e-2 over this grid, avx512 with VNNI and avx2, 2026-12-08)."""
+    """Calls of >= 4 tokens per expert take the INT4 x int8 prefill GEMM (fewer: the GEMV; amx: AMX-INT8 tiles for
+    each call's whole 16s of tokens, the GEMM or GEMV for the rest), which equals (a) a reference rounding activations
+    to int8 the same way within the GEMV's bound, and (b) the fp32-activation reference within INT8_ACT_TOL (measured
+    max 1.6e-2 over this grid: avx512 with VNNI, avx2, and amx on emulated tiles, 2026-12-08)."""
     if isa not in Engine.available_isas():
         pytest.skip(f"this CPU has no '{isa}' kernel table")
     H, In, E, k = 256, 256, 8, 3
@@ -280,7 +281,8 @@ def test_int8_prefill_gemm(isa, g):
         out = torch.full((T, H), float("nan"))
         eng.forward(0, x, ids, w, out)
         paths = eng.last_paths()
-        assert ("int4_q8_gemm" in paths) == (T >= 4) and "int4_fp32_act" not in paths, (T, paths)
+        assert ("int4_q8_gemm" in paths or "int4_q8_tiles" in paths) == (T >= 4) and "int4_fp32_act" not in paths
+        assert ("int4_q8_tiles" in paths) == (isa == "amx" and T >= 16), (T, paths)
         ref, slack = reference_fast(x, ids, w, exact_dense, "silu_glu", True, int8=True)
         assert not torch.isnan(out).any()
         err = (out.double() - ref).norm(dim=1)
@@ -292,6 +294,25 @@ def test_int8_prefill_gemm(isa, g):
         out = torch.full((T, H), float("nan"))
         eng.forward(1, x, ids, w, out)
         check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, INT8_ACT_TOL)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_int8_activations_off(isa):
+    """int8_activations=False: INT4 weights times fp32 activations (amx: dequantized to bf16 tiles from 16 tokens),
+    within the fp32 bound (amx: the bf16 one)."""
+    H, In, E, k, g = 128, 96, 6, 2, 32
+    gen = torch.Generator().manual_seed(21)
+    shards, dense = make_shards("int4", E, H, In, 1, True, g, gen)
+    eng = Engine(H, In, E, "silu_glu", True, "int4", g, [[0, 1]], max_tokens=64, isa=isa, int8_activations=False)
+    assert eng.int8_activations_max_tokens == 0
+    eng.load_layer(0, shards)
+    for T in (1, 16, 64):
+        ids, w = prefill_route(T, k, E, gen)
+        x = torch.randn(T, H, generator=gen)
+        out = torch.full((T, H), float("nan"))
+        eng.forward(0, x, ids, w, out)
+        assert eng.last_paths() == ["int4_fp32_act"]
+        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
 
 
 class _Records(logging.Handler):

@@ -20,7 +20,7 @@ ISA_FLAGS = {  # keep in step with csrc/CMakeLists.txt
     "moe_avx2.cpp": ["-mavx2", "-mfma", "-mf16c"],
     "moe_avx512.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma"],
     "moe_avx512vnni.cpp": ["-mavx2", "-mfma", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni"],
-    "moe_amx.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
+    "moe_amx.cpp": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mavx512vnni", "-mfma",
                     "-mamx-tile", "-mamx-bf16", "-mamx-int8"],
 }
 CORE = ["cpu_features.cpp", "kernels_ref.cpp", "thread_pool.cpp", "engine.cpp"]
