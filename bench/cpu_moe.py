@@ -8,6 +8,10 @@ routing is random per step so weights never sit in cache (working set >= 8 x L3)
     python bench/cpu_moe.py --reduced            # fewer experts/layers, short runs: a few minutes on 2 cores
     python bench/cpu_moe.py --kt-ext PATH.so     # add kt-kernel (its kt_kernel_ext extension, loaded by path)
     python bench/cpu_moe.py --fp32-act           # INT4 without int8 activations (the kernels before the int8 ones)
+    python bench/cpu_moe.py --repeat 3           # each configuration 3 times in this process: median and spread
+
+The header and the JSON name the box (CPU model, microcode, L3 as this process sees it, the kernel table chosen) so
+numbers from two boxes of the same kind can be told apart; each row names the kernel paths its last forward took.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import math
 import os
 import platform
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -133,6 +138,31 @@ def load_kt(path: str | None):
         return None, f"{type(e).__name__}: {e}"
 
 
+def l3_seen() -> dict:
+    """cpu0's L3 as sysfs shows it: size and the cpus sharing it (a VM or a partitioned host may see less)."""
+    for p in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
+        try:
+            if (p / "level").read_text().strip() == "3":
+                return {"size": (p / "size").read_text().strip(), "shared_cpu_list": (p / "shared_cpu_list").read_text().strip()}
+        except OSError:
+            pass
+    return {}
+
+
+def box_identity() -> dict:
+    """What tells two boxes of one kind apart: CPU model, microcode, L3 as seen, kernel version, CPU count."""
+    info = {"cpu_model": _cpu_model(), "microcode": None, "l3": l3_seen(), "kernel": platform.release(),
+            "cpus_online": os.cpu_count(), "host": platform.node()}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("microcode"):
+                info["microcode"] = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return info
+
+
 def time_steps(fn, steps, min_seconds):
     """Mean wall seconds per step, steps run, and mean process CPU seconds per step (all threads: on a shared,
     oversubscribed machine cpu/wall shows how much of the wall time the threads actually ran)."""
@@ -143,6 +173,16 @@ def time_steps(fn, steps, min_seconds):
         fn(n + 1)
         n += 1
     return (time.perf_counter() - t0) / n, n, (time.process_time() - c0) / n
+
+
+def time_repeats(who, fn, steps, min_seconds, repeat, row):
+    """time_steps `repeat` times; row gets who_ms (median), who_runs_ms, who_spread ((max - min) / median), steps and
+    the median CPU ms."""
+    runs = [time_steps(fn, steps, min_seconds) for _ in range(repeat)]
+    ms = [r[0] * 1e3 for r in runs]
+    med = statistics.median(ms)
+    row.update({f"{who}_ms": med, f"{who}_runs_ms": ms, f"{who}_spread": (max(ms) - min(ms)) / med,
+                f"{who}_steps": sum(r[1] for r in runs), f"{who}_cpu_ms": statistics.median(r[2] for r in runs) * 1e3})
 
 
 def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
@@ -205,9 +245,10 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
             ids, w = routes[i % len(routes)]
             eng.forward(i % L, x, ids, w, out)
 
-        t, n, cpu = time_steps(run_eng, steps, args.min_seconds)
-        row.update(lvllm_ms=t * 1e3, lvllm_steps=n, lvllm_cpu_ms=cpu * 1e3,
-                   lvllm_GFLOP_per_cpu_s=row["flop_per_step"] / cpu / 1e9 if cpu > 0 else None)
+        time_repeats("lvllm", run_eng, steps, args.min_seconds, args.repeat, row)
+        row["paths"] = eng.last_paths()
+        cpu = row["lvllm_cpu_ms"] / 1e3
+        row["lvllm_GFLOP_per_cpu_s"] = row["flop_per_step"] / cpu / 1e9 if cpu > 0 else None
         if not args.no_torch and not (args.reduced and T >= 256):  # reduced: torch prefill takes minutes on 2 cores
             def run_torch(i):
                 ids, w = routes[i % len(routes)]
@@ -220,8 +261,7 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
             def run_kt(i):
                 ids, w = routes[i % len(routes)]
                 kt_layers[i % L].forward(cpuinfer, x, ids, w, out, qlen)
-            t, _, _ = time_steps(run_kt, steps, args.min_seconds)
-            row["kt_ms"] = t * 1e3
+            time_repeats("kt", run_kt, steps, args.min_seconds, args.repeat, row)
         elif kt_note:
             row["kt_error"] = kt_note
         for who in ("lvllm", "torch", "kt"):
@@ -234,17 +274,18 @@ def bench_shape(name, shape, fmt, args, cpus, kt_ext, results):
     del eng, layers, kt_layers
 
 
-HEADER = (f"{'shape':<14} {'fmt':<5} {'T':>4} {'L':>2} {'lvllm ms':>9} {'GB/s':>6} {'GFLOP/s':>8} "
-          f"{'torch ms':>9} {'kt ms':>8} {'torch/lv':>8} {'kt/lv':>6} {'cpu/wall':>8}")
+HEADER = (f"{'shape':<14} {'fmt':<5} {'T':>4} {'L':>2} {'isa':<6} {'lvllm ms':>9} {'spread':>6} {'GB/s':>6} {'GFLOP/s':>8} "
+          f"{'torch ms':>9} {'kt ms':>8} {'spread':>6} {'torch/lv':>8} {'kt/lv':>6} {'cpu/wall':>8}  paths")
 
 
 def print_row(r):
-    kt = f"{r['kt_ms']:8.3f}" if "kt_ms" in r else f"{'-':>8}"
+    kt = f"{r['kt_ms']:8.3f} {100 * r['kt_spread']:5.1f}%" if "kt_ms" in r else f"{'-':>8} {'-':>6}"
     tr = f"{r['torch_ms']:9.3f}" if "torch_ms" in r else f"{'-':>9}"
     rt = f"{r['torch_ms'] / r['lvllm_ms']:8.2f}" if "torch_ms" in r else f"{'-':>8}"
     rk = f"{r['kt_ms'] / r['lvllm_ms']:6.2f}" if "kt_ms" in r else f"{'-':>6}"
-    print(f"{r['shape']:<14} {r['format']:<5} {r['T']:>4} {r['layers']:>2} {r['lvllm_ms']:9.3f} {r['lvllm_GBps']:6.2f} "
-          f"{r['lvllm_GFLOPps']:8.1f} {tr} {kt} {rt} {rk} {r['lvllm_cpu_ms'] / r['lvllm_ms']:8.2f}", flush=True)
+    print(f"{r['shape']:<14} {r['format']:<5} {r['T']:>4} {r['layers']:>2} {r['isa']:<6} {r['lvllm_ms']:9.3f} "
+          f"{100 * r['lvllm_spread']:5.1f}% {r['lvllm_GBps']:6.2f} {r['lvllm_GFLOPps']:8.1f} {tr} {kt} {rt} {rk} "
+          f"{r['lvllm_cpu_ms'] / r['lvllm_ms']:8.2f}  {','.join(r['paths'])}", flush=True)
 
 
 def main():
@@ -262,6 +303,7 @@ def main():
     ap.add_argument("--max-gb", type=float, default=24.0, help="cap on engine weight memory per shape/format")
     ap.add_argument("--max-layers", type=int, default=16)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--repeat", type=int, default=1, help="time each configuration this many times: median, spread")
     ap.add_argument("--min-seconds", type=float, default=2.0)
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--kt-ext", default=None, help="path of kt-kernel's _kt_kernel_ext*.so (else: import kt_kernel)")
@@ -280,8 +322,11 @@ def main():
     bw = probe.read_bandwidth(args.bw_mib << 20, reps=3)
     del probe
     load = os.getloadavg()
-    print(f"machine: {platform.processor() or platform.machine()} {os.cpu_count()} cpus; engine cpus {cpus} in "
-          f"{args.nodes} node(s); ISAs {Engine.available_isas()}; L3 {l3_bytes() >> 20} MiB; load avg {load[0]:.1f}")
+    box = box_identity()
+    print(f"box: {box['cpu_model']}, microcode {box['microcode']}, L3 {box['l3'].get('size')} shared by cpus "
+          f"{box['l3'].get('shared_cpu_list')}, {box['cpus_online']} cpus, kernel {box['kernel']}")
+    print(f"engine cpus {cpus} in {args.nodes} node(s); kernel tables {Engine.available_isas()} (using "
+          f"{args.isa or 'the first'}); load avg {load[0]:.1f}; repeat {args.repeat}")
     print(f"read bandwidth, engine threads: {bw:.2f} GB/s;  kt-kernel: {'yes' if kt_ext else 'no (' + str(kt_err) + ')'}")
     print(HEADER)
     results = []
@@ -291,7 +336,8 @@ def main():
     for r in results:
         r["read_bw_GBps"] = bw
         r["lvllm_pct_of_read_bw"] = 100 * r["lvllm_GBps"] / bw
-    doc = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": _cpu_model(),
+    doc = {"date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "cpu_model": box["cpu_model"], "box": box,
+           "repeat": args.repeat,
            "cpus": cpus, "nodes": args.nodes, "isas": Engine.available_isas(), "read_bw_GBps": bw,
            "load_avg_start": load, "load_avg_end": os.getloadavg(), "reduced": args.reduced,
            "kt_kernel": bool(kt_ext), "kt_error": kt_err, "results": results}
