@@ -147,6 +147,8 @@ def dense_checkpoint(work: Path, layers: int) -> Path:
             shutil.copy(f, out / f.name)
     cfg = json.loads((seed / "config.json").read_text())
     cfg.update(Q3, num_hidden_layers=layers)
+    if "num_local_experts" in cfg:  # transformers 5 writes both; vLLM reads this one first
+        cfg["num_local_experts"] = Q3["num_experts"]
     (out / "config.json").write_text(json.dumps(cfg, indent=1))
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     with torch.device("meta"):
@@ -326,19 +328,30 @@ def itl_during_prefill(base: str, model: str, long_len: int) -> dict:
     return out
 
 
-def session_memory(sid: int) -> dict:
-    """Resident host memory (GiB: total, anonymous, file-backed) of every process in session `sid` (the server and its
-    engine processes), and the GPU memory nvidia-smi gives their pids."""
-    pids, rss = [], {"rss": 0, "anon": 0, "file": 0}
+def session_memory(root: int) -> dict:
+    """Resident host memory (GiB: total, anonymous, file-backed) of process `root` and all its descendants (`lvllm
+    serve`, vLLM's API server, engine core and workers, which may start sessions of their own), and the GPU memory
+    nvidia-smi gives their pids."""
+    parent: dict[int, int] = {}
     for d in Path("/proc").iterdir():
         try:
-            if d.name.isdigit() and int((d / "stat").read_text().rsplit(")", 1)[1].split()[3]) == sid:
-                pids.append(int(d.name))
-                st = dict(ln.split(":", 1) for ln in (d / "status").read_text().splitlines() if ":" in ln)
-                for key, field in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile")):
-                    rss[key] += int(st.get(field, "0 kB").split()[0]) * 1024
+            if d.name.isdigit():
+                parent[int(d.name)] = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
         except (OSError, ValueError, IndexError):
             continue
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo += [c for c, pp in parent.items() if pp == pid]
+    rss = {"rss": 0, "anon": 0, "file": 0}
+    for pid in pids:
+        try:
+            st = dict(ln.split(":", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in ln)
+        except OSError:
+            continue
+        for key, field in (("rss", "VmRSS"), ("anon", "RssAnon"), ("file", "RssFile")):
+            rss[key] += int(st.get(field, "0 kB").split()[0]) * 1024
     out = {f"host_{k}_gib": round(v / 2**30, 2) for k, v in rss.items()}
     try:
         q = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
