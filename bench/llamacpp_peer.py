@@ -1,5 +1,6 @@
 """llama.cpp as the peer (issue 17): run llama-bench and llama-batched-bench on bench/gguf_random.py's GGUF, step by
-step within a time budget, and write one JSON + one markdown table. bench/llamacpp_peer.sh builds the tools and calls this.
+step within a time budget, and write one JSON + one markdown table. bench/llamacpp_peer.sh builds the tools and calls
+this.
 
     python bench/llamacpp_peer.py --bin BUILD/bin --model M.gguf --work /tmp/glp/results --out $OUT
                                   [--deadline EPOCH] [--threads 16,14] [--expert-vram-gb G] [--layers 48]
@@ -52,10 +53,10 @@ def expert_layers_in(vram_gb: float, shape: Shape) -> int:
 
 # Prompt, depth and batch sizes: the issue's (1K/8K/32K prompts, decode at 1K and 16K context, batch 1/4/16) and a
 # --small set that a CPU-only build runs in seconds.
-SIZES = {False: {"pp": "1024,8192,32768", "pp_part": "1024,8192", "depth": "0,1024,16384", "depth_part": "0,1024",
-                 "tg": 128, "npp": 1024, "npp_long": 16384},
-         True: {"pp": "64,256", "pp_part": "64,256", "depth": "0,256", "depth_part": "0,256",
-                "tg": 16, "npp": 128, "npp_long": 512}}
+SIZES = {False: {"pp": "1024,8192,32768", "pp_part": "1024,8192", "pp_long": "8192,32768", "ub_long": 4096,
+                 "depth": "0,1024,16384", "depth_part": "0,1024", "tg": 128, "npp": 1024, "npp_long": 16384},
+         True: {"pp": "64,256", "pp_part": "64,256", "pp_long": "256", "ub_long": 128,
+                "depth": "0,256", "depth_part": "0,256", "tg": 16, "npp": 128, "npp_long": 512}}
 BATCHES = (1, 4, 16)
 
 
@@ -68,13 +69,18 @@ def steps(shape: Shape, threads: list[int], expert_vram_gb: float, small: bool) 
     bench = ["-lm", "none", "-r", "3", "-o", "jsonl", "-oe", "md"]
     batched = ["-lm", "none", "-fit", "off", "--output-format", "jsonl", "-t", t, "-ntg", tg, "-npl", npl]
     part = ["-p", z["pp_part"], "-n", tg, "-d", z["depth_part"], "-t", t] + bench
-    out = [Step("cpu-prefill", "llama-bench", cpu, ["-p", z["pp"], "-n", "0", "-t", t] + bench,
-                "experts on the CPU: prefill"),
-           Step("cpu-decode", "llama-bench", cpu, ["-p", "0", "-n", tg, "-d", z["depth"], "-t", tl] + bench,
+    out = [Step("cpu-decode", "llama-bench", cpu, ["-p", "0", "-n", tg, "-d", z["depth"], "-t", tl] + bench,
                 "experts on the CPU: decode at depths"),
+           Step("cpu-prefill", "llama-bench", cpu, ["-p", z["pp"], "-n", "0", "-t", t] + bench,
+                "experts on the CPU: prefill"),
            Step("cpu-batched", "llama-batched-bench", cpu,
                 ["-npp", str(z["npp"]), "-c", str(b * (z["npp"] + z["tg"]))] + batched,
-                "experts on the CPU: batch 1/4/16, a prompt each")]
+                "experts on the CPU: batch 1/4/16, a prompt each"),
+           # llama.cpp runs a batch of >= 32 tokens on the GPU, CPU-held experts included (op offload), copying the
+           # experts each ubatch uses (ggml-backend.cpp): a larger ubatch copies them fewer times
+           Step(f"cpu-prefill-ub{z['ub_long']}", "llama-bench", cpu,
+                ["-p", z["pp_long"], "-n", "0", "-b", str(z["ub_long"]), "-ub", str(z["ub_long"]), "-t", t] + bench,
+                f"experts on the CPU: prefill, ubatch {z['ub_long']}")]
     on_gpu = [16] if layers > 16 else []
     if expert_vram_gb > 0:
         on_gpu.insert(0, expert_layers_in(expert_vram_gb, shape))
@@ -137,7 +143,7 @@ def run_step(step: Step, bin_dir: Path, model: Path, work: Path, timeout_s: floa
     and only when the tool exited by itself."""
     cmd = [str(bin_dir / step.tool), "-m", str(model)] + BASE + step.placement + step.args
     print(f"llamacpp_peer: {step.name}: {shlex.join(cmd)}", flush=True)
-    t0 = time.time()
+    t0, date = time.time(), time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     with open(work / f"{step.name}.out", "w") as out, open(work / f"{step.name}.log", "w") as log, GpuPeak() as gpu:
         p = subprocess.Popen(cmd, stdout=out, stderr=log)
         try:
@@ -149,7 +155,7 @@ def run_step(step: Step, bin_dir: Path, model: Path, work: Path, timeout_s: floa
             p.returncode = rc = os.waitstatus_to_exitcode(status)
             cut = True
     text = (work / f"{step.name}.out").read_text()
-    rec = {"step": step.name, "what": step.what, "cmd": shlex.join(cmd), "rc": rc, "cut_at_deadline": cut,
+    rec = {"step": step.name, "what": step.what, "date": date, "cmd": shlex.join(cmd), "rc": rc, "cut_at_deadline": cut,
            "wall_s": round(time.time() - t0, 1), "peak_gpu_mib": gpu.peak,
            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "results": parse_jsonl(text),
            "expected_results": expected_results(step)}
@@ -216,9 +222,11 @@ def rows(rec: dict) -> list[dict]:
 
 
 def markdown(recs: list[dict], box: dict) -> str:
+    dates = sorted(rec["date"] for rec in recs) or ["-"]
     head = (f"llama.cpp {box.get('build_commit') or '?'} (sdist llama_cpp_python-0.3.36), "
-            f"{box.get('gpu_info') or '?'}, {box.get('cpu_info') or '?'}, {box['date']}; random Q4_0 experts (4.5 bits/weight; lvllm INT4 g128: "
-            "4.125, g32: 4.5), BF16 rest; -ngl 99 -fa on -lm none\n\n")
+            f"{box.get('gpu_info') or '?'}, {box.get('cpu_info') or '?'} ({box['cpus']} cpus), measured {dates[0]}"
+            f"{' - ' + dates[-1] if dates[-1] != dates[0] else ''}; random Q4_0 experts (4.5 bits/weight; lvllm INT4 "
+            "g128: 4.125, g32: 4.5), BF16 rest; -ngl 99 -fa on -lm none\n\n")
     lines = ["| step | placement | test | threads | tok/s (median) | min-max | peak GPU MiB | peak RSS GiB |",
              "|---|---|---|---|---|---|---|---|"]
     for rec in recs:
@@ -247,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--expert-vram-gb", type=float, default=0, help="GPU bytes (1e9) for whole layers' experts")
     ap.add_argument("--layers", type=int, help="the GGUF's layers, as given to gguf_random.py (default its)")
     ap.add_argument("--small", action="store_true", help="the GGUF is gguf_random.py --small; short prompts")
-    ap.add_argument("--only", default="", help="comma-separated step names (default: all)")
+    ap.add_argument("--only", default="", help="comma-separated step names (default: all; none: just the table)")
     args = ap.parse_args(argv)
     for tool in ("llama-bench", "llama-batched-bench"):
         if not os.access(args.bin / tool, os.X_OK):
@@ -261,7 +269,10 @@ def main(argv: list[str] | None = None) -> int:
     shape = dataclasses.replace(shape, layers=args.layers or shape.layers)
     plan = steps(shape, threads, args.expert_vram_gb, args.small)
     if args.only:
-        plan = [s for s in plan if s.name in args.only.split(",")]
+        names, known = args.only.split(","), [s.name for s in plan]
+        if unknown := [n for n in names if n not in known and n != "none"]:
+            sys.exit(f"llamacpp_peer: no step {', '.join(unknown)}: --only takes none or some of {', '.join(known)}")
+        plan = [s for s in plan if s.name in names]
     cut = False
     for step in plan:
         if (args.work / f"{step.name}.json").exists():
@@ -278,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
     first = next((r for rec in recs for r in rec["results"] if "build_commit" in r), {})
     box = {k: first.get(k) for k in ("build_commit", "cpu_info", "gpu_info", "backends", "model_size",
                                      "model_n_params")}
-    box["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    box["cpus"] = os.cpu_count()
     doc = {"box": box, "gguf": describe(shape),
            "steps": recs, "rows": [r for rec in recs for r in rows(rec)]}
     (args.out / "llamacpp_peer.json").write_text(json.dumps(doc, indent=1))

@@ -6,7 +6,8 @@
 #
 #   device run, carry [".gl"], command: bash bench/llamacpp_peer.sh
 #   (env: EXPERT_VRAM_GB=G adds the --n-cpu-moe row whose whole layers' Q4_0 experts fit G GB (1e9), 0 = skip;
-#    THREADS=16,14; LAYERS=48; BUDGET_S=540; LLAMA_CUDA=0 builds CPU-only, with SMALL=1 for a check off the box)
+#    STEPS=a,b runs only those llamacpp_peer.py steps (none: build and GGUF only); THREADS=16,14; LAYERS=48;
+#    BUDGET_S=540; LLAMA_CUDA=0 builds CPU-only, with SMALL=1 for a check off the box)
 #
 # .gl/llama.cpp.tar.xz (2 MiB) is vendor/llama.cpp of the PyPI sdist llama_cpp_python-0.3.36.tar.gz, llama.cpp
 # commit 0c1e57098bba43ac29e6e3b677cdceebdd22334f, trimmed to what these two tools build from. Remake it here with
@@ -35,7 +36,8 @@ make_tree() {  # $1: the sdist; writes .gl/llama.cpp.tar.xz (temporary name, the
   # so the last result lines are sometimes lost; flush it before returning.
   sed -i 's|^    llama_backend_free();$|&\n    common_log_flush(common_log_main()); // lvllm: flush the async log|' \
       "$t/tools/batched-bench/batched-bench.cpp"
-  grep -q "lvllm: flush" "$t/tools/batched-bench/batched-bench.cpp" || { echo "llamacpp_peer: flush patch failed"; exit 1; }
+  grep -q "lvllm: flush" "$t/tools/batched-bench/batched-bench.cpp" \
+      || { echo "llamacpp_peer: the flush line did not apply (batched-bench.cpp changed?)"; exit 1; }
   printf '%s\n' "# lvllm's trimmed tree: only the two benchmark tools (the other tools were removed)." \
       "find_package(Threads REQUIRED)" "llama_add_compile_flags()" \
       "add_subdirectory(batched-bench)" "add_subdirectory(llama-bench)" > "$t/tools/CMakeLists.txt"
@@ -99,7 +101,7 @@ echo "gguf_s=$(since)"
 EXTRA=(); [ "$SMALL" = 1 ] && EXTRA=(--small)
 python3 bench/llamacpp_peer.py --bin "$B/bin" --model "$W/$NAME" --work "$W/results-${NAME%.gguf}" --out "$OUT" \
     --deadline $(( t0 + BUDGET_S )) --threads "$THREADS" --expert-vram-gb "$EXPERT_VRAM_GB" --layers "$LAYERS" \
-    "${EXTRA[@]}"
+    --only "${STEPS:-}" "${EXTRA[@]}"
 rc=$?
 mkdir -p "$OUT/raw" && cp "$W/results-${NAME%.gguf}"/*.{out,log} "$OUT/raw/" 2>/dev/null
 echo "total_s=$(since)"

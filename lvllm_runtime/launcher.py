@@ -603,7 +603,25 @@ def check_store(model: Path, store: Path):
             f"expert store {store} was made from another model ({manifest.source_path}, {manifest.model_type})",
             f"pass the store of {model.name} or make one with `{quantize_command(model, store.with_name(model.name + '-store'))}`",
         )
+    check_engine_shape(model, store, manifest)
     return manifest
+
+
+def check_engine_shape(model: Path, store: Path, manifest) -> None:
+    """StoreError when the CPU engine would refuse the store's expert shape (a store an older lvllm wrote): said
+    here, before vLLM starts, not inside it."""
+    from .manifest import ENGINE_ALIGN
+
+    h, i, nodes = manifest.hidden_size, manifest.intermediate_size, manifest.numa_nodes
+    if h % ENGINE_ALIGN == 0 and manifest.node_intermediate_size % ENGINE_ALIGN == 0:
+        return
+    runs = h % ENGINE_ALIGN == 0 and i % ENGINE_ALIGN == 0
+    raise StoreError(
+        f"expert store {store} splits experts of hidden size {h}, intermediate size {i} over {nodes} node(s) "
+        f"({manifest.node_intermediate_size} per node); the CPU engine runs multiples of {ENGINE_ALIGN}",
+        f"make a store it runs: `{quantize_command(model, store.with_name(store.name + '-1node'))} --numa-nodes 1`"
+        if runs else "lvllm's CPU engine cannot run this model's experts",
+    )
 
 
 def verified_stamp(store: Path) -> Path:
@@ -643,6 +661,10 @@ def check_plan(plan: Mapping[str, Any], plan_path: Path, model: Path, store: Pat
     if store is not None and planned_store and Path(planned_store).resolve() != store.resolve():
         raise BadInput(f"plan {plan_path} uses the store {planned_store}, not {store}",
                        "drop --plan to make a new plan for this store, or drop --store")
+    context, longest = plan.get("vllm", {}).get("max_model_len"), max_position_embeddings(model)
+    if isinstance(context, int) and longest and context > longest:  # vLLM would refuse it with its traceback
+        raise BadInput(f"plan {plan_path} sets max_model_len {context}, above the model's max_position_embeddings "
+                       f"{longest}", f"re-plan with `lvllm plan {model} --max-model-len {longest}`, or drop --plan")
     gpus = plan.get("hardware", {}).get("gpus") or plan.get("memory", {}).get("gpus")
     if gpus and not has_gpu():
         raise BadInput(f"plan {plan_path} places weights on {len(gpus)} GPU(s) and this machine has none",

@@ -24,6 +24,7 @@ from .errors import StoreError
 FORMAT_VERSION = 1
 MANIFEST = "lvllm.json"
 WEIGHT_FORMATS = ("int4", "bf16")
+ENGINE_ALIGN = 32  # csrc/engine.cpp refuses a hidden size or per-node intermediate size that is not a multiple of it
 DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1, "I16": 2, "F16": 2, "BF16": 2,
                "I32": 4, "F32": 4, "I64": 8, "F64": 8}  # safetensors dtype -> bytes per element
 

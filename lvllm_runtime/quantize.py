@@ -32,6 +32,7 @@ import torch
 from .calibrate import read_record
 from .checkpoint import Checkpoint
 from .errors import BadInput, DoesNotFit, StoreError
+from .manifest import ENGINE_ALIGN
 from .quant import GROUP_SIZES, pick_group_size, quantize_int4, regroup_scales, stored_group_size
 from .store import (
     FORMAT_VERSION,
@@ -51,7 +52,6 @@ from .store import (
 TEST_DELAY_ENV = "LVLLM_QUANTIZE_TEST_DELAY_S"
 DEFAULT_THRESHOLD = {"int4": 0.2, "bf16": 0.01}  # relative Frobenius error per expert matrix
 DISK_MARGIN = 64 << 20  # beyond the store's exact size: the manifest, directory entries, the file system's own use
-ENGINE_ALIGN = 32  # csrc/engine.cpp refuses a hidden size or per-node intermediate size that is not a multiple of it
 
 
 @dataclass(frozen=True)
@@ -493,10 +493,15 @@ def _quantize_locked(t0: float, ckpt: Checkpoint, target: StoreManifest, out: Pa
             for i, layer in enumerate(todo):
                 run.report(layer=layer)
                 writers = run.convert_layer(pool, layer)
-                if finishing is not None:
-                    finishing.result()
-                    run.report(layers_done=i)
-                finishing = finisher.submit(_finish_and_record, out, manifest, layer, writers)
+                try:
+                    if finishing is not None:
+                        finishing.result()
+                        run.report(layers_done=i)
+                    finishing = finisher.submit(_finish_and_record, out, manifest, layer, writers)
+                except BaseException:  # Ctrl-C, or the previous layer's finish failed: no temp file stays behind
+                    for w in writers:
+                        w.abort()
+                    raise
             if finishing is not None:
                 finishing.result()
                 run.report(layers_done=len(todo))
