@@ -325,7 +325,7 @@ def test_store_the_plugin_refuses_is_the_one_line(zoo, tmp_path):
     model, store, cache = zoo("qwen3_moe", "bf16"), tmp_path / "store", tmp_path / "cache"
     assert lvllm("quantize", model, store).returncode == 0
     plan = tmp_path / "plan.json"
-    save_plan(planner.make_plan(model, topology.probe(), planner.PlanOptions(store=str(store), max_model_len=512)), plan)
+    assert lvllm("plan", model, "--store", store, "--max-model-len", "512", "--out", plan).returncode == 0
     shutil.rmtree(store)
     assert lvllm("quantize", model, store, "--layers", "1-1").returncode == 0
     p = lvllm("serve", model, "--plan", plan, "--port", launcher.free_port(), "--", "--enforce-eager", cache=cache,
