@@ -106,7 +106,7 @@ def engine_result(family_job: dict, engine: str, device: str) -> dict:
                "info": llm.apply_model(vllm_harness.model_info)[0]}
         del llm
     except Exception as e:  # noqa: BLE001 - the error is this engine's result
-        out = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:300] if str(e) else '(no message)'}"}
+        out = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400] or '(no message)'}"}
     import gc
 
     gc.collect()
