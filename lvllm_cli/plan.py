@@ -59,8 +59,9 @@ def plan(
     numa_nodes: Annotated[Optional[int], typer.Option("--numa-nodes", min=1)] = None,
     hot_experts: Annotated[str, typer.Option("--hot-experts", help="Experts per layer kept on the GPU: auto, N or 0.")]
     = "auto",
-    routing_profile: Annotated[Optional[Path], typer.Option("--routing-profile", metavar="FILE",
-                                                            help="JSON {layer: [count per expert]}.")] = None,
+    routing_profile: Annotated[Optional[Path], typer.Option(
+        "--routing-profile", metavar="FILE", help="Routed picks per layer and expert, as `lvllm serve "
+        "--record-routing FILE` writes them: the most picked experts go on the GPU.")] = None,
     prefetch_window: Annotated[Optional[int], typer.Option("--prefetch-window", min=1)] = None,
     gpu_prefill_min_tokens: Annotated[Optional[int], typer.Option("--gpu-prefill-min-tokens", min=0,
                                                                   help="0 turns GPU prefill off.")] = None,
@@ -168,6 +169,9 @@ def render(p: dict[str, Any]) -> None:
                  + (f"GPU prefill from {gp} tokens, prefetch {rt['prefetch_window']} layer(s); " if gp else "no GPU prefill; ")
                  + f"max batch {rt['max_batch_tokens']} tokens; "
                  f"context {p['vllm']['max_model_len']} x {p['vllm']['max_num_seqs']} seqs")
+    if n_hot:
+        stdout.print(f"expected hot-expert hit rate {fc['hot_fraction']:.0%} of routed picks "
+                     f"(from {escape(fc.get('hot_fraction_source', 'uniform routing'))})")
     if p["fits"]:
         stdout.print("[bold green]FITS[/]")
     else:

@@ -26,7 +26,6 @@ ENGINE_PREFILL_GFLOPS_PER_CORE, printed with the forecast; nothing is per model)
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -39,6 +38,7 @@ from .model_sizes import (BYTES, ModelSource, engine_layer_bytes, load_model, mo
                           predicted_checkpoint_bytes, prefill_staging_bytes, read_store_manifest, store_layer_bytes,
                           store_layer_total_bytes)
 from .plan import PLAN_VERSION
+from .routing_profile import hottest, read_profile
 from .topology import Gpu, Topology
 
 __all__ = ["PlanOptions", "make_plan", "apply_recipe_defaults", "Hardware", "ModelSource", "load_model",
@@ -76,23 +76,7 @@ class PlanOptions:
 
 
 def _routing_profile(path: str | None, shape: ModelShape) -> dict[int, list[float]]:
-    """{layer: per-expert routed-token counts} from a JSON {"<layer>": [count, ...]} (or under "layers")."""
-    if not path:
-        return {}
-    try:
-        raw = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise BadInput(f"routing profile {path} is unreadable ({e})", "pass a JSON {\"<layer>\": [count per expert]}") from None
-    raw = raw.get("layers", raw) if isinstance(raw, dict) else raw
-    try:
-        prof = {int(k): [float(x) for x in v] for k, v in raw.items()}
-    except (AttributeError, TypeError, ValueError):
-        raise BadInput(f"routing profile {path} is not {{layer: [count per expert]}}", "regenerate it") from None
-    bad = [k for k, v in prof.items() if len(v) != shape.num_experts]
-    if bad:
-        raise BadInput(f"routing profile layer {bad[0]} has {len(prof[bad[0]])} counts, the model {shape.num_experts} experts",
-                       "use a profile recorded on this model")
-    return prof
+    return read_profile(path, shape.num_experts) if path else {}
 
 
 def make_plan(model: ModelSource | str | Path, hardware: Hardware | Topology, options: PlanOptions | None = None) -> dict:
@@ -500,8 +484,7 @@ class _Planner:
             k = gpu_mem["hot_per_layer"]
             for L in s.moe_layers:
                 if L in prof:
-                    order = sorted(range(s.num_experts), key=lambda e: -prof[L][e])[:k]
-                    hot[str(L)] = sorted(order)
+                    hot[str(L)] = hottest(prof[L], k)
                 else:
                     hot[str(L)] = list(range(k))
         min_tokens = gpu_mem["gpu_prefill_min_tokens"] if gpu_mem and gpu_mem["gpu_prefill"] else None
@@ -636,7 +619,10 @@ class _Planner:
         out["decode_at_max_model_len"] = [decode(b, self.max_len) for b in batches]
         out["decode_context"] = short
         out["active_expert_bytes_per_token"] = s.top_k * self.expert_store_bytes * n_moe
-        out["hot_fraction"] = 1 - cold_frac
+        out["hot_fraction"] = 1 - cold_frac  # = the hot-expert hit rate: every token makes top_k picks per layer
+        profiled = sum(1 for L in s.moe_layers if L in prof)
+        out["hot_fraction_source"] = (f"routing profile {self.opt.routing_profile} ({profiled} of {n_moe} MoE layers)"
+                                      if profiled else "uniform routing (no --routing-profile)")
         out["gpu_prefill"] = self.gpu_prefill_note
         out["prefill"] = [self._prefill(P, gpu_mem, runtime, cold_frac) for P in (1024, 8192, 32768, 65536)
                           if P <= self.max_len]
