@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every zoo family through CUDA vLLM on the GPU box, stock vs the lvllm plugin (bench/families_gpu.py), one call:
 #
-#   device run, carry [".whl", ".carry/snap"] (snapshot of committed code: others may be editing csrc/ here):
+#   device run, carry [".whl/p0", ".whl/p1", ".whl/x", ".carry/snap"] (59 MiB: the whole .whl with a snapshot passes
+#   the 64 MiB carry limit; the snapshot of committed code because others may be editing csrc/ here):
 #     rm -rf .carry/snap && mkdir -p .carry/snap && git archive HEAD | tar -x -C .carry/snap
 #     command: ln -sfn "$PWD/.whl" .carry/snap/.whl && cd .carry/snap && bash bench/families_gpu.sh
 #
