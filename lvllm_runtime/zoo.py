@@ -317,6 +317,92 @@ def build(
     return out
 
 
+# A shared direction added to every token embedding (x its mean row norm) and the logit boost the favoured experts'
+# router rows get along the router input's mean: measured on qwen3_moe, 2 favoured experts of 8 take 77-88% of each
+# layer's picks over zoo_text lines the calibration did not see (offset 1, boost 2: 92-96%; the rest is what a plan's
+# hit-rate forecast has to get right).
+SKEW_OFFSET, SKEW_BOOST = 0.5, 2.5
+
+
+def skewed_experts(layer: int, num_experts: int, hot: int) -> list[int]:
+    """The `hot` experts `build_skewed` favours in MoE layer `layer` (another set in each layer)."""
+    return sorted({(3 * layer + j * (num_experts // hot)) % num_experts for j in range(hot)})
+
+
+def build_skewed(model_type: str, out_dir: str | os.PathLike, hot: int = 2, seed: int = 0) -> Path:
+    """The bf16 `build` of `model_type`, with routing skewed so that `skewed_experts(layer, E, hot)` take most picks
+    of each MoE layer (the plain zoo routes uniformly, so hot experts cannot show their value on it).
+
+    Routers see normalised hidden states with no common direction a row could favour, so the embeddings get one
+    (a shared vector), then layer by layer, over the first lines of zoo_text.txt: every router row loses its component
+    along the router input's mean and the favoured rows gain SKEW_BOOST logits along it. Same bytes for the same
+    arguments."""
+    out = Path(out_dir)
+    spec = {"model_type": model_type, "variant": "bf16", "seed": seed, "zoo_version": 2,
+            "skew": {"hot": hot, "offset": SKEW_OFFSET, "boost": SKEW_BOOST}}
+    if _read_marker(out) == spec:
+        return out
+    if out.exists() and not (out / MARKER).is_file() and any(out.iterdir()):
+        raise BadInput(f"{out} exists and is not a zoo build", "remove it or choose another directory")
+    tmp = out.with_name(f".{out.name}.skew-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        build(model_type, tmp, "bf16", seed)
+        skew_routing(tmp, hot, seed)
+        write_json(tmp / MARKER, spec)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def skew_routing(out: Path, hot: int, seed: int = 0) -> None:
+    """Rewrite the embedding and router tensors of the single-file checkpoint in `out` in place so that
+    `skewed_experts(layer, E, hot)` take most picks (see build_skewed; benches may skew a bigger checkpoint)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((out / "config.json").read_text())
+    model_type, moe = config["model_type"], resolve(config)
+    if not 0 < hot < moe.num_experts:
+        raise BadInput(f"hot={hot} favoured experts of {moe.num_experts}", f"pass 1..{moe.num_experts - 1}")
+    model = auto_class(model_type).from_pretrained(out, dtype=torch.float32).eval()
+    names = {id(p): n for n, p in model.named_parameters()}
+    tensors = load_file(out / "model.safetensors")
+    gen = torch.Generator().manual_seed(seed)
+    tok = train_tokenizer()
+    lines = [line for line in Path(__file__).with_name("zoo_text.txt").read_text().splitlines() if line.strip()]
+    text = torch.tensor([tok.encode(line).ids[:32] for line in lines[:16] if len(tok.encode(line).ids) >= 32])
+    changed = []
+    with torch.no_grad():
+        emb = model.get_input_embeddings().weight
+        shared = torch.randn(emb.shape[1], generator=gen)
+        emb += shared / shared.norm() * emb.norm(dim=1).mean() * SKEW_OFFSET
+        changed.append(names[id(emb)])
+        for layer in moe.moe_layers:
+            name = moe.router_name(layer)
+            router = model.get_submodule(name.removesuffix(".weight"))
+            seen = []
+            hook = router.register_forward_pre_hook(lambda mod, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
+            model(text)
+            hook.remove()
+            mean = seen[0].mean(0)
+            w = router.weight
+            w -= torch.outer(w @ mean, mean) / mean.dot(mean)
+            w[skewed_experts(layer, moe.num_experts, hot)] += SKEW_BOOST * mean / mean.dot(mean)
+            changed.append(names[id(w)])
+    missing = [n for n in changed if n not in tensors]
+    if missing:
+        raise BadInput(f"{model_type} keeps {missing[0]} under another name on disk", "skew qwen3_moe or mixtral")
+    for n in changed:
+        tensors[n] = dict(model.named_parameters())[n].detach().to(tensors[n].dtype).contiguous()
+    save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)
+
+
 def _read_marker(out: Path) -> dict | None:
     try:
         return json.loads((out / MARKER).read_text())
