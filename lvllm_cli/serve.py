@@ -194,6 +194,12 @@ def serve(
     ready_timeout: Annotated[
         Optional[float], typer.Option(help="Give up when vLLM is not ready after this many seconds.")
     ] = None,
+    record_routing: Annotated[Optional[Path], typer.Option(
+        "--record-routing", metavar="FILE", help="Count the routed picks per layer and expert while serving and keep "
+        "them in FILE (rewritten every --record-every seconds): `lvllm plan --routing-profile FILE` puts the most "
+        "picked experts on the GPU.")] = None,
+    record_every: Annotated[Optional[float], typer.Option(
+        "--record-every", metavar="SECONDS", help="How often the counts reach FILE and /metrics (default 10).")] = None,
 ) -> None:
     """Serve MODEL through vLLM's OpenAI server with the lvllm plugin; vLLM options go after `--`.
 
@@ -211,6 +217,7 @@ def serve(
                 setup = launcher.prepare(
                     model, recipe=recipe_data, store=store, plan_path=plan, host=host, port=port,
                     user_args=user_args, quantize=quantize, verify_store=verify_store, on_stage=stages.start,
+                    record_routing=record_routing, record_every_s=record_every,
                 )
                 stages.done("store", f"{setup.store}: {setup.store_check}")
                 stages.done("plan", f"{'made' if setup.plan_made else 'read'} {setup.plan_path}")

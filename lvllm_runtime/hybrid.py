@@ -15,6 +15,7 @@ Shared experts are the caller's business (vLLM runs them itself), so they overla
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Mapping, Protocol, Sequence
 
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from .arch import Routing
     from .cuda_graph_step import HybridDecodeLayer
     from .gpu_prefill import StreamedPrefill
+    from .metrics import StepObserver
 
 GPTOSS_ALPHA, GPTOSS_LIMIT = 1.702, 7.0
 
@@ -184,6 +186,7 @@ class HybridMoE:
         self.all_hot = decode.all_hot
         if engine is None and not self.all_hot:
             raise ValueError(f"layer {layer}: cold experts need an engine")
+        self.observer: "StepObserver | None" = None  # metrics.observe: routed picks, paths, engine time
 
     def uses_whole_layer(self, num_tokens: int) -> bool:
         return (self.prefill is not None and self.gpu_prefill_min_tokens is not None
@@ -202,27 +205,41 @@ class HybridMoE:
             return "decode_step"
         return "hot" if self.all_hot else "engine"
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
-        """hidden [T,H] bf16|f32 on the device, topk_weights f32 [T,k], topk_ids int [T,k] -> [T,H] hidden's dtype."""
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                padding: torch.Tensor | None = None, observe: bool = True) -> torch.Tensor:
+        """hidden [T,H] bf16|f32 on the device, topk_weights f32 [T,k], topk_ids int [T,k] -> [T,H] hidden's dtype.
+
+        The observer (if any) is told of the call unless `observe` is False (vLLM's profile and warm-up runs);
+        padding bool [T] marks the padding rows of a padded batch (None: every row is a token)."""
         if hidden.shape[0] == 0:
             return torch.zeros_like(hidden)
         path = self.path(hidden.shape[0])
+        obs = self.observer if observe else None
+        if obs is not None:
+            obs.begin(self.layer, path, topk_ids, padding)
         if path == "gpu_prefill":
-            return self.prefill.forward(self.layer, hidden, topk_weights, topk_ids)
-        if path == "decode_step":
-            return self.decode(hidden, topk_weights, topk_ids)
-        out = self.decode.hot(hidden, topk_weights, topk_ids)
-        if not self.all_hot:
-            cold = self._engine_forward(hidden, topk_weights, self.decode.cold_ids(topk_ids))
-            out = cold.float() if out is None else out + cold.float()
-        return out.to(hidden.dtype)
+            out = self.prefill.forward(self.layer, hidden, topk_weights, topk_ids)
+        elif path == "decode_step":
+            out = self.decode(hidden, topk_weights, topk_ids)
+        else:
+            out = self.decode.hot(hidden, topk_weights, topk_ids)
+            if not self.all_hot:
+                cold = self._engine_forward(hidden, topk_weights, self.decode.cold_ids(topk_ids), obs)
+                out = cold.float() if out is None else out + cold.float()
+            out = out.to(hidden.dtype)
+        if obs is not None:
+            obs.end(self.layer)
+        return out
 
-    def _engine_forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
-                        ) -> torch.Tensor:
+    def _engine_forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+                        obs: "StepObserver | None" = None) -> torch.Tensor:
         """The engine's part on host copies (none needed on the CPU); result back on hidden's device."""
         host = torch.device("cpu")
         h = hidden.to(host).contiguous()
         out = torch.empty_like(h)
-        self.engine.forward(self.layer, h, topk_ids.to(host, torch.int32).contiguous(),
-                            topk_weights.to(host, torch.float32).contiguous(), out)
+        ids = topk_ids.to(host, torch.int32).contiguous()
+        t0 = time.perf_counter()
+        self.engine.forward(self.layer, h, ids, topk_weights.to(host, torch.float32).contiguous(), out)
+        if obs is not None:
+            obs.engine_call(time.perf_counter() - t0, ids)
         return out.to(hidden.device)

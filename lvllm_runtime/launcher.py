@@ -225,11 +225,13 @@ def build_command(
     port: int = 8000,
     user_args: Sequence[str] = (),
     environ: Mapping[str, str] | None = None,
+    plugin_config: Mapping[str, Any] | None = None,
 ) -> ServeCommand:
     """Assemble the vLLM server command: lvllm defaults < recipe < plan < user arguments.
 
     `plan_path` reaches the plugin in every vLLM process through `--additional-config {"lvllm_plan": path}`;
-    a user `--additional-config` is merged into that JSON object (user keys win). `environ` (default os.environ)
+    a user `--additional-config` is merged into that JSON object (user keys win), as are `plugin_config`'s keys (the
+    routing recorder's). `environ` (default os.environ)
     is the environment vLLM will inherit; the command's `env` holds only what must change in it.
     """
     layers: list[tuple[str, Options]] = []
@@ -249,6 +251,7 @@ def build_command(
     additional: dict[str, Any] = {}
     if plan_path is not None:
         additional["lvllm_plan"] = str(Path(plan_path).resolve())
+    additional.update(plugin_config or {})
 
     user_opts, positionals = parse_vllm_args(user_args)
     if positionals:
@@ -366,10 +369,12 @@ class VllmServer:
                 "stop what is listening there or pass --port with a free port",
             )
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.command.env}
+        env.update(metrics_env(env, self.log_path.with_name(f"prometheus-{self.command.port}")))
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 list(self.command.argv),
-                env={**os.environ, **self.command.env},
+                env=env,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -461,6 +466,29 @@ class VllmServer:
                 p.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.process.wait(5)
+
+
+def metrics_env(environ: Mapping[str, str], fresh: Path) -> dict[str, str]:
+    """PROMETHEUS_MULTIPROC_DIR for one server start, `fresh` emptied (an earlier server's files would add up):
+    vLLM's /metrics then collects the series of every process, the plugin's `lvllm_` ones from the engine's process
+    included (metrics.py). A directory the user set is theirs to manage."""
+    if "PROMETHEUS_MULTIPROC_DIR" in environ:
+        return {}
+    shutil.rmtree(fresh, ignore_errors=True)
+    fresh.mkdir(parents=True)
+    return {"PROMETHEUS_MULTIPROC_DIR": str(fresh)}
+
+
+def check_record_path(path: Path) -> Path:
+    """Where `--record-routing` writes its profile: a file in an existing, writable directory (checked before vLLM
+    starts; the plugin writes it atomically)."""
+    path = path.expanduser().resolve()
+    if path.is_dir():
+        raise BadInput(f"--record-routing {path} is a directory", "pass a file name, e.g. --record-routing routing.json")
+    if not path.parent.is_dir() or not os.access(path.parent, os.W_OK):
+        raise BadInput(f"--record-routing {path}: {path.parent} is not a writable directory",
+                       "pass a file in a directory that exists and you can write")
+    return path
 
 
 def _new_lines(path: Path, offset: int, each: Callable[[str], None]) -> int:
@@ -696,14 +724,25 @@ def prepare(
     quantize: bool = False,
     verify_store: bool = False,
     on_stage: Callable[[str, str], None] | None = None,
+    record_routing: Path | None = None,
+    record_every_s: float | None = None,
 ) -> ServeSetup:
     """Find (or with `quantize`, make) the expert store, load or make the plan, and assemble the vLLM command.
 
     `on_stage(stage, detail)` is told when "store" and "plan" start. Nothing is started; the plan made here is
-    written to `run_dir(model)/plan.json` so that the printed command works on its own.
+    written to `run_dir(model)/plan.json` so that the printed command works on its own. `record_routing`: the file
+    the plugin keeps the routed picks in (every `record_every_s` seconds), the profile `lvllm plan` reads.
     """
     stage = on_stage or (lambda name, detail: None)
     model = check_model_dir(Path(model))
+    recorder: dict[str, Any] = {}
+    if record_routing is not None:
+        recorder["lvllm_record_routing"] = str(check_record_path(Path(record_routing)))
+    if record_every_s is not None:
+        if not record_every_s > 0:
+            raise BadInput(f"--record-every {record_every_s} is not a positive number of seconds",
+                           "pass e.g. --record-every 10")
+        recorder["lvllm_record_every_s"] = float(record_every_s)
     if recipe is not None:
         want = (recipe.get("architecture") or {}).get("model_type")
         have = json.loads((model / "config.json").read_text()).get("model_type")
@@ -747,6 +786,7 @@ def prepare(
         host=host,
         port=port,
         user_args=user_args,
+        plugin_config=recorder,
     )
     log_path = run_dir(model) / f"vllm-{command.port}.log"
     return ServeSetup(command, plan, Path(plan_path), chosen, log_path, made, store_check)

@@ -31,6 +31,7 @@ from .arch import check_served_layer
 from .errors import LvllmError, StoreError, VllmUnsupported, plugin_error_line
 from .hybrid import HybridMoE
 from .hybrid_runtime import HybridRuntime, Placement
+from .metrics import FLUSH_S, StepObserver, observe
 from .plan import RuntimePlan, load_plan
 from .vllm_versions import check_vllm_version
 
@@ -38,6 +39,7 @@ from .vllm_versions import check_vllm_version
 log = logging.getLogger("vllm.lvllm")
 
 PLAN_KEY = "lvllm_plan"
+RECORD_KEY, RECORD_EVERY_KEY = "lvllm_record_routing", "lvllm_record_every_s"  # `lvllm serve --record-routing`
 
 _registered = False
 _LAYERS: dict[int, HybridMoE] = {}  # layer index -> its hybrid layer, looked up by the custom op
@@ -149,7 +151,23 @@ def _routed_experts_class(base: type, unsupported: VllmUnsupported | None) -> ty
 @torch.library.custom_op("lvllm::hybrid_moe", mutates_args=())
 def hybrid_moe(hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, layer: int) -> torch.Tensor:
     """Opaque to Dynamo: the engine call is host work torch.compile must not trace. [T,H] -> [T,H]."""
-    return _LAYERS[layer].forward(hidden, topk_weights, topk_ids)
+    served, padding = _step_padding(hidden.shape[0])
+    return _LAYERS[layer].forward(hidden, topk_weights, topk_ids, padding=padding, observe=served)
+
+
+def _step_padding(num_tokens: int) -> tuple[bool, torch.Tensor | None]:
+    """(is this forward a served step, vLLM's bool [T] padding mask or None): vLLM's profile and eager warm-up runs
+    have no attention metadata; padded batches (CUDA-graph sizes, graph warm-ups) mark their padding rows."""
+    from vllm.config import CUDAGraphMode
+    from vllm.forward_context import get_forward_context, is_forward_context_available
+
+    if not is_forward_context_available():
+        return True, None
+    fc = get_forward_context()
+    if fc.attn_metadata is None and fc.cudagraph_runtime_mode == CUDAGraphMode.NONE:
+        return False, None
+    pad = fc.is_padding
+    return True, (pad if pad is not None and pad.shape[0] == num_tokens else None)
 
 
 @hybrid_moe.register_fake
@@ -189,12 +207,13 @@ def _plan_from_config() -> dict[str, Any] | None:
 
 _RUNTIME: HybridRuntime | None = None
 _RUNTIME_KEY: str | None = None
+_OBSERVER: StepObserver | None = None
 
 
 def _runtime(moe_config) -> HybridRuntime:
     """This process's hybrid runtime for the plan in the current vLLM config, made at its first MoE layer from what
     vLLM knows (device, TP rank, top-k, batch sizes); every check runs there, before any weight is read."""
-    global _RUNTIME, _RUNTIME_KEY
+    global _RUNTIME, _RUNTIME_KEY, _OBSERVER
     from vllm.config import get_current_vllm_config
 
     plan = _plan_from_config()
@@ -212,6 +231,10 @@ def _runtime(moe_config) -> HybridRuntime:
         _LAYERS.clear()
         _RUNTIME_KEY, _RUNTIME = key, None
         _RUNTIME = HybridRuntime.open(RuntimePlan.from_dict(plan), placement, str(cfg.model_config.model))
+        if _OBSERVER is not None:
+            _OBSERVER.close()
+        extra = cfg.additional_config if isinstance(cfg.additional_config, dict) else {}
+        _OBSERVER = observe(_RUNTIME, extra.get(RECORD_KEY), float(extra.get(RECORD_EVERY_KEY, FLUSH_S)))
     return _RUNTIME
 
 
@@ -261,6 +284,8 @@ class LvllmMoEMethod(FusedMoEMethodBase):
     def process_weights_after_loading(self, layer) -> None:
         with _reported():
             _LAYERS[self.layer] = _RUNTIME.load_layer(self.layer)
+        _LAYERS[self.layer].observer = _OBSERVER
+        _OBSERVER.attach(self.layer)
 
     def apply(self, layer, x, topk_weights, topk_ids, shared_experts, shared_experts_input):
         return torch.ops.lvllm.hybrid_moe(x, topk_weights, topk_ids, self.layer)
