@@ -125,6 +125,8 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     trace_.resize(pool_->total_threads());
     cur_a_ = std::vector<Cursor>(nn);
     cur_b_ = std::vector<Cursor>(nn);
+    prog_a_ = std::vector<Progress>(nn);
+    prog_b_ = std::vector<Progress>(nn);
     hptr_.resize(nn);
     hq_.resize(nn);
     hqptr_.resize(nn);
@@ -136,7 +138,7 @@ Engine::Engine(const EngineConfig& cfg) : cfg_(cfg) {
     for (auto& s : scratch_) s.resize(size_t(2) * kTokBlock * kRowsA + size_t(kTokBlock) * kRowsB);
 }
 
-Engine::~Engine() { pool_->wait(); }
+Engine::~Engine() { pool_->quiesce(); }
 
 // ---- load -------------------------------------------------------------------------------------------------------
 
@@ -196,7 +198,7 @@ void Engine::load_layer(int layer, const std::vector<ShardIn>& shards) {
             throw std::invalid_argument("shard " + str(n) + " has w2.bias: it belongs in node 0's shard only (the sum "
                                         "over nodes adds it once); drop it from the other shards");
     std::lock_guard<std::mutex> g(api_mu_);
-    pool_->wait();
+    pool_->quiesce();
     const size_t E = cfg_.experts, H = cfg_.hidden, In = cfg_.intermediate, R13 = rows13();
     Layer fresh;
     fresh.nodes.resize(shards.size());
@@ -257,6 +259,7 @@ std::string Engine::forward(const ForwardArgs& a) {
 std::string Engine::submit_locked(const ForwardArgs& a) {
     submit_ns_ = now_ns();
     if (pool_->busy()) return "a forward is still in flight: call wait() before the next submit()";
+    pool_->quiesce();  // a late worker may still be running through the last forward's (finished) job
     auto it = layers_.find(a.layer);
     if (it == layers_.end()) return "layer " + str(a.layer) + " is not loaded: call load_layer(" + str(a.layer) + ", shards) first";
     if (a.tokens < 0 || a.tokens > cfg_.max_tokens)
@@ -339,6 +342,17 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
         cur_a_[n].v.store(0, std::memory_order_relaxed);
         cur_b_[n].v.store(0, std::memory_order_relaxed);
     }
+    const bool tok0 = a.hidden_dtype == Dtype::BF16 || (q8_ && !q8_slots_), slot0 = rows_ || q8_slots_;
+    items_0_ = uint32_t((tok0 ? T : 0) + (slot0 ? S : 0));
+    items_a_ = uint32_t(active_.size() * ((In + kRowsA - 1) / kRowsA));
+    items_b_ = uint32_t((H + kRowsB - 1) / kRowsB);
+    items_c_ = uint32_t(T * ((H + kColsC - 1) / kColsC));
+    for (size_t n = 0; n < cfg_.nodes.size(); ++n) {
+        prog_a_[n].done.store(0, std::memory_order_relaxed);
+        prog_b_[n].done.store(0, std::memory_order_relaxed);
+    }
+    prog_0_.done.store(0, std::memory_order_relaxed);
+    prog_c_.done.store(0, std::memory_order_relaxed);
     cur_0_.v.store(0, std::memory_order_relaxed);
     cur_c_.v.store(0, std::memory_order_relaxed);
     cur_ = a;
@@ -377,11 +391,11 @@ void Engine::int4_call(const Int4Mat& m, int r0, int r1, int s0, int n, const in
     }
 }
 
-void Engine::phase_a(int node, int gtid) {
+int Engine::phase_a(int node, int gtid) {
     const NodeWeights& W = cur_layer_->nodes[node];
     const int In = static_cast<int>(cfg_.intermediate);
     const int cpe = (In + kRowsA - 1) / kRowsA;
-    const int items = static_cast<int>(active_.size()) * cpe;
+    const int items = static_cast<int>(items_a_);
     float* gt = scratch_[gtid].data();
     float* ut = gt + kTokBlock * kRowsA;
     float* hb = hbuf_[node].data();
@@ -395,7 +409,8 @@ void Engine::phase_a(int node, int gtid) {
         trace_[gtid].paths |= 1u << int(KernelPath::Bf16);
     };
     // One item ahead: the next item is taken (and its gate rows prefetched) before this one is computed.
-    for (int it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed), next; it < items; it = next) {
+    int did = 0;
+    for (int it = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed), next; it < items; it = next, ++did) {
         next = cur_a_[node].v.fetch_add(1, std::memory_order_relaxed);
         if (cfg_.int4 && next < items) {
             const int n0 = (next % cpe) * kRowsA;
@@ -432,16 +447,18 @@ void Engine::phase_a(int node, int gtid) {
             }
         }
     }
+    return did;
 }
 
-void Engine::phase_b(int node, int gtid) {
+int Engine::phase_b(int node, int gtid) {
     const NodeWeights& W = cur_layer_->nodes[node];
     const int H = static_cast<int>(cfg_.hidden);
     const int64_t T = cur_.tokens, In = cfg_.intermediate;
-    const int items = (H + kRowsB - 1) / kRowsB;
+    const int items = static_cast<int>(items_b_);
     float* tmp = scratch_[gtid].data() + 2 * kTokBlock * kRowsA;
     float* y = ybuf_[node].data();
-    for (int it; (it = cur_b_[node].v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    int did = 0;
+    for (int it; (it = cur_b_[node].v.fetch_add(1, std::memory_order_relaxed)) < items; ++did) {
         const int h0 = it * kRowsB, h1 = std::min(H, h0 + kRowsB), nr = h1 - h0;
         for (int64_t t = 0; t < T; ++t) std::memset(y + t * H + h0, 0, sizeof(float) * nr);
         for (size_t a = 0; a < active_.size(); ++a) {
@@ -472,6 +489,7 @@ void Engine::phase_b(int node, int gtid) {
             }
         }
     }
+    return did;
 }
 
 void Engine::forward_job(void* ctx, int node, int, int gtid) {
@@ -483,10 +501,11 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
     const ForwardArgs& a = self->cur_;
     const int64_t T = a.tokens, H = self->cfg_.hidden;
     const bool in_bf16 = a.hidden_dtype == Dtype::BF16, wb = self->rows_, q8 = self->q8_, q8s = self->q8_slots_;
-    if (in_bf16 || wb || q8) {  // phase 0: fp32 rows and/or int8 records per token; bf16 rows, int8 records per slot
-        const int64_t S = static_cast<int64_t>(self->slot_tok_.size()), tok = (in_bf16 || (q8 && !q8s)) ? T : 0;
-        const int64_t items = tok + ((wb || q8s) ? S : 0), xr = q8_row_bytes(H);
-        for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    const int64_t spin = pool.spin_ns();
+    if (self->items_0_) {  // phase 0: fp32 rows and/or int8 records per token; bf16 rows, int8 records per slot
+        const int64_t tok = (in_bf16 || (q8 && !q8s)) ? T : 0, xr = q8_row_bytes(H);
+        uint32_t did = 0;
+        for (int64_t it; (it = self->cur_0_.v.fetch_add(1, std::memory_order_relaxed)) < self->items_0_; ++did) {
             if (it < tok) {
                 if (in_bf16) {
                     const uint16_t* src = static_cast<const uint16_t*>(a.hidden) + it * H;
@@ -513,21 +532,22 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
                 self->kt_->quantize_q8(x, H, 0, H / kInt4Block, self->xq_.data() + s * xr);
             }
         }
-        pool.global_barrier().arrive_and_wait();
+        self->prog_0_.add(did, self->items_0_);
+        self->prog_0_.wait(self->items_0_, spin);
     }
     tr[1] = now_ns();
-    self->phase_a(node, gtid);
+    self->prog_a_[node].add(self->phase_a(node, gtid), self->items_a_);
     tr[2] = now_ns();
-    pool.node_barrier(node).arrive_and_wait();
+    self->prog_a_[node].wait(self->items_a_, spin);
     tr[3] = now_ns();
-    self->phase_b(node, gtid);
+    self->prog_b_[node].add(self->phase_b(node, gtid), self->items_b_);
     tr[4] = now_ns();
-    pool.global_barrier().arrive_and_wait();
+    const int nn = pool.num_nodes();
+    for (int n = 0; n < nn; ++n) self->prog_b_[n].wait(self->items_b_, spin);
     tr[5] = now_ns();
     const int cb = static_cast<int>((H + kColsC - 1) / kColsC);
-    const int64_t items = T * cb;
-    const int nn = pool.num_nodes();
-    for (int64_t it; (it = self->cur_c_.v.fetch_add(1, std::memory_order_relaxed)) < items;) {
+    uint32_t did = 0;
+    for (int64_t it; (it = self->cur_c_.v.fetch_add(1, std::memory_order_relaxed)) < self->items_c_; ++did) {
         const int64_t t = it / cb, c0 = (it % cb) * kColsC, c1 = std::min<int64_t>(H, c0 + kColsC);
         for (int64_t c = c0; c < c1; ++c) {
             float s = 0.f;
@@ -537,11 +557,12 @@ void Engine::forward_job(void* ctx, int node, int, int gtid) {
         }
     }
     tr[6] = now_ns();
+    if (self->prog_c_.add(did, self->items_c_)) pool.job_done();  // out is complete: the caller may go on
 }
 
 std::vector<int64_t> Engine::last_trace() {
     std::lock_guard<std::mutex> g(api_mu_);
-    pool_->wait();
+    pool_->quiesce();
     std::vector<int64_t> out;
     if (!traced_) return out;
     const int64_t t0 = pool_->launched_at();
@@ -553,7 +574,7 @@ std::vector<int64_t> Engine::last_trace() {
 
 uint32_t Engine::last_paths() {
     std::lock_guard<std::mutex> g(api_mu_);
-    pool_->wait();
+    pool_->quiesce();
     uint32_t p = 0;
     for (const TraceRow& r : trace_) p |= r.paths;
     return p;
@@ -580,7 +601,7 @@ void Engine::read_job(void* ctx, int node, int tid, int) {
 
 double Engine::read_bandwidth(size_t bytes_per_node, int reps) {
     std::lock_guard<std::mutex> g(api_mu_);
-    pool_->wait();
+    pool_->quiesce();
     bw_bufs_.clear();
     for (size_t n = 0; n < cfg_.nodes.size(); ++n) bw_bufs_.emplace_back(bytes_per_node);
     bw_touch_ = true;

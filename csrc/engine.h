@@ -110,8 +110,9 @@ public:
     static std::vector<std::string> available_isas();
 
     // Timeline of the last forward, ns after its launch: per thread, when it started, then when it finished phase 0,
-    // phase A, the node barrier, phase B, the global barrier and phase C; then the routing time before the launch.
-    // Empty before the first forward.
+    // its phase A items, waiting for its node's phase A, its phase B items, waiting for every node's phase B, and
+    // phase C (a late thread's points come after the others' work: it found none left); then the routing time before
+    // the launch. Empty before the first forward.
     static constexpr int kTracePoints = 7;
     std::vector<int64_t> last_trace();
     // KernelPath bits of the kernels the last forward called (0 before the first).
@@ -145,8 +146,8 @@ private:
     static void forward_job(void* ctx, int node, int tid, int gtid);
     void repack_expert(const ShardIn& in, NodeWeights& w, int e) const;
     std::string submit_locked(const ForwardArgs& a);
-    void phase_a(int node, int tid);
-    void phase_b(int node, int tid);
+    int phase_a(int node, int gtid);  // returns the items this thread did
+    int phase_b(int node, int gtid);
     template <class T> static void grow(std::vector<T>& v, size_t n) { if (v.size() < n) v.resize(n); }
     // INT4 kernel calls of n tokens take the int8-activation kernel in this forward (see KernelTable::int4_q8_rows).
     bool q8_call(int n) const { return q8_ && n <= kt_->int4_q8_max_tokens; }
@@ -194,6 +195,11 @@ private:
     std::vector<std::vector<float>> scratch_;    // per thread
     std::vector<Cursor> cur_a_, cur_b_;
     Cursor cur_0_, cur_c_;
+    // Each phase ends when its items are done (thread_pool.h Progress), not when every thread has arrived: a late
+    // worker finds its share taken by the others; phase A and B per node, 0 and C over all; C's end is the job's.
+    uint32_t items_0_ = 0, items_a_ = 0, items_b_ = 0, items_c_ = 0;
+    std::vector<Progress> prog_a_, prog_b_;
+    Progress prog_0_, prog_c_;
     std::vector<int> eslot_;  // routing scratch
     struct alignas(64) TraceRow {
         int64_t t[kTracePoints] = {};

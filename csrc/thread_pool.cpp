@@ -11,7 +11,6 @@
 
 #include <algorithm>
 #include <climits>
-#include <memory>
 
 namespace lvllm {
 namespace {
@@ -61,30 +60,26 @@ void wait_change(const std::atomic<uint32_t>& word, uint32_t old, std::atomic<in
     }
 }
 
+void wait_for(const std::atomic<uint32_t>& word, uint32_t target, std::atomic<int>& sleepers, int64_t spin_ns) {
+    for (uint32_t v; (v = word.load(std::memory_order_acquire)) != target;) wait_change(word, v, sleepers, spin_ns);
+}
+
 void wake_all(const std::atomic<uint32_t>& word, const std::atomic<int>& sleepers) {
     if (sleepers.load(std::memory_order_seq_cst) > 0) futex(&word, FUTEX_WAKE_PRIVATE, INT_MAX);
 }
 
-void Barrier::arrive_and_wait() {
-    if (n_ <= 1) return;
-    const uint32_t g = gen_.load(std::memory_order_acquire);
-    if (count_.fetch_add(1, std::memory_order_acq_rel) == static_cast<uint32_t>(n_ - 1)) {
-        count_.store(0, std::memory_order_relaxed);
-        gen_.fetch_add(1, std::memory_order_seq_cst);
-        wake_all(gen_, sleepers_);
-    } else {
-        wait_change(gen_, g, sleepers_, spin_ns_);
-    }
+bool Progress::add(uint32_t n, uint32_t items) {
+    if (!n) return false;
+    const bool last = done.fetch_add(n, std::memory_order_seq_cst) + n == items;
+    wake_all(done, sleepers);
+    return last;
 }
 
 ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes, int spin_us) : spin_ns_(int64_t(spin_us) * 1000) {
-    int total = 0;
     for (const auto& cpus : nodes) {
         node_threads_.push_back(static_cast<int>(cpus.size()));
-        node_barriers_.push_back(std::make_unique<Barrier>(static_cast<int>(cpus.size()), spin_ns_));
-        total += static_cast<int>(cpus.size());
+        cpus_.insert(cpus_.end(), cpus.begin(), cpus.end());
     }
-    global_barrier_.reset(total, spin_ns_);
     int gtid = 0;
     for (size_t n = 0; n < nodes.size(); ++n)
         for (size_t t = 0; t < nodes[n].size(); ++t, ++gtid)
@@ -95,7 +90,7 @@ ThreadPool::ThreadPool(const std::vector<std::vector<int>>& nodes, int spin_us) 
 }
 
 ThreadPool::~ThreadPool() {
-    if (busy_) wait();
+    quiesce();
     stop_ = true;
     job_gen_.fetch_add(1, std::memory_order_seq_cst);
     wake_all(job_gen_, job_sleepers_);
@@ -103,22 +98,40 @@ ThreadPool::~ThreadPool() {
 }
 
 void ThreadPool::launch(JobFn fn, void* ctx) {
+    quiesce();
     fn_ = fn;
     ctx_ = ctx;
     busy_ = true;
+    done_early_.store(false, std::memory_order_relaxed);
     remaining_.store(total_threads(), std::memory_order_relaxed);
+    caller_cpu_.store(sched_getcpu(), std::memory_order_relaxed);
     ++launched_;
     launched_ns_ = now_ns();
     job_gen_.fetch_add(1, std::memory_order_seq_cst);  // publishes fn_/ctx_ (release)
     wake_all(job_gen_, job_sleepers_);
 }
 
+// No spinning in wait() where a worker is pinned to this thread's cpu: it would hold that worker off.
+int64_t ThreadPool::waiter_spin_ns() const {
+    const int cpu = sched_getcpu();
+    return std::find(cpus_.begin(), cpus_.end(), cpu) != cpus_.end() ? 0 : std::min(spin_ns_, kWaiterSpinNs);
+}
+
 void ThreadPool::wait() {
     if (!busy_) return;
-    while (done_gen_.load(std::memory_order_acquire) != launched_)
-        wait_change(done_gen_, done_gen_.load(std::memory_order_acquire), done_sleepers_,
-                    std::min(spin_ns_, kWaiterSpinNs));
+    wait_for(done_gen_, launched_, done_sleepers_, waiter_spin_ns());
     busy_ = false;
+}
+
+void ThreadPool::quiesce() {
+    wait_for(idle_gen_, launched_, idle_sleepers_, waiter_spin_ns());
+    busy_ = false;
+}
+
+void ThreadPool::job_done() {
+    done_early_.store(true, std::memory_order_relaxed);  // ordered before this worker's remaining_ decrement
+    done_gen_.fetch_add(1, std::memory_order_seq_cst);
+    wake_all(done_gen_, done_sleepers_);
 }
 
 void ThreadPool::worker(int node, int tid, int gtid, int cpu) {
@@ -134,13 +147,19 @@ void ThreadPool::worker(int node, int tid, int gtid, int cpu) {
     pthread_setname_np(pthread_self(), name.substr(0, 15).c_str());
     uint32_t seen = 0;
     for (;;) {
-        wait_change(job_gen_, seen, job_sleepers_, spin_ns_);
+        // Idle: no spinning on the cpu the caller ran on (its work between calls would share it with this spin).
+        const bool callers_cpu = pinned && caller_cpu_.load(std::memory_order_relaxed) == cpu;
+        wait_change(job_gen_, seen, job_sleepers_, callers_cpu ? 0 : spin_ns_);
         seen = job_gen_.load(std::memory_order_acquire);
         if (stop_) return;
         fn_(ctx_, node, tid, gtid);
         if (remaining_.fetch_sub(1, std::memory_order_acq_rel) == 1) {
-            done_gen_.fetch_add(1, std::memory_order_seq_cst);
-            wake_all(done_gen_, done_sleepers_);
+            if (!done_early_.load(std::memory_order_relaxed)) {
+                done_gen_.fetch_add(1, std::memory_order_seq_cst);
+                wake_all(done_gen_, done_sleepers_);
+            }
+            idle_gen_.fetch_add(1, std::memory_order_seq_cst);
+            wake_all(idle_gen_, idle_sleepers_);
         }
     }
 }

@@ -142,7 +142,9 @@ class Engine:
 
     def last_trace(self) -> dict[str, Any]:
         """Where the last forward's time went, in microseconds after its launch: per thread, when it started and when
-        it left phase 0, phase A, the node barrier, phase B, the global barrier and phase C; plus the routing before."""
+        it left phase 0, its phase A items, the wait for its node's phase A, its phase B items, the wait for every
+        node's phase B and phase C; plus the routing before. A phase ends when its work is done, so a late thread
+        starts after the others finished it and skips ahead."""
         raw = list(self._e.last_trace())
         if not raw:
             return {"threads": [], "routing_us": None}

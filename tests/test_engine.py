@@ -10,6 +10,8 @@ import ctypes
 import itertools
 import logging
 import os
+import subprocess
+import sys
 import threading
 import time
 
@@ -391,6 +393,15 @@ def small_engine(fmt="int4", **kw):
     return eng, shards, dense
 
 
+def small_forward_checked(eng, dense, T, gen):
+    """One forward of small_engine's layer on T random tokens, checked against the reference."""
+    ids, w = route(T, 2, 4, gen, skip=False)
+    x = torch.randn(T, 64, generator=gen)
+    out = torch.full((T, 64), float("nan"))
+    eng.forward(0, x, ids, w, out)
+    check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
+
+
 def test_async_submit_wait_and_numpy():
     eng, shards, dense = small_engine()
     gen = torch.Generator().manual_seed(5)
@@ -463,16 +474,41 @@ def test_spin_time_and_trace(spin_us):
     assert eng.last_trace() == {"threads": [], "routing_us": None}
     gen = torch.Generator().manual_seed(9)
     for _ in range(3):
-        ids, w = route(4, 2, 4, gen, skip=False)
-        x = torch.randn(4, 64, generator=gen)
-        out = torch.full((4, 64), float("nan"))
-        eng.forward(0, x, ids, w, out)
-        check_close(out, reference_fast(x, ids, w, dense, "silu_glu", True), ids, tolerance(eng, "int4", torch.float32))
+        small_forward_checked(eng, dense, 4, gen)
         tr = eng.last_trace()
         assert len(tr["threads"]) == 2 and tr["routing_us"] >= 0
         for row in tr["threads"]:
             assert len(row) == 7 and row[0] >= 0 and row == sorted(row), row
         time.sleep(0.002)
+
+
+def test_late_worker_does_not_hold_the_forward():
+    """A worker kept off its cpu (nice 10 there behind a busy process) finds its share of a forward taken by the other
+    worker: forwards come back correct without waiting for it, and its trace starts after the forward's work was done
+    (with phase barriers it could never start after the others ended)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        pytest.skip("needs two cpus")
+    eng, _, dense = small_engine(nodes=[[cpus[0], cpus[1]]], spin_us=0)
+    late_tid = next(int(t) for t in os.listdir("/proc/self/task")
+                    if open(f"/proc/self/task/{t}/comm").read().strip() == "lvllm-n0t1")
+    busy = subprocess.Popen([sys.executable, "-c", f"import os\nos.sched_setaffinity(0, {{{cpus[1]}}})\nwhile True: pass"])
+    gen = torch.Generator().manual_seed(13)
+    late = 0
+    try:
+        os.setpriority(os.PRIO_PROCESS, late_tid, 10)
+        time.sleep(0.2)  # the busy process is up and on its cpu
+        for _ in range(30):
+            small_forward_checked(eng, dense, 3, gen)
+            first, second = eng.last_trace()["threads"]  # waits for the late worker to run through
+            late += second[0] > first[6]
+            if late >= 3:
+                break
+    finally:
+        busy.kill()
+        busy.wait()
+        os.setpriority(os.PRIO_PROCESS, late_tid, 0)
+    assert late >= 3, f"the worker behind the busy process was late in {late} of 30 forwards"
 
 
 def test_keep_other_threads_off():
