@@ -116,9 +116,9 @@ def engine_result(family_job: dict, engine: str, device: str) -> dict:
         del llm
     except Exception as e:  # noqa: BLE001 - the error is this engine's result
         out = {"error": f"{type(e).__name__}: {' '.join(str(e).split())[:400] or '(no message)'}"}
-    import gc
+    from vllm.distributed.parallel_state import cleanup_dist_env_and_memory
 
-    gc.collect()
+    cleanup_dist_env_and_memory()  # as vLLM's own tests do between engines of one process (frees the GPU's too)
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out
 
