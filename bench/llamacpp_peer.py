@@ -96,31 +96,37 @@ def steps(shape: Shape, threads: list[int], expert_vram_gb: float, small: bool) 
 
 
 class GpuPeak:
-    """Peak `memory.used` (MiB) of GPU 0 while the block runs; None without nvidia-smi."""
+    """Peak `memory.used` (MiB) of GPU 0 while the block runs; None without nvidia-smi. One nvidia-smi in its own
+    loop mode (-lms), not one process per sample: the tools under test use every core."""
 
     def __init__(self):
         self.peak: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._proc: subprocess.Popen | None = None
+        self._thread = threading.Thread(target=self._read, daemon=True)
 
-    def _poll(self):
-        while not self._stop.is_set():
+    def _read(self):
+        for line in self._proc.stdout:
             try:
-                r = subprocess.run(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
-                                    "-i", "0"], capture_output=True, text=True, timeout=5)
-                used = int(r.stdout.split()[0])
-                self.peak = used if self.peak is None else max(self.peak, used)
-            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
-                return
-            self._stop.wait(0.5)
+                used = int(line.split()[0])
+            except (ValueError, IndexError):
+                continue
+            self.peak = used if self.peak is None else max(self.peak, used)
 
     def __enter__(self):
+        try:
+            self._proc = subprocess.Popen(["nvidia-smi", "--query-gpu=memory.used", "--format=csv,noheader,nounits",
+                                           "-i", "0", "-lms", "500"], stdout=subprocess.PIPE,
+                                          stderr=subprocess.DEVNULL, text=True)
+        except OSError:
+            return self
         self._thread.start()
         return self
 
     def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
+        if self._proc is not None:
+            self._proc.terminate()
+            self._proc.wait()
+            self._thread.join()
 
 
 def expected_results(step: Step) -> int:
