@@ -316,15 +316,15 @@ std::string Engine::submit_locked(const ForwardArgs& a) {
     }
     xptr_.resize(S);
     for (int64_t s = 0; s < S; ++s) xptr_[s] = x_ + int64_t(slot_tok_[s]) * H;
+    const int most = count_.empty() ? 0 : *std::max_element(count_.begin(), count_.end());
     q8_ = int8_activations();
-    q8_slots_ = q8_ && kt_->q8_slot_records;
+    q8_slots_ = q8_ && kt_->q8_slot_records && most >= kInt4Q8TileTokens;  // decode keeps one record per token
     const int64_t xr = q8_row_bytes(H), hr = q8_row_bytes(In);
     if (q8_) {
         grow(xq_, (q8_slots_ ? S + kInt4Q8TileTokens : T) * xr);
         xqptr_.resize(S);
         for (int64_t s = 0; s < S; ++s) xqptr_[s] = xq_.data() + (q8_slots_ ? s : slot_tok_[s]) * xr;
     }
-    const int most = count_.empty() ? 0 : *std::max_element(count_.begin(), count_.end());
     const bool int4_fp32 = cfg_.int4 && !(q8_ && most <= kt_->int4_q8_max_tokens);  // some INT4 call reads x, not xq
     rows_ = kt_->wants_bf16_rows && (!cfg_.int4 || (int4_fp32 && most >= kt_->int4_rows_min_tokens));
     if (rows_ && xsb_.size() < size_t(S + 16) * H) xsb_.resize(size_t(S + 16) * H);

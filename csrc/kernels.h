@@ -78,8 +78,9 @@ struct KernelTable {
     // INT4 x int8 on tiles (AMX-INT8; null: none) for calls of at least kInt4Q8TileTokens tokens: token t's Q8 record
     // at xq + t * ldxq, readable up to the next multiple of 16 tokens (tiles load whole 16-token tiles; rows past nt are
     // dropped), rows [r0, r1) a multiple of 16 from a multiple of 16. For tables that set q8_slot_records the engine
-    // lays X's records out per slot (in slot order, like h's, 16 spare records at the end), so one expert's records
-    // are equally spaced; a call whose records are not takes int4_q8_gemm / int4_q8_rows.
+    // lays X's records out per slot (in slot order, like h's, 16 spare records at the end) in forwards where some
+    // expert has that many tokens, so one expert's records are equally spaced; a call whose records are not (decode
+    // keeps one record per token) takes int4_q8_gemm / int4_q8_rows.
     void (*int4_q8_tiles)(const Int4Mat& m, int r0, int r1, const int8_t* xq, int64_t ldxq, int nt, float* y,
                           int ldy) = nullptr;
     bool q8_slot_records = false;
