@@ -27,6 +27,7 @@ import functools
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
+import numpy as np
 import torch
 
 from .routing_profile import ProfileWriter, RoutingCounts
@@ -93,17 +94,23 @@ class StepObserver:
     """What HybridMoE tells about each layer call, summed per model step (first to last MoE layer of this process).
 
     `counts` is None on TP ranks other than 0 (only the engine series are theirs). Cheap by design: per layer one
-    scatter-add; per step one row-weight tensor, one path add and one device-to-host copy of the counts; engine
-    calls add two clock reads and one bincount of the host ids they already have.
+    count (routing_profile.RoutingCounts); per step the padding mask once and one device-to-host copy of the counts;
+    engine calls add two clock reads and one numpy bincount of the host ids they already have.
     """
 
     def __init__(self, counts: RoutingCounts | None, num_experts: int, rank: int,
-                 prefill: "StreamedPrefill | None" = None, writer: ProfileWriter | None = None):
+                 hot: Mapping[int, Sequence[int]] | None = None, prefill: "StreamedPrefill | None" = None,
+                 writer: ProfileWriter | None = None):
         self.counts, self.num_experts, self.rank, self.writer = counts, num_experts, str(rank), writer
+        self.cold = {}  # layer -> bool [E]: the experts the engine computes
+        for layer, experts in (hot or {}).items():
+            self.cold[int(layer)] = np.ones(num_experts, dtype=bool)
+            self.cold[int(layer)][list(experts)] = False
         self.prefill = prefill if prefill is not None and prefill.on_cuda else None  # on the CPU nothing is streamed
         self.layers: list[int] = []
-        self._weights: torch.Tensor | None = None
-        self._engine_s, self._cold, self._streamed = 0.0, 0, 0
+        self._counting = False  # a step began at the first layer (routing counts on rank 0)
+        self._engine_s, self._cold_experts, self._streamed = 0.0, 0, 0
+        self._layer, self._picks = -1, None  # the layer in progress and its picks per expert (CPU counting)
         self._prefill_start: tuple[torch.cuda.Event, torch.device] | None = None
         self._pending: list[tuple[torch.cuda.Event, torch.cuda.Event, int]] = []
 
@@ -117,23 +124,27 @@ class StepObserver:
 
     def begin(self, layer: int, path: str, topk_ids: torch.Tensor, padding: torch.Tensor | None) -> None:
         if layer == self.layers[0]:
-            self._engine_s, self._cold, self._streamed = 0.0, 0, 0
+            self._engine_s, self._cold_experts, self._streamed = 0.0, 0, 0
             self._resolve_prefill_rates()
             if self.counts is not None:
-                self._weights = self.counts.row_weights(topk_ids.shape[0], padding)
-                self.counts.add_tokens(path, self._weights)
+                self.counts.begin_step(path, topk_ids.shape[0], padding)
+                self._counting = True
         if path == "gpu_prefill" and self.prefill is not None and not torch.cuda.is_current_stream_capturing():
             if self._prefill_start is None:
                 self._prefill_start = _event(topk_ids.device), topk_ids.device
             self._streamed += self.prefill.layer_bytes
-        if self.counts is not None and self._weights is not None:
-            self.counts.add(layer, topk_ids, self._weights)
+        self._layer = layer
+        self._picks = self.counts.add(layer, topk_ids) if self._counting else None
 
     def engine_call(self, seconds: float, cold_ids: torch.Tensor) -> None:
-        """One blocking engine call of `seconds` over host ids [T, k] (-1 = not the engine's)."""
+        """One blocking engine call of `seconds` over host ids [T, k] (-1 = not the engine's): counts the distinct
+        experts it computed, from the layer's picks when `begin` counted them on the CPU, else from the ids."""
         self._engine_s += seconds
-        used = torch.bincount(cold_ids.reshape(-1).long() + 1, minlength=self.num_experts + 1)[1:]
-        self._cold += int((used > 0).sum())
+        if self._picks is not None:
+            used = self._picks[self.cold[self._layer]] if self._layer in self.cold else self._picks
+        else:
+            used = np.bincount(cold_ids.numpy().reshape(-1) + 1, minlength=self.num_experts + 1)[1:]
+        self._cold_experts += int(np.count_nonzero(used))
 
     def end(self, layer: int) -> None:
         if layer != self.layers[-1]:
@@ -145,7 +156,7 @@ class StepObserver:
             return
         if self._engine_s:
             s["engine_s"].labels(rank=self.rank).observe(self._engine_s)
-            s["cold"].labels(rank=self.rank).observe(self._cold)
+            s["cold"].labels(rank=self.rank).observe(self._cold_experts)
         if self._streamed:
             s["prefill_bytes"].inc(self._streamed)
             if self._prefill_start is not None:
@@ -181,4 +192,4 @@ def observe(rt: "HybridRuntime", record_path: str | None = None, every_s: float 
         counts = RoutingCounts(m.moe_layers, m.num_experts, p.top_k, PATHS, p.device)
         meta = {"model_type": m.model_type, "config_sha256": m.config_sha256}
         writer = ProfileWriter(counts, record_path, every_s, meta, Publisher(rt.plan.hot_experts))
-    return StepObserver(counts, m.num_experts, p.tp_rank, rt.prefill, writer)
+    return StepObserver(counts, m.num_experts, p.tp_rank, rt.plan.hot_experts, rt.prefill, writer)

@@ -102,6 +102,7 @@ def test_runtime_counts_every_pick_and_writes_the_profile(skewed, tmp_path, one_
         model.model.layers[L].mlp.experts = _RuntimeExperts(moe)
     before = {k: REGISTRY.get_sample_value(k) or 0.0 for k in ("lvllm_routed_picks_total", "lvllm_hot_picks_total")}
     engine_steps = REGISTRY.get_sample_value("lvllm_engine_step_seconds_count", {"rank": "0"}) or 0.0
+    cold_seen = REGISTRY.get_sample_value("lvllm_engine_cold_experts_sum", {"rank": "0"}) or 0.0
     want = _router_picks(model, ids)  # one forward through the runtime's layers, routing read off the routers
     with torch.no_grad():
         # a padded batch: only its real rows count; a warm-up run (observe=False) counts nothing
@@ -130,6 +131,9 @@ def test_runtime_counts_every_pick_and_writes_the_profile(skewed, tmp_path, one_
     assert REGISTRY.get_sample_value("lvllm_tokens_total", {"path": "engine"}) >= TEXT + 1
     # two observed steps ran the engine (the text, the padded batch); the unobserved one is not in the histogram
     assert REGISTRY.get_sample_value("lvllm_engine_step_seconds_count", {"rank": "0"}) - engine_steps == 2
+    # distinct experts the engine computed: the text's picked cold experts per layer, then 5 and 6 in both layers
+    text_cold = sum(int(((want[L] > 0) & torch.tensor([e not in hot[L] for e in range(8)])).sum()) for L in (0, 1))
+    assert REGISTRY.get_sample_value("lvllm_engine_cold_experts_sum", {"rank": "0"}) - cold_seen == text_cold + 4
     rt.close()
 
 
