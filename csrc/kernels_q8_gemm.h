@@ -139,9 +139,8 @@ inline void rows_block(const Int4Mat& m, int r0, int r1, const int8_t* const* xq
     for (; r < r1; r += G::kRows) tile<G, 1, NT>(m, r, xq, sc + (r - r0) / G::kRows * ng * G::kRows, gs, y + (r - r0), ldy);
 }
 
-// Whether int4_rows below takes rows [r0, r1): whole vectors of rows starting on a 4-row group.
-
-// y as KernelTable::int4_q8_rows, for rows that tiles() accepts. Tokens in blocks of G::kTokens.
+// y as KernelTable::int4_q8_rows, for rows [r0, r1) from a 4-row group spanning a multiple of G::kRows (the engine
+// checks). Tokens in blocks of G::kTokens.
 template <class G>
 void int4_rows(const Int4Mat& m, int r0, int r1, const int8_t* const* xq, int nt, float* y, int ldy) {
     const int64_t ng = m.K / m.g, nb = m.K / kInt4Block;
