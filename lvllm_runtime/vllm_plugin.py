@@ -166,7 +166,7 @@ def _step_padding(num_tokens: int) -> tuple[bool, torch.Tensor | None]:
     fc = get_forward_context()
     if fc.attn_metadata is None and fc.cudagraph_runtime_mode == CUDAGraphMode.NONE:
         return False, None
-    pad = fc.is_padding
+    pad = getattr(fc, "is_padding", None)  # vLLM 0.32's forward context has it; older ones count every row
     return True, (pad if pad is not None and pad.shape[0] == num_tokens else None)
 
 
