@@ -175,7 +175,9 @@ def _prompt_kl(stock: dict, lv: dict, p: int, n: int) -> float:
 
 
 def worker(jobs_path: str, out_path: str, device: str) -> None:
-    """Child process: every engine of every family in jobs_path, in turn; the rows of each family as it ends."""
+    """Child process on its share of the cpus (FAMILIES_WORKER_CPUS, set before vLLM or the engine start threads):
+    every engine of every family in jobs_path, in turn; the rows of each family as it ends."""
+    os.sched_setaffinity(0, [int(c) for c in os.environ["FAMILIES_WORKER_CPUS"].split(",")])
     rows = []
     for job in json.loads(Path(jobs_path).read_text()):
         results = {engine: engine_result(job, engine, device) for engine in ENGINES} | {"dtype": job["dtype"]}
@@ -227,13 +229,13 @@ def main() -> int:
         jobs_path, out_path = args.work / f"jobs{w}.json", args.work / f"rows{w}.json"
         jobs_path.write_text(json.dumps(jobs[w::n]))
         out_path.unlink(missing_ok=True)
-        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"}
+        env = {**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+               "FAMILIES_WORKER_CPUS": ",".join(map(str, share))}
         if args.device == "cpu":
             env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, share))
         log = open(args.out / f"worker{w}.log", "w")
         procs.append((subprocess.Popen([sys.executable, __file__, "--device", args.device, "--worker", str(jobs_path),
-                                        str(out_path)], env=env, stdout=log, stderr=subprocess.STDOUT,
-                                       preexec_fn=lambda share=share: os.sched_setaffinity(0, share)), out_path, log))
+                                        str(out_path)], env=env, stdout=log, stderr=subprocess.STDOUT), out_path, log))
     for proc, out_path, log in procs:
         proc.wait()
         log.close()
