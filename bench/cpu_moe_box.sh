@@ -13,7 +13,10 @@
 #   pip download --no-deps --python-version 3.12 --only-binary :all: kt-kernel==0.7.2
 #   unzip the wheel's kt_kernel/_kt_kernel_ext_amx*.so and kt_kernel.libs/ into one folder, then
 #   python3 -m zipfile -c .whl/kt/kt_kernel-0.7.2-amx.zip kt_kernel kt_kernel.libs      (in that folder)
-# Without .whl/kt the kt columns stay empty. $OUT: build.log, pytest.log, cpu_moe.json (one entry per run), cpu_moe.md.
+# Without .whl/kt the kt columns stay empty. Last, bench/cpu_decode.py on the 14 cpus, the process free to run on
+# all 16 as a server's main thread is (per-thread phase times of decode calls, spinning as on the engine's own cores:
+# --spin-us 1000), to tell a slow box from a fast one.
+# $OUT: build.log, pytest.log, cpu_moe.json (one entry per run), cpu_moe.md, cpu_decode.json, cpu_decode.md.
 # BENCH_ARGS adds to every cpu_moe.py call (e.g. "--min-seconds 2"); SANITIZE=0 skips the sanitizer build (~1 min);
 # CPUS14 / CPUS16 name the two cpu sets (default 2-15 and 0-15: the box's 16 cores without and with vLLM's two).
 set -uo pipefail
@@ -59,4 +62,6 @@ docs = [dict(json.load(open(p)), run=p.rsplit("cpu_moe_", 1)[1][:-5]) for p in s
 json.dump({"runs": docs}, open(sys.argv[1], "w"), indent=1)
 print(f"wrote {sys.argv[1]}: {len(docs)} runs")
 EOF
+python3 bench/cpu_decode.py --cpus "${CPUS14:-2-15}" --spin-us 1000 --json "$OUT/cpu_decode.json" ${DECODE_ARGS:-} \
+    2>&1 | tee "$OUT/cpu_decode.md"
 echo "total_s=$(( $(date +%s) - t0 ))"
