@@ -166,8 +166,23 @@ def _step_padding(num_tokens: int) -> tuple[bool, torch.Tensor | None]:
     fc = get_forward_context()
     if fc.attn_metadata is None and fc.cudagraph_runtime_mode == CUDAGraphMode.NONE:
         return False, None
-    pad = getattr(fc, "is_padding", None)  # vLLM 0.32's forward context has it; older ones count every row
-    return True, (pad if pad is not None and pad.shape[0] == num_tokens else None)
+    pad = getattr(fc, "is_padding", None)
+    if pad is None or pad.shape[0] != num_tokens:
+        if fc.cudagraph_runtime_mode != CUDAGraphMode.NONE and not _warned_padding:
+            _warn_padding()
+        return True, None
+    return True, pad
+
+
+_warned_padding = False
+
+
+def _warn_padding() -> None:
+    """Said once: this vLLM's model runner sets no padding mask (0.25 does not, 0.32 does)."""
+    global _warned_padding
+    _warned_padding = True
+    log.warning("lvllm: this vLLM sets no padding mask in its forward context: routed picks of the padding rows of "
+                "CUDA-graph batches are counted too (metrics, --record-routing)")
 
 
 @hybrid_moe.register_fake

@@ -257,6 +257,15 @@ PROMPTS_SERVE = ["Where do rivers begin?", "Count from one to five.", "What is a
                  "Explain gravity to a child.", "What colour is the night sky?"]
 
 
+def _vllm_version() -> tuple[int, int]:
+    from importlib import metadata
+
+    from lvllm_runtime.vllm_versions import installed_distribution
+
+    major, minor = metadata.version(installed_distribution()).split(".")[:2]
+    return int(major), int(minor)
+
+
 def _get(url: str) -> str:
     with urllib.request.urlopen(url, timeout=60) as r:
         return r.read().decode()
@@ -335,7 +344,9 @@ def test_recorded_profile_plans_the_hot_experts_and_serving_meets_the_predicted_
     gpu = launcher.has_gpu()
     env = {**os.environ, "LVLLM_CACHE_DIR": str(tmp_path / "cache"), "VLLM_CPU_KVCACHE_SPACE": "1"}
     record = tmp_path / "routing.json"
-    vllm_args = ["--", "--max-model-len", "512", *([] if gpu else ["--enforce-eager"])]
+    # CUDA graphs pad batches; vLLM's runner marks the padding rows from 0.32 on (0.25 does not: eager there)
+    graphs = gpu and _vllm_version() >= (0, 32)
+    vllm_args = ["--", "--max-model-len", "512", *([] if graphs else ["--enforce-eager"])]
     port = launcher.free_port()
     common = [str(model_dir), "--store", str(store), "--port", str(port)]
     first = []
