@@ -425,7 +425,7 @@ def check_served_layer(model_type: str, store: Any, num_experts: int, hidden_siz
             f"model_type {model_type!r} is not an MoE family lvllm knows (known: {', '.join(supported())})",
             "serve it with stock vLLM (no --plan), or add its row to lvllm_runtime/arch.py",
         )
-    fix = "quantize this model again into a new store (`lvllm quantize MODEL --out STORE`) and make a new plan"
+    fix = "quantize this model again into a new store (`lvllm quantize MODEL STORE_DIR`) and make a new plan"
     if gated != store.gated:
         have, want = ("gate and up", "up only") if store.gated else ("up only", "gate and up")
         raise UnsupportedArchitecture(

@@ -198,11 +198,18 @@ class _Planner:
         want = (s.model_type, s.num_experts, s.expert_hidden, s.expert_intermediate, s.moe_layers)
         other_config = self.src.config_sha256 and m.get("config_sha256") and m["config_sha256"] != self.src.config_sha256
         if have != want or other_config:
-            what = (f"{have[0]}, {have[1]} experts of {have[2]}x{have[3]}" if have != want
-                    else f"another config.json (sha256 {str(m['config_sha256'])[:12]})")
-            raise BadInput(f"--store {self.opt.store} was written for {what}, not this model "
-                           f"({want[0]}, {want[1]} experts of {want[2]}x{want[3]})",
-                           "pass this model's store, or write one with `lvllm quantize MODEL --out DIR`")
+            if have[:4] != want[:4]:
+                what = f"was written for {have[0]}, {have[1]} experts of {have[2]}x{have[3]}, not this model " \
+                       f"({want[0]}, {want[1]} experts of {want[2]}x{want[3]})"
+            elif have[4] != want[4]:
+                missing = sorted(set(want[4]) - set(have[4]))
+                what = (f"lacks MoE layers {missing[:8]}{' ...' if len(missing) > 8 else ''} of this model "
+                        f"({len(have[4])} of {len(want[4])} stored)" if missing else
+                        f"holds MoE layers {list(have[4])}, this model's are {list(want[4])}")
+            else:
+                what = f"was written from another config.json (sha256 {str(m['config_sha256'])[:12]})"
+            raise BadInput(f"--store {self.opt.store} {what}",
+                           "pass this model's store, or write one with `lvllm quantize MODEL STORE_DIR`")
 
     def _max_model_len(self, asked: int) -> int:
         """The context to plan: the request (or the recipe's / 32K default) capped at the model's positions; an

@@ -122,6 +122,19 @@ def test_store_of_another_model_is_refused(zoo, tmp_path):
     assert not out.exists()
 
 
+def test_store_of_some_layers_only_names_the_missing_ones(zoo, tmp_path):
+    """A store quantized with --layers (or an interrupted one relabelled) is this model's, but not all of it."""
+    model = zoo("qwen3_moe", "bf16")
+    shape = load_model(model).shape
+    store = _store_of(tmp_path, num_experts=shape.num_experts, hidden_size=shape.expert_hidden,
+                      intermediate_size=shape.expert_intermediate, moe_layers=shape.moe_layers[:1])
+    out = tmp_path / "plan.json"
+    p = _lvllm("plan", str(model), "--hardware", str(HW / "ci-epyc-2core.json"), "--store", str(store), "--out",
+               str(out))
+    _one_error_line(p, "--store", f"lacks MoE layers {list(shape.moe_layers[1:])}", "lvllm quantize MODEL STORE_DIR")
+    assert not out.exists()
+
+
 def test_store_from_another_config_is_refused(zoo, tmp_path):
     """Same shapes, another checkpoint: the manifest's config hash tells them apart."""
     model = zoo("qwen3_moe", "bf16")
