@@ -235,6 +235,11 @@ def serve(
             rc = follow(server)
             raise server.failure(f"vLLM exited with code {rc}")
         except KeyboardInterrupt:
+            if server is None:  # stopped while the store or plan was being made: nothing served, say how to go on
+                stderr.print("[bold red]error:[/] interrupted before vLLM started [dim]->[/] run the same command "
+                             "again (an unfinished store is finished, not redone, with --quantize)", highlight=False,
+                             soft_wrap=True)
+                raise typer.Exit(130) from None
             stderr.print("stopping vLLM ...")
         except LvllmError as e:
             stop_quietly(server)

@@ -189,6 +189,23 @@ def test_ctrl_c_exits_130_naming_resume(zoo, tmp_path):
     assert p.returncode == 0 and manifest_of(out)["complete"] and not debris(out), p.stderr
 
 
+def test_ctrl_c_of_serve_while_it_quantizes_exits_130(zoo, tmp_path):
+    """`lvllm serve --quantize` stopped while it made the store printed "stopping vLLM ..." and exited 0 although
+    vLLM never started. Now: one line, 130, and the same command finishes the store."""
+    src, out = zoo("qwen3_moe", "bf16"), tmp_path / "store"
+    args = [LVLLM, "serve", str(src), "--store", str(out), "--quantize", "--dry-run"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, quantize_mod.TEST_DELAY_ENV: "0.3"})
+    wait_for(files_listed(out, 1), proc)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    one_error_line(subprocess.CompletedProcess(args, proc.returncode, stdout, stderr), 130,
+                   "interrupted before vLLM started", "same command")
+    assert not manifest_of(out)["complete"] and not debris(out) and "stopping vLLM" not in stderr
+    p = lvllm(*args[1:])
+    assert p.returncode == 0 and manifest_of(out)["complete"] and not debris(out), p.stderr
+
+
 def test_second_writer_is_refused_naming_the_pid(zoo, tmp_path):
     """Cause 8: a second `--resume` while the first ran crashed the first and left a temp file in the finished
     store. Now the second is refused with the first's pid, and the first finishes untouched."""
