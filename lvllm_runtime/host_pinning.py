@@ -32,14 +32,15 @@ def _runtime() -> ctypes.CDLL:
     return rt
 
 
-def spans(tensors: Iterable[torch.Tensor], gap: int = 1 << 20) -> list[tuple[int, int]]:
-    """Page-aligned [start, end) address ranges covering `tensors`, neighbours closer than `gap` merged (the tensors
-    of one safetensors file lie back to back, so a layer file becomes one range)."""
+def spans(tensors: Iterable[torch.Tensor]) -> list[tuple[int, int]]:
+    """Page-aligned [start, end) address ranges covering `tensors`, merged only where their pages touch or overlap
+    (the tensors of one safetensors file lie back to back, so a layer file becomes one range). Never across a gap:
+    memory between two allocations may be unmapped, or be someone else's and unmapped later while registered."""
     raw = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()) for t in tensors if t.numel())
     out: list[list[int]] = []
     for a, b in raw:
         a, b = a // _PAGE * _PAGE, -(-b // _PAGE) * _PAGE
-        if out and a <= out[-1][1] + gap:
+        if out and a <= out[-1][1]:
             out[-1][1] = max(out[-1][1], b)
         else:
             out.append([a, b])

@@ -265,6 +265,19 @@ def test_streamed_prefill_over_layers(device, fmt, nodes):
         sp.close()
 
 
+def test_pinned_spans_cover_the_tensors_pages_and_never_a_gap():
+    """What GPU prefill page-locks: each tensor's pages, touching ones merged, the memory between two apart not."""
+    from lvllm_runtime.host_pinning import _PAGE, spans
+
+    buf = torch.empty(16 * _PAGE, dtype=torch.uint8)
+    base = -(-buf.data_ptr() // _PAGE) * _PAGE - buf.data_ptr()  # first page boundary inside buf
+    a, b = buf[base:base + 100], buf[base + 100:base + _PAGE + 1]  # back to back, b ends 1 byte into page 2
+    c = buf[base + 5 * _PAGE + 7:base + 6 * _PAGE]  # apart: pages 5
+    p0 = buf.data_ptr() + base
+    assert spans([c, a, b]) == [(p0, p0 + 2 * _PAGE), (p0 + 5 * _PAGE, p0 + 6 * _PAGE)]
+    assert spans([buf[:0]]) == []
+
+
 def test_streamed_prefill_refuses_shards_of_another_format():
     bf16 = {"w13": torch.zeros(E, 2 * I, H).bfloat16(), "w2": torch.zeros(E, H, I).bfloat16()}
     sp = StreamedPrefill(LayerShape("int4", G, True, "silu_glu"), "cpu")
