@@ -189,9 +189,10 @@ def auto_class(model_type: str) -> Any:
 
 def variants(model_type: str) -> tuple[str, ...]:
     """The variants `build` writes for `model_type`: fused-expert families (hub layout unverified when quantized)
-    come in bf16 only."""
+    and families with hub renames (transformers maps `.weight` back on load, not compressed-tensors' `.weight_packed`:
+    a kimi_k25 int4 checkpoint loads with empty packed weights) come in bf16 only."""
     fused = resolve(_config(model_type, {}).to_dict()).layout == "fused"
-    return ("bf16",) if fused else VARIANTS
+    return ("bf16",) if fused or model_type in _HUB_RENAMES else VARIANTS
 
 
 def _randomize(model: Any, seed: int) -> None:
