@@ -114,9 +114,10 @@ def predicted_checkpoint_bytes(src: "ModelSource") -> dict[str, int]:
                                     src.source_group_size, src.unquantized)
 
 
-def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int = 0) -> int:
-    """Tensor bytes of one layer's store shard on node `node` (manifest.py layout; headers excluded). Node 0's is the
-    largest: with expert biases (gpt-oss) it alone holds the down bias."""
+def _node_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int,
+                      scale_bytes: int, bias_bytes: int) -> int:
+    """Bytes of one layer's routed experts on node `node`: INT4 nibbles and per-group scales of `scale_bytes`, or BF16
+    weights; expert biases of `bias_bytes` (node 0 alone holds the down bias, so the node sum adds it once)."""
     E, H = shape.num_experts, shape.expert_hidden
     In = shape.expert_intermediate // numa_nodes
     rows13 = (2 if shape.gated else 1) * In
@@ -124,10 +125,16 @@ def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, 
         n = 2 * E * (rows13 * H + H * In)
     else:
         g = int(group or 128)
-        n = E * (rows13 * H // 2 + 2 * rows13 * (H // g) + H * In // 2 + 2 * H * (In // g))
+        n = E * (rows13 * H // 2 + scale_bytes * rows13 * (H // g) + H * In // 2 + scale_bytes * H * (In // g))
     if shape.expert_bias:
-        n += 2 * E * (rows13 + (H if node == 0 else 0))
+        n += bias_bytes * E * (rows13 + (H if node == 0 else 0))
     return n
+
+
+def store_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int = 0) -> int:
+    """Tensor bytes of one layer's store shard on node `node` (manifest.py layout, bf16 scales and biases; headers
+    excluded). Node 0's is the largest."""
+    return _node_layer_bytes(shape, weight_format, group, numa_nodes, node, 2, 2)
 
 
 def store_layer_total_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int) -> int:
@@ -137,18 +144,8 @@ def store_layer_total_bytes(shape: ModelShape, weight_format: str, group: int | 
 
 def engine_layer_bytes(shape: ModelShape, weight_format: str, group: int | None, numa_nodes: int, node: int = 0) -> int:
     """Bytes of one layer's node slice as the CPU engine holds it in node-local memory (csrc/engine.cpp
-    `load_layer`: INT4 nibbles with f32 scales, BF16 as stored, biases as f32; node 0 alone holds the down bias)."""
-    E, H = shape.num_experts, shape.expert_hidden
-    In = shape.expert_intermediate // numa_nodes
-    rows13 = (2 if shape.gated else 1) * In
-    if weight_format == "bf16":
-        n = 2 * E * (rows13 * H + H * In)
-    else:
-        g = int(group or 128)
-        n = E * (rows13 * H // 2 + 4 * rows13 * (H // g) + H * In // 2 + 4 * H * (In // g))
-    if shape.expert_bias:
-        n += 4 * E * (rows13 + (H if node == 0 else 0))
-    return n
+    `load_layer`: INT4 nibbles with f32 scales, BF16 as stored, biases as f32)."""
+    return _node_layer_bytes(shape, weight_format, group, numa_nodes, node, 4, 4)
 
 
 def prefill_staging_bytes(layer_rank_bytes: int, num_experts: int, rows13: int, hidden: int, node_intermediate: int,
