@@ -5,7 +5,8 @@ Qwen3-30B-A3B layer, ~6 ms at 54 GB/s) is cheaper than the CPU computing thousan
 
     mapped store file (per layer and node; registered with cudaHostRegister, `host_pinning`: no second host copy)
       --side stream, `prefetch_window` layers ahead--> staging slot (window + 1 slots of one layer's store bytes)
-    staging slot --dequant_int4_bf16 (Triton on CUDA; BF16 stores need none)--> one bf16 node-slice buffer
+    staging slot --dequant_int4_bf16 (Triton on CUDA; BF16 stores need none)--> one bf16 node-slice buffer (in
+      expert chunks where a slice is larger than model_sizes.DEQUANT_BUFFER_CAP)
       --grouped_experts--> out, summed over the rank's node slices (the down projection is linear in I)
     the slot is handed back (event) once its layer has been computed, so the copy of layer L+window+1 overlaps the
     work of layer L.
@@ -24,6 +25,7 @@ import torch.nn.functional as F
 
 from .errors import BadInput
 from .hybrid import activate
+from .model_sizes import dequant_chunk_experts
 from .quant import dequantize_int4
 
 try:  # Triton is optional: only the CUDA dequant uses it
@@ -196,8 +198,12 @@ class StreamedPrefill:
         if self.shape.weight_format == "int4":
             p13, p2 = shards[0]["w13.packed"], shards[0]["w2.packed"]
             e, r, h, i = p13.shape[0], p13.shape[1], p13.shape[2] * 8, p2.shape[2] * 8
-            self.w13 = torch.empty(e, r, h, dtype=torch.bfloat16, device=self.device)
-            self.w2 = torch.empty(e, h, i, dtype=torch.bfloat16, device=self.device)
+            self.chunk = dequant_chunk_experts(e, 2 * (r * h + h * i))
+            self.w13 = torch.empty(self.chunk, r, h, dtype=torch.bfloat16, device=self.device)
+            self.w2 = torch.empty(self.chunk, h, i, dtype=torch.bfloat16, device=self.device)
+            ids = torch.arange(e, device=self.device)  # per chunk: global expert id -> row of the buffer, else -1
+            self.chunk_slots = [torch.where((ids >= e0) & (ids < e0 + self.chunk), ids - e0, -1)
+                                for e0 in range(0, e, self.chunk)] if self.chunk < e else [None]
         if self.on_cuda:
             self.stream = torch.cuda.Stream(self.device)
             self.slots = [[{k: torch.empty_like(v, device=self.device) for k, v in s.items()} for s in shards]
@@ -228,15 +234,25 @@ class StreamedPrefill:
             done.record(self.stream)
         self.ready[layer] = (s, done)
 
-    def _node_weights(self, t: Mapping[str, torch.Tensor], dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    def _node_parts(self, t: Mapping[str, torch.Tensor], dtype: torch.dtype):
+        """(w13, w2, slot, b13, b2) per piece of one node slice: the whole slice, or for INT4 in bf16 one chunk of
+        experts at a time dequantized into the buffer (slot maps the chunk's global ids to its rows)."""
+        b13, b2 = t.get("w13.bias"), t.get("w2.bias")
         if self.shape.weight_format == "bf16":
-            return t["w13"].to(dtype), t["w2"].to(dtype)
+            yield t["w13"].to(dtype), t["w2"].to(dtype), None, b13, b2
+            return
         g = self.shape.group_size
         if dtype == torch.float32:  # f32 models on the CPU: exact q * scale, as the engine computes it
-            return dequantize_int4(t["w13.packed"], t["w13.scale"], g), dequantize_int4(t["w2.packed"], t["w2.scale"], g)
-        dequant_int4_bf16(t["w13.packed"], t["w13.scale"], g, self.w13)
-        dequant_int4_bf16(t["w2.packed"], t["w2.scale"], g, self.w2)
-        return self.w13, self.w2
+            yield (dequantize_int4(t["w13.packed"], t["w13.scale"], g),
+                   dequantize_int4(t["w2.packed"], t["w2.scale"], g), None, b13, b2)
+            return
+        for c, slot in enumerate(self.chunk_slots):
+            e0 = c * self.chunk
+            e1 = min(e0 + self.chunk, t["w13.packed"].shape[0])
+            w13, w2 = self.w13[:e1 - e0], self.w2[:e1 - e0]
+            dequant_int4_bf16(t["w13.packed"][e0:e1], t["w13.scale"][e0:e1], g, w13)
+            dequant_int4_bf16(t["w2.packed"][e0:e1], t["w2.scale"][e0:e1], g, w2)
+            yield (w13, w2, slot, None if b13 is None else b13[e0:e1], None if b2 is None else b2[e0:e1])
 
     def forward(self, layer: int, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor
                 ) -> torch.Tensor:
@@ -255,10 +271,10 @@ class StreamedPrefill:
             shards = self.host[layer]
         out = None
         for t in shards:
-            w13, w2 = self._node_weights(t, dtype)
-            part = grouped_experts(hidden, topk_weights, topk_ids, w13, w2, self.shape.activation, self.shape.gated,
-                                   None, t.get("w13.bias"), t.get("w2.bias"))
-            out = part if out is None else out + part
+            for w13, w2, slot, b13, b2 in self._node_parts(t, dtype):
+                part = grouped_experts(hidden, topk_weights, topk_ids, w13, w2, self.shape.activation,
+                                       self.shape.gated, slot, b13, b2)
+                out = part if out is None else out + part
         if self.on_cuda:
             freed = torch.cuda.Event()
             freed.record(cur)

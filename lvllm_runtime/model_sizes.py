@@ -148,13 +148,26 @@ def engine_layer_bytes(shape: ModelShape, weight_format: str, group: int | None,
     return _node_layer_bytes(shape, weight_format, group, numa_nodes, node, 4, 4)
 
 
+# GPU prefill dequantizes an INT4 node slice into bf16 at most this many bytes at a time (a Qwen3-30B-A3B slice, 1.2
+# GB, in one piece; a DeepSeek-V3 or Kimi slice, ~16 GB, in expert chunks that a 24-32 GB card can hold)
+DEQUANT_BUFFER_CAP = 2 << 30
+
+
+def dequant_chunk_experts(num_experts: int, expert_bf16_bytes: int) -> int:
+    """Experts dequantized at once: a whole node slice when it fits DEQUANT_BUFFER_CAP, else as many as fit (>= 1)."""
+    return max(1, min(num_experts, DEQUANT_BUFFER_CAP // max(1, expert_bf16_bytes)))
+
+
 def prefill_staging_bytes(layer_rank_bytes: int, num_experts: int, rows13: int, hidden: int, node_intermediate: int,
                           weight_format: str, window: int) -> int:
     """GPU bytes the GPU-prefill path holds on one rank (gpu_prefill.StreamedPrefill allocates exactly these):
     window + 1 slots of the rank's store bytes of one layer (`window` copies in flight beside the layer computed) and,
-    for INT4, one bf16 node slice that each node's weights are dequantized into."""
+    for INT4, the bf16 buffer each node's weights are dequantized into (dequant_chunk_experts experts)."""
     slots = (max(int(window), 0) + 1) * layer_rank_bytes
-    return slots + (2 * num_experts * (rows13 * hidden + hidden * node_intermediate) if weight_format == "int4" else 0)
+    if weight_format != "int4":
+        return slots
+    per_expert = 2 * (rows13 * hidden + hidden * node_intermediate)
+    return slots + dequant_chunk_experts(num_experts, per_expert) * per_expert
 
 
 def pick_group(shape: ModelShape, numa_nodes: int, requested: int | str) -> int:

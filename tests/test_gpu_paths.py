@@ -242,9 +242,14 @@ def bf16_shards(shards: list[dict[str, torch.Tensor]]) -> list[dict[str, torch.T
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("fmt,nodes", [("int4", 1), ("int4", 2), ("bf16", 2)])
-def test_streamed_prefill_over_layers(device, fmt, nodes):
-    """The one prefill path: every layer, in order and out of order, equals the reference on its own weights."""
+@pytest.mark.parametrize("fmt,nodes,chunk", [("int4", 1, None), ("int4", 2, None), ("bf16", 2, None), ("int4", 2, 3)])
+def test_streamed_prefill_over_layers(device, fmt, nodes, chunk, monkeypatch):
+    """The one prefill path: every layer, in order and out of order, equals the reference on its own weights; an
+    INT4 slice larger than the dequantization buffer cap goes in expert chunks (here 3 experts: E=8 is 3+3+2)."""
+    from lvllm_runtime import model_sizes
+
+    if chunk:
+        monkeypatch.setattr(model_sizes, "DEQUANT_BUFFER_CAP", chunk * 2 * (2 * (I // nodes) * H + H * (I // nodes)))
     gen = torch.Generator().manual_seed(5)
     layers = {L: random_layer(gen, nodes) for L in (0, 1, 2)}
     if fmt == "bf16":
@@ -253,6 +258,8 @@ def test_streamed_prefill_over_layers(device, fmt, nodes):
     for L, shards in layers.items():
         sp.add_layer(L, shards)
     assert sp.layer_bytes == sum(v.numel() * v.element_size() for s in layers[0] for v in s.values())
+    if fmt == "int4":
+        assert sp.chunk == (chunk or E) and sp.w13.shape[0] == sp.chunk
     hidden = torch.randn(33, H, generator=gen).bfloat16()
     w, ids = routing(gen, 33)
     try:
