@@ -638,12 +638,12 @@ def check_store(model: Path, store: Path):
 def check_engine_shape(model: Path, store: Path, manifest) -> None:
     """StoreError when the CPU engine would refuse the store's expert shape (a store an older lvllm wrote): said
     here, before vLLM starts, not inside it."""
-    from .manifest import ENGINE_ALIGN
+    from .manifest import ENGINE_ALIGN, engine_runs
 
     h, i, nodes = manifest.hidden_size, manifest.intermediate_size, manifest.numa_nodes
-    if h % ENGINE_ALIGN == 0 and manifest.node_intermediate_size % ENGINE_ALIGN == 0:
+    if engine_runs(h, manifest.node_intermediate_size):
         return
-    runs = h % ENGINE_ALIGN == 0 and i % ENGINE_ALIGN == 0
+    runs = engine_runs(h, i)
     raise StoreError(
         f"expert store {store} splits experts of hidden size {h}, intermediate size {i} over {nodes} node(s) "
         f"({manifest.node_intermediate_size} per node); the CPU engine runs multiples of {ENGINE_ALIGN}",

@@ -54,6 +54,20 @@ def file_sha256(path: str | os.PathLike) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
+def engine_runs(hidden: int, node_intermediate: int) -> bool:
+    """Whether the CPU engine runs experts of this hidden size and per-node intermediate size (ENGINE_ALIGN)."""
+    return hidden % ENGINE_ALIGN == 0 and node_intermediate % ENGINE_ALIGN == 0
+
+
+def file_problem(path: Path, entry: dict | None, hashes: bool) -> str | None:
+    """What is wrong with one store file against its manifest entry (`hashes`: its sha256 too), or None."""
+    size = path.stat().st_size if path.is_file() else None
+    return ("is not listed in the manifest" if entry is None else "is missing" if size is None
+            else f"is {size} bytes, the manifest says {entry['bytes']}" if size != entry["bytes"]
+            else f"does not match its sha256 in {MANIFEST}" if hashes and file_sha256(path) != entry["sha256"]
+            else None)
+
+
 @dataclass(frozen=True)
 class StoreManifest:
     """What `lvllm.json` says. `files` maps each relative path to {"bytes": int, "sha256": str}."""

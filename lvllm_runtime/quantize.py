@@ -32,7 +32,7 @@ import torch
 from .calibrate import read_record
 from .checkpoint import Checkpoint
 from .errors import BadInput, DoesNotFit, StoreError
-from .manifest import ENGINE_ALIGN
+from .manifest import ENGINE_ALIGN, engine_runs, file_problem
 from .quant import GROUP_SIZES, pick_group_size, quantize_int4, regroup_scales, stored_group_size
 from .store import (
     FORMAT_VERSION,
@@ -42,7 +42,6 @@ from .store import (
     StoreLock,
     StoreManifest,
     config_sha256,
-    file_sha256,
     format_bytes,
     layer_file,
     read_manifest,
@@ -234,8 +233,8 @@ def _target_manifest(ckpt: Checkpoint, opts: QuantizeOptions) -> StoreManifest:
                 f"divides both it and the per-node dimensions {[m.hidden_size, inter]}",
                 "choose --numa-nodes so that intermediate_size / nodes is a multiple of 32",
             )
-    if m.hidden_size % ENGINE_ALIGN or inter % ENGINE_ALIGN:
-        splits = m.hidden_size % ENGINE_ALIGN == 0 and m.intermediate_size % ENGINE_ALIGN == 0
+    if not engine_runs(m.hidden_size, inter):
+        splits = engine_runs(m.hidden_size, m.intermediate_size)
         raise BadInput(
             f"the CPU engine runs experts whose hidden size and per-node intermediate size are multiples of "
             f"{ENGINE_ALIGN}; {nodes} node(s) give hidden {m.hidden_size}, intermediate {inter} per node",
@@ -306,7 +305,7 @@ def _files_done(out: Path, target: StoreManifest, resume: bool) -> dict:
     kept = {}
     for name, entry in existing.files.items():
         path = out / name
-        if path.is_file() and path.stat().st_size == entry["bytes"] and file_sha256(path) == entry["sha256"]:
+        if file_problem(path, entry, hashes=True) is None:
             kept[name] = entry
     return kept
 

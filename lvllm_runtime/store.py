@@ -30,6 +30,7 @@ from .manifest import (  # noqa: F401 - re-exported: store.py is where callers h
     StoreManifest,
     config_sha256,
     file_layout,
+    file_problem,
     file_sha256,
     format_bytes,
     layer_file,
@@ -165,16 +166,12 @@ def check_files(store_dir: Path, manifest: StoreManifest, hashes: bool) -> int:
     another sha256; returns the bytes hashed."""
     hashed = 0
     for name in manifest.file_names():
-        path, entry = store_dir / name, manifest.files.get(name)
-        size = path.stat().st_size if path.is_file() else None
-        why = ("is not listed in the manifest" if entry is None else "is missing" if size is None
-               else f"is {size} bytes, the manifest says {entry['bytes']}" if size != entry["bytes"]
-               else f"does not match its sha256 in {MANIFEST}" if hashes and file_sha256(path) != entry["sha256"]
-               else None)
+        path = store_dir / name
+        why = file_problem(path, manifest.files.get(name), hashes)
         if why:
             raise StoreError(f"{path} {why}: the expert store is damaged",
                              f"repair it: lvllm quantize {manifest.source_path} {store_dir} --resume")
-        hashed += size if hashes else 0
+        hashed += path.stat().st_size if hashes else 0
     return hashed
 
 
