@@ -3,7 +3,7 @@
 For batches at or above the plan's `gpu_prefill_min_tokens`, moving a layer's INT4 bytes over PCIe (~0.3 GB for a
 Qwen3-30B-A3B layer, ~6 ms at 54 GB/s) is cheaper than the CPU computing thousands of tokens. The pieces:
 
-    mapped store file (per layer and node; registered with cudaHostRegister, `host_pinning`: no second host copy)
+    mapped store file (per layer and node; registered in place with cudaHostRegister, `host_pinning`: not copied)
       --side stream, `prefetch_window` layers ahead--> staging slot (window + 1 slots of one layer's store bytes)
     staging slot --dequant_int4_bf16 (Triton on CUDA; BF16 stores need none)--> one bf16 node-slice buffer (in
       expert chunks where a slice is larger than model_sizes.DEQUANT_BUFFER_CAP)

@@ -231,7 +231,6 @@ class HybridRuntime:
         if self.prefill is not None:
             self.prefill.add_layer(layer, shards)
         else:  # the engine and the GPU hold their copies: the mapped store pages need not stay resident
-            del shards
             for n in self.nodes:
                 self.store.drop_pages(layer, n)
         steps = {}
